@@ -1,0 +1,53 @@
+"""The per-round table printed at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    console = Console()
+    rounds = summary.get("rounds")
+    if not rounds:
+        console.print({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+        console.print(f"artifacts: {run_dir}")
+        return
+    title = (
+        f"{summary['stage']} on {summary.get('dataset')}: {summary.get('num_labelled')} labelled, "
+        f"{summary.get('num_unlabelled')} unlabelled"
+    )
+    table = Table(title=title)
+    for col in (
+        "round",
+        "model",
+        "test acc",
+        "pseudo-labels",
+        "pseudo acc",
+        "class coverage min/max",
+    ):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        cov = [c for c in (r.get("per_class_coverage") or []) if c is not None]
+        table.add_row(
+            str(r["round"]),
+            "teacher"
+            if r["round"] == 0 and summary["stage"] == "selftrain"
+            else ("student" if summary["stage"] == "selftrain" else summary["stage"]),
+            _pct(r.get("test_accuracy")),
+            str(r.get("num_pseudo", 0)),
+            _pct(r.get("pseudo_accuracy")),
+            f"{_pct(min(cov))} / {_pct(max(cov))}" if cov else "–",
+        )
+    console.print(table)
+    console.print(
+        f"final test accuracy {_pct(summary.get('final_test_accuracy'))} in "
+        f"{summary.get('wall_time_s')} s; artifacts: {run_dir}"
+    )

@@ -1,0 +1,291 @@
+"""Tests of the sweep report on hand-written fake sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.report import find_swept_keys, load_config, split_aliases, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STAGES = ("baseline", "selftrain")
+BUDGETS = (4, 10)
+SEEDS = (0, 1)
+N_CLASSES = 4
+
+# (stage, labels_per_class, seed) -> test accuracy per round; the last entry is the final one.
+ACCURACY = {
+    ("baseline", 4, 0): [0.7012],
+    ("baseline", 4, 1): [0.7288],
+    ("baseline", 10, 0): [0.8105],
+    ("baseline", 10, 1): [0.8231],
+    ("selftrain", 4, 0): [0.6950, 0.7601, 0.7915],
+    ("selftrain", 4, 1): [0.7120, 0.7733, 0.8044],
+    ("selftrain", 10, 0): [0.8090, 0.8150, 0.8179],
+    ("selftrain", 10, 1): [0.8302, 0.8297, 0.8120],
+}
+FINAL_OFFSET = 0.0011  # summary's final accuracy = last round + offset (a final student fit)
+
+
+def final_accuracy(key: tuple[str, int, int]) -> float:
+    """The final_test_accuracy written into the fake summary.json of a job."""
+    return round(ACCURACY[key][-1] + FINAL_OFFSET, 4)
+
+
+def make_config(stage: str, budget: int, seed: int, run_dir: Path) -> dict:
+    """A job's resolved config with per-job runtime keys that must be ignored."""
+    return {
+        "stage": stage,
+        "seed": seed,
+        "init": "scratch",
+        "run_dir": str(run_dir),
+        "data": {
+            "name": "digits",
+            "labels_per_class": budget,
+            "split_seed": seed,  # varies in step with seed: not a group key
+            "root": f"/data/{run_dir.name}",
+            "num_workers": 2 + seed,
+        },
+        "model": {"name": "cnn", "channels": [16, 32]},
+        "selftrain": {"rounds": 2},
+        "pseudo_label": {"threshold": 0.9, "max_per_class": None, "soft": False},
+        "trainer": {"max_epochs": 3, "devices": 1 + seed % 2, "accelerator": "cpu"},
+        "hydra": {"job": {"num": seed}, "runtime": {"output_dir": str(run_dir)}},
+    }
+
+
+def round_metrics(stage: str, k: int, acc: float, budget: int) -> dict:
+    """round_K/metrics.json; baseline files leave out the optional keys."""
+    metrics = {"round": k, "test_accuracy": acc, "num_pseudo": 0}
+    if stage == "baseline":
+        return metrics
+    teacher = k == 0
+    metrics.update(
+        num_pseudo=0 if teacher else 300 * k + budget,
+        pseudo_accuracy=None if teacher else 0.9 + 0.01 * k,
+        per_class_coverage=None if teacher else [0.5 + 0.1 * c * k / 2 for c in range(N_CLASSES)],
+        per_class_precision=None,
+        confidence_hist=None if teacher else {"edges": [0.0, 0.5, 1.0], "counts": [10, 90]},
+        teacher_ece=0.05,
+        num_labelled=budget * N_CLASSES,
+        num_unlabelled=1000,
+    )
+    return metrics
+
+
+def write_job(job_dir: Path, stage: str, budget: int, seed: int, finished: bool = True) -> None:
+    """One fake job dir; unfinished jobs get config.yaml and round 0 only."""
+    job_dir.mkdir(parents=True)
+    (job_dir / "config.yaml").write_text(json.dumps(make_config(stage, budget, seed, job_dir)))
+    hydra_dir = job_dir / ".hydra"  # Hydra's own copy must not count as a job dir
+    hydra_dir.mkdir()
+    (hydra_dir / "config.yaml").write_text("stage: other\n")
+    overrides = [f"stage={stage}", f"data.labels_per_class={budget}", f"seed={seed}"]
+    (hydra_dir / "overrides.yaml").write_text(json.dumps([*overrides, "trainer.max_epochs=3"]))
+    accuracies = ACCURACY.get((stage, budget, seed), [0.5])
+    if not finished:
+        accuracies = accuracies[:1]
+    rounds = [round_metrics(stage, k, acc, budget) for k, acc in enumerate(accuracies)]
+    for entry in rounds:
+        round_dir = job_dir / f"round_{entry['round']}"
+        round_dir.mkdir()
+        (round_dir / "metrics.json").write_text(json.dumps(entry))
+    if not finished:
+        return
+    summary = {
+        "stage": stage,
+        "dataset": "digits",
+        "num_labelled": budget * N_CLASSES,
+        "num_unlabelled": 1000,
+        "rounds": [
+            {k: e[k] for k in ("round", "test_accuracy", "num_pseudo", "pseudo_accuracy") if k in e}
+            for e in rounds
+        ],
+        "final_test_accuracy": final_accuracy((stage, budget, seed)),
+        "wall_time_s": 12.5,
+    }
+    (job_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    """2 stages × 2 label budgets × 2 seeds, plus one unfinished selftrain job (seed 2)."""
+    sweep_dir = tmp_path / "multirun"
+    keys = [(s, b, seed) for s in STAGES for b in BUDGETS for seed in SEEDS]
+    for num, (stage, budget, seed) in enumerate(keys):
+        write_job(sweep_dir / str(num), stage, budget, seed)
+    write_job(sweep_dir / str(len(keys)), "selftrain", 4, 2, finished=False)
+    (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep_dir / "report").mkdir()  # an earlier report must not count as a job
+    (sweep_dir / "report" / "config.yaml").write_text("stage: other\n")
+    return sweep_dir
+
+
+@pytest.fixture()
+def report(sweep: Path, tmp_path: Path) -> tuple[dict, str]:
+    """The report written for the fake sweep: (returned dict, report.md text)."""
+    info = write_report(sweep, tmp_path / "out")
+    return info, (tmp_path / "out" / "report.md").read_text()
+
+
+def table_after(markdown: str, heading: str) -> list[dict[str, str]]:
+    """The first markdown table after a heading, as a list of {header: cell} rows."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    header, body = rows[0], rows[2:]
+    return [dict(zip(header, row, strict=True)) for row in body]
+
+
+def parse_cell(text: str) -> tuple[float, float | None]:
+    """``**81.12 ± 0.89 (2)**`` -> (81.12, 0.89); std None when shown as '–'."""
+    match = re.fullmatch(r"\**([\d.]+) ± ([\d.]+|–)(?: \(\d+\))?\**", text)
+    assert match, text
+    std = None if match.group(2) == "–" else float(match.group(2))
+    return float(match.group(1)), std
+
+
+def expected_pct(values: list[float]) -> str:
+    """Mean ± sample std in % as the report should print it."""
+    std = f"{100 * statistics.stdev(values):.2f}" if len(values) > 1 else "–"
+    return f"{100 * statistics.mean(values):.2f} ± {std}"
+
+
+def test_swept_keys_are_stage_and_budget_with_seed_as_replicate(sweep: Path, report) -> None:
+    info, _ = report
+    assert info["group_keys"] == ["stage", "data.labels_per_class"]
+    assert info["replicate_key"] == "seed"
+    configs = [load_config(p / "config.yaml") for p in sorted(sweep.glob("[0-9]*"))]
+    swept = find_swept_keys(configs)
+    assert set(swept) == {"stage", "seed", "data.labels_per_class", "data.split_seed"}
+    primary, aliases = split_aliases(swept, configs)
+    assert set(primary) == {"stage", "seed", "data.labels_per_class"}
+    assert aliases == {"data.split_seed": "seed"}
+
+
+def test_main_table_cells_match_hand_computed_stats(report) -> None:
+    info, markdown = report
+    rows = table_after(markdown, "## Results per group")
+    assert len(rows) == len(STAGES) * len(BUDGETS)
+    for row in rows:
+        stage, budget = row["stage"], int(row["data.labels_per_class"])
+        keys = [(stage, budget, seed) for seed in SEEDS]
+        teacher = [ACCURACY[k][0] for k in keys]
+        final = [final_accuracy(k) for k in keys]
+        assert row["teacher acc (%)"] == expected_pct(teacher)
+        assert row["final acc (%)"] == expected_pct(final)
+        mean, std = parse_cell(row["final acc (%)"])
+        assert mean == pytest.approx(100 * statistics.mean(final), abs=0.005)
+        assert std == pytest.approx(100 * statistics.stdev(final), abs=0.005)
+        assert row["n"] == "2"
+        seeds = "0,1,2" if (stage, budget) == ("selftrain", 4) else "0,1"
+        expected = f"`python -m pipeline -m stage={stage} data.labels_per_class={budget} "
+        assert row["command"].startswith(expected)
+        assert row["command"].endswith(f" seed={seeds}`")
+        assert "trainer.max_epochs=3" in row["command"]  # a constant override Hydra recorded
+        assert "split_seed" not in row["command"] and "run_dir" not in row["command"]
+
+
+def test_budget_pivot_cells_and_bold_best_per_column(report) -> None:
+    _, markdown = report
+    rows = table_after(markdown, "## Final accuracy by label budget")
+    assert [r["method"] for r in rows] == list(STAGES)
+    for budget in BUDGETS:
+        column = f"data.labels_per_class={budget}"
+        means = {}
+        for row in rows:
+            final = [final_accuracy((row["method"], budget, seed)) for seed in SEEDS]
+            assert row[column].strip("*") == f"{expected_pct(final)} (2)"
+            means[row["method"]] = statistics.mean(final)
+        best = max(means, key=means.get)
+        bold = [r["method"] for r in rows if r[column].startswith("**")]
+        assert bold == [best]
+
+
+def test_failed_job_is_listed(report) -> None:
+    info, markdown = report
+    assert info["n_jobs"] == 9 and info["n_failed"] == 1
+    failed = markdown.split("## Failed or unfinished jobs", 1)[1].split("##", 1)[0]
+    assert "`8`" in failed and "no summary.json" in failed
+    assert "Jobs: 9 (8 finished, 1 failed or unfinished)" in markdown
+
+
+def test_results_csv_has_one_row_per_job(report, tmp_path: Path) -> None:
+    info, _ = report
+    with open(info["paths"]["results.csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == [
+        "job",
+        "status",
+        "stage",
+        "seed",
+        "data.labels_per_class",
+        "data.split_seed",
+        "dataset",
+        "num_labelled",
+        "num_unlabelled",
+        "teacher_test_accuracy",
+        "final_test_accuracy",
+        "rounds",
+        "final_num_pseudo",
+        "final_pseudo_accuracy",
+        "wall_time_s",
+    ]
+    assert [r["job"] for r in rows] == [str(i) for i in range(9)]
+    assert [r["status"] for r in rows] == ["ok"] * 8 + ["failed"]
+    selftrain = rows[4]
+    assert selftrain["stage"] == "selftrain" and selftrain["rounds"] == "2"
+    assert selftrain["num_labelled"] == "16" and selftrain["final_num_pseudo"] == "604"
+    assert float(selftrain["final_test_accuracy"]) == final_accuracy(("selftrain", 4, 0))
+    assert rows[8]["final_test_accuracy"] == ""
+
+
+def test_plots_are_png_files(report) -> None:
+    info, markdown = report
+    names = [
+        "accuracy_per_round.png",
+        "teacher_vs_student.png",
+        "pseudo_labels_per_round.png",
+        "class_coverage_last_round.png",
+        "accuracy_vs_label_budget.png",
+    ]
+    assert [n for n in info["paths"] if n.endswith(".png")] == names
+    for name in names:
+        data = info["paths"][name].read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1024, name
+        assert f"]({name})" in markdown
+    leftovers = [
+        p.name for p in info["paths"]["report.md"].parent.iterdir() if p.name.startswith(".")
+    ]
+    assert leftovers == []
+
+
+def test_single_run_dir_without_diagnostics(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_job(run, "baseline", 10, 0)
+    info = write_report(run, run / "report")
+    assert info["n_jobs"] == 1 and info["n_failed"] == 0 and info["group_keys"] == []
+    markdown = info["paths"]["report.md"].read_text()
+    assert "Final accuracy by label budget" not in markdown
+    command = "python -m pipeline -m stage=baseline data.labels_per_class=10 trainer.max_epochs=3"
+    assert f"`{command} seed=0`" in markdown  # constant overrides come from .hydra/overrides.yaml
+    assert "class_coverage_last_round.png" not in info["paths"]
+    assert "pseudo_labels_per_round.png" not in info["paths"]
+
+
+def test_missing_or_empty_sweep_dir_raises_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        write_report(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no job dirs"):
+        write_report(tmp_path / "empty", tmp_path / "out")
