@@ -1,0 +1,114 @@
+"""The real configs compose for every stage, dataset and model, and their objects instantiate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from pipeline import config
+from pipeline.cli import CONF_DIR, resolve
+from pipeline.errors import UserError
+
+config.register()
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["run_dir=/tmp/unused", *overrides])
+    return cfg
+
+
+@pytest.mark.parametrize("stage", config.STAGES)
+def test_every_stage_composes(stage):
+    extra = {
+        "pseudolabel": ["ckpt=x.ckpt"],
+        "evaluate": ["ckpt=x.ckpt"],
+        "finetune": ["ckpt=x.ckpt"],
+        "report": ["report.sweep_dir=/tmp"],
+    }.get(stage, [])
+    cfg = resolve(compose_cfg(f"stage={stage}", *extra))
+    assert cfg.stage == stage
+    net = instantiate(cfg.model.net)
+    out = net(torch.zeros(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
+    assert out.shape == (2, cfg.data.num_classes)
+    opt = instantiate(cfg.optimizer)(net.parameters())
+    assert isinstance(opt, torch.optim.Optimizer)
+    sched = instantiate(cfg.scheduler)(opt, T_max=10)
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+
+
+@pytest.mark.parametrize(
+    "data", ["digits", "mnist5k", "cifar10", "cifar100", "svhn", "stl10", "mnist", "fashion_mnist"]
+)
+@pytest.mark.parametrize("model", ["small_cnn", "resnet18", "wide_resnet28_2"])
+def test_data_and_model_groups_compose(data, model):
+    cfg = resolve(compose_cfg(f"data={data}", f"model={model}"))
+    assert cfg.data.name == data and cfg.model.name == model
+    assert len(cfg.data.mean) == len(cfg.data.std) == cfg.data.channels
+    net = instantiate(cfg.model.net)
+    assert net.num_classes == cfg.data.num_classes
+
+
+def test_image_folder_needs_its_dir():
+    with pytest.raises(UserError, match="labelled_dir"):
+        resolve(compose_cfg("data=image_folder", "data.num_classes=3"))
+
+
+def test_pretrain_source_is_the_other_bundled_set():
+    cfg = resolve(compose_cfg("stage=baseline"))
+    assert cfg.pretrain_data.name == "mnist5k"
+    assert cfg.pretrain_data.image_size == cfg.data.image_size == 8
+    cfg = resolve(compose_cfg("stage=baseline", "data=mnist5k"))
+    assert cfg.pretrain_data.name == "digits" and cfg.pretrain_data.image_size == 28
+
+
+def test_pretraining_on_the_target_is_refused():
+    with pytest.raises(UserError, match="leaks"):
+        resolve(compose_cfg("stage=baseline", "pretrain_data=digits"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pseudo_label.threshold=1.5", "threshold"),
+        ("pseudo_label.threshold=-0.1", "threshold"),
+        ("selftrain.rounds=-1", "rounds"),
+        ("stage=nonsense", "unknown stage"),
+        ("data.labels_per_class=0", "labels_per_class"),
+        ("finetune.mode=partial", "finetune.mode"),
+        ("init=imagenet", "init"),
+    ],
+)
+def test_bad_values_are_user_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        resolve(compose_cfg(override))
+
+
+def test_schema_rejects_wrong_types_and_unknown_keys():
+    with pytest.raises(Exception, match="threshold"):
+        compose_cfg("pseudo_label.threshold=high")
+    with pytest.raises(Exception, match="treshold"):
+        compose_cfg("pseudo_label.treshold=0.5")
+
+
+def test_runtime_keys_do_not_count_as_a_different_config():
+    a = resolve(compose_cfg())
+    b = resolve(compose_cfg("trainer.devices=2", "progress=false", "data.num_workers=2"))
+    assert config.differing_keys(a, b) == []
+    c = resolve(compose_cfg("seed=1", "pseudo_label.threshold=0.9"))
+    assert config.differing_keys(a, c) == ["pseudo_label.threshold", "seed"]
+
+
+def test_run_name_is_safe_and_bounded():
+    assert config.run_name("") == "default"
+    assert "/" not in config.run_name("data.labelled_dir=/a/b")
+    assert len(config.run_name("x=" + "y" * 500)) <= 100
+
+
+def test_resolved_config_has_no_interpolations():
+    cfg = resolve(compose_cfg())
+    text = OmegaConf.to_yaml(cfg)
+    assert "${" not in text
