@@ -7,13 +7,17 @@ existing run_dir changed); 1 anything unexpected.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,6 +28,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("pipeline")
 _exit_codes: list[int] = []
 _job_started = False
+_sweep_started = False
 
 config.register()
 
@@ -36,6 +41,10 @@ def setup_logging(rank_zero: bool) -> None:
     if not any(isinstance(h, RichHandler) for h in root.handlers):
         root.addHandler(RichHandler(show_path=False, rich_tracebacks=False, markup=False))
     root.setLevel(logging.INFO if rank_zero else logging.WARNING)
+    # Known, harmless: our loaders yield whole batches, so Lightning cannot infer batch indices
+    # (predictions carry their dataset index instead); a deprecation inside Lightning itself.
+    warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger(name).propagate = False
@@ -69,7 +78,11 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError(
             f"{saved} is unreadable; move the run_dir away or pass overwrite=true"
         ) from None
-    if cfg.overwrite:
+    from pipeline.preemption import requeued_job
+
+    if cfg.overwrite and requeued_job():
+        log.info("overwrite=true, but this is a requeued job: resuming %s", run_dir)
+    elif cfg.overwrite:
         log.warning("overwrite=true: clearing %s and starting over", run_dir)
         for child in run_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -91,29 +104,87 @@ def old_value(cfg: DictConfig, key: str) -> Any:
 
 def run_resolved(cfg: DictConfig, started_ranks: bool = False) -> int:
     """Run one job (on this rank) from a resolved config; returns the exit code."""
-    from pipeline import dist
+    from pipeline import dist, launch, preemption
 
     setup_logging(rank_zero=dist.rank() == 0)
     run_dir = Path(cfg.run_dir).resolve()
+    before = None if started_ranks else entries_before(run_dir)
     try:
-        if not started_ranks:
+        external = started_ranks or launch.externally_launched()
+        if not external:
             check_run_dir(cfg, run_dir)
-            from pipeline.launch import ranks_to_start
-
-            n = ranks_to_start(cfg.trainer)
+            n = launch.ranks_to_start(cfg.trainer)
             if n:
                 log.info("starting %d DDP ranks for this job (one process group per job)", n)
                 write_config(cfg, run_dir)
-                return _start(cfg, n)
+                code = _start(cfg, n)
+                if code == 2:
+                    undo_new_run_dir(run_dir, before)
+                return code
         dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
+        if external and not started_ranks:
+            check_run_dir_on_rank_zero(cfg, run_dir)
+        preemption.install()
         if dist.is_rank_zero():
             write_config(cfg, run_dir)
         dist.barrier()
         return run_stage(cfg, run_dir)
     except UserError as e:
         if dist.is_rank_zero():
+            undo_new_run_dir(run_dir, before)
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except preemption.Preempted as e:
+        return preemption.stopped(e.signum, started_ranks, dist.is_rank_zero())
+
+
+def entries_before(run_dir: Path) -> set[str] | None:
+    """What a run_dir without config.yaml held before this command (None: it has a config.yaml,
+    so it is a run's and bad input leaves it exactly as it is)."""
+    if (run_dir / "config.yaml").exists():
+        return None
+    return set(os.listdir(run_dir)) if run_dir.is_dir() else {"<absent>"}
+
+
+def undo_new_run_dir(run_dir: Path, before: set[str] | None) -> None:
+    """Bad input found after this command began a new run_dir (e.g. in the data): remove what
+    it wrote (config.yaml, splits.npz, empty folders), so that the fixed command is not refused
+    as "another config" and the folder is as it was. Work already done is never removed."""
+    if before is None or not run_dir.is_dir():
+        return
+    new = [run_dir / n for n in os.listdir(run_dir) if n not in before]
+    if any(p.is_file() and p.name not in ("config.yaml", "splits.npz") for p in new):
+        return
+    if any(f.is_file() for p in new if p.is_dir() for f in p.rglob("*")):
+        return
+    for p in new:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if before == {"<absent>"} and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def check_run_dir_on_rank_zero(cfg: DictConfig, run_dir: Path) -> None:
+    """Under srun / torchrun every rank composed the config itself. Rank 0 checks that all
+    resolved the same run_dir (a clock in hydra.sweep.dir or hydra.run.dir reads differently in
+    each rank) and checks the run_dir once; every rank gets the verdict."""
+    from pipeline import dist
+
+    dirs = sorted({str(d) for d in dist.all_gather_object(str(run_dir))})
+    error = None
+    if dist.is_rank_zero():
+        try:
+            if len(dirs) > 1:
+                raise UserError(
+                    f"the ranks resolved different run dirs ({dirs[0]} and {dirs[-1]}), e.g. "
+                    "from a timestamp in hydra.sweep.dir; pass a fixed one: "
+                    "hydra.sweep.dir=multirun/NAME (with -m) or run_dir=PATH"
+                )
+            check_run_dir(cfg, run_dir)
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(str(error))
 
 
 def _start(cfg: DictConfig, n: int) -> int:
@@ -156,6 +227,7 @@ def hydra_job(cfg: DictConfig) -> int:
     """One Hydra job (the single run, or one job of a -m sweep)."""
     global _job_started
     _job_started = True
+    _release_stderr()
     try:
         code = run_resolved(resolve(cfg))
     except UserError as e:
@@ -165,33 +237,120 @@ def hydra_job(cfg: DictConfig) -> int:
         traceback.print_exc()
         code = 1
     _exit_codes.append(code)
+    if code and os.environ.get("SUBMITIT_EXECUTOR"):
+        # A submitit job (hydra/launcher=submitit_*, slurm): the sweep runs in another process
+        # that only sees a job fail when it raises.
+        raise JobFailed(code)
     return code
 
 
+class JobFailed(RuntimeError):
+    """A job run by submitit ended with a non-zero exit code (its log says why)."""
+
+    def __init__(self, code: int, log_path: str | None = None) -> None:
+        if log_path is None:
+            try:
+                import submitit
+
+                log_path = str(submitit.JobEnvironment().paths.stderr)
+            except Exception:  # outside a submitit job: no log to name
+                log_path = ""
+        where = f"; see {log_path}" if log_path else ""
+        super().__init__(f"the job exited with code {code}{where}")
+        self.code, self.log_path = code, log_path
+
+    def __reduce__(self) -> tuple:  # rebuilt as it was in the sweep's process
+        return (JobFailed, (self.code, self.log_path))
+
+
+class SweepStarted(Callback):
+    """Hydra callback (hydra.callbacks in config.yaml): from here on an exit code 1 from Hydra
+    is a failed job, not a command line that does not compose."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweep_started
+        _sweep_started = True
+        _release_stderr()
+
+
 class _HydraHintFilter:
-    """Drops Hydra's 'set HYDRA_FULL_ERROR' hint so a config error is the one line it should be."""
+    """stderr until a job starts: held back, so that when the command line does not compose,
+    Hydra's message (several lines, and a 'set HYDRA_FULL_ERROR' hint) can be printed as the
+    one line of the exit-2 contract. Once a job or a sweep starts, it is written as it comes."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.held: list[str] | None = []
 
     def write(self, text: str) -> int:
+        if self.held is not None:
+            self.held.append(text)
+            return len(text)
         if "HYDRA_FULL_ERROR" in text:
             return len(text)
         return self.stream.write(text)
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.write("".join(held))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
 
+_stderr_filter: _HydraHintFilter | None = None
+
+
+def _release_stderr() -> None:
+    if _stderr_filter is not None:
+        _stderr_filter.release()
+
+
+def hydra_error_line(text: str) -> str:
+    """Hydra's composition error as one line: headings joined, option lists inlined, the
+    details (full_key, object_type, search path, hints) dropped."""
+    key = re.search(r"full_key: (\S+)", text)
+    if key and re.search(r"Key '[^']+' not in '\w+'|is not in struct", text):
+        return (
+            f"unknown config key {key.group(1)}; check the spelling "
+            "(python -m pipeline --cfg job prints every key)"
+        )
+    parts: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or "HYDRA_FULL_ERROR" in line:
+            continue
+        if line.startswith("Config search path"):
+            break
+        if raw[:1] in " \t":  # details under a heading: keep only lists of options
+            if parts and parts[-1].endswith(":") or parts and parts[-1].endswith(","):
+                if not line.startswith("_"):  # _torchvision etc. are not choices
+                    parts[-1] += f" {line},"
+            continue
+        parts.append(line.rstrip("."))
+    return "; ".join(p.rstrip(",") for p in parts) or "the command line does not compose"
+
+
 def main() -> None:
+    global _stderr_filter
     stderr = sys.stderr
-    sys.stderr = _HydraHintFilter(stderr)
+    sys.stderr = _stderr_filter = _HydraHintFilter(stderr)
     try:
         hydra_job()
     except SystemExit as e:
         # Hydra exits 1 when the command line or the configs do not compose: that is bad input.
         code = e.code if isinstance(e.code, int) else 1
-        sys.exit(2 if code == 1 and not _job_started else code)
+        if code == 1 and not (_job_started or _sweep_started):
+            held = "".join(_stderr_filter.held or [])
+            _stderr_filter.held = None
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                stderr.write(held)
+            else:
+                print(f"error: {hydra_error_line(held)}", file=stderr, flush=True)
+            sys.exit(2)
+        sys.exit(code)
     finally:
+        _release_stderr()
         sys.stderr = stderr
     sys.exit(max(_exit_codes, default=0))

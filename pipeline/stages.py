@@ -6,7 +6,11 @@ pseudo_labels.npz, summary.json) and never redone, so re-running a killed comman
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,16 @@ from pipeline.steps import (
 )
 
 DONE = "metrics.json"  # the last file a round writes: its presence means the round is finished
+PHASE_SECONDS: dict[str, float] = defaultdict(float)  # where this process's time went
+
+
+@contextlib.contextmanager
+def timed(phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        PHASE_SECONDS[phase] += time.perf_counter() - start
 
 
 def write_rank_zero(path: Path, data: Any) -> None:
@@ -81,27 +95,20 @@ def train_round(
     if model_path.exists():
         net = load_net(cfg, model_path, task.num_classes)
     else:
+        torch.manual_seed(seed)  # the init depends on the seed only, also when a run resumes
         net = build_net(cfg, task.num_classes)
         lr_scale, frozen = 1.0, []
         if pretrained is not None:
             init_from_pretrained(cfg, net, pretrained)
         if pretrained is not None or cfg.model.get("weights"):
             lr_scale, frozen = finetune_setup(cfg, net)
-        fit(
-            cfg,
-            cfg.data,
-            net,
-            training_images(task, train_set),
-            train_set,
-            round_dir,
-            seed,
-            cfg.train.epochs,
-            hparams,
-            lr_scale,
-            frozen,
-        )
-        save_model(model_path, net, hparams, {"seed": seed})
-    metrics = evaluate(cfg, cfg.data, net, task.test)
+        with timed("teacher" if pseudo is None else "students"):
+            images = training_images(task, train_set)
+            fit(cfg, cfg.data, net, images, train_set, round_dir, seed, cfg.train.epochs,
+                hparams, lr_scale, frozen)  # fmt: skip
+            save_model(model_path, net, hparams, {"seed": seed})
+    with timed("evaluation"):
+        metrics = evaluate(cfg, cfg.data, net, task.test)
     return net, metrics
 
 
@@ -109,13 +116,15 @@ def run_selftrain(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """The five steps: teacher; then per round pseudo-label, select, merge, train a student,
     evaluate; the student becomes the next teacher."""
     start = time.time()
-    task = prepare_task(cfg.data, cfg.seed, run_dir)
+    with timed("data"):
+        task = prepare_task(cfg.data, cfg.seed, run_dir)
     pretrained = pretrained_checkpoint(cfg, run_dir) if cfg.init == "pretrained" else None
     rounds = []
     for k in range(cfg.selftrain.rounds + 1):
         round_dir = run_dir / f"round_{k}"
         if (round_dir / DONE).exists():
             rounds.append(read_json(round_dir / DONE))
+            remove_resume_state(round_dir)  # a kill right after metrics.json may have left it
             continue
         metrics: dict[str, Any] = {"round": k, "num_pseudo": 0, "pseudo_accuracy": None}
         pseudo = None
@@ -142,8 +151,9 @@ def label_round(
     if out.exists() and diag_path.exists():
         pseudo = read_pseudo_labels(out, len(task.unlabelled), task.num_classes)
         return pseudo, read_json(diag_path)
-    teacher = load_net(cfg, teacher_ckpt, task.num_classes)
-    pseudo, probs = pseudo_label(cfg, cfg.data, teacher, task.unlabelled, out)
+    with timed("labelling"):
+        teacher = load_net(cfg, teacher_ckpt, task.num_classes)
+        pseudo, probs = pseudo_label(cfg, cfg.data, teacher, task.unlabelled, out)
     diagnostics: dict[str, Any] = {}
     if dist.is_rank_zero():
         truth = task.unlabelled.labels.numpy() if task.unlabelled.labels is not None else None
@@ -155,13 +165,11 @@ def label_round(
 
 
 def remove_resume_state(round_dir: Path) -> None:
-    """After a round is finished its last.ckpt is only a copy of model.ckpt plus optimizer."""
+    """After a round is finished its last.ckpt is only a copy of model.ckpt plus optimizer, and
+    prediction shards a killed labelling pass left are stale."""
     if dist.is_rank_zero():
-        ckpt_dir = round_dir / "checkpoints"
-        if ckpt_dir.exists():
-            for f in ckpt_dir.iterdir():
-                f.unlink()
-            ckpt_dir.rmdir()
+        for leftover in ("checkpoints", "predict_shards"):
+            shutil.rmtree(round_dir / leftover, ignore_errors=True)
     dist.barrier()
 
 
@@ -181,6 +189,7 @@ def summary(
         "final_test_accuracy": rounds[-1]["test_accuracy"],
         "teacher_test_accuracy": rounds[0]["test_accuracy"],
         "wall_time_s": round(time.time() - start, 2),
+        "phase_seconds": {k: round(v, 2) for k, v in PHASE_SECONDS.items()},
         **extra,
     }
 
@@ -277,6 +286,7 @@ def pretrained_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     pretrain_dir = run_dir / "pretrain"
     if not (pretrain_dir / DONE).exists():
         run_pretrain(cfg, pretrain_dir)
+    remove_resume_state(pretrain_dir)  # a kill right after its metrics.json may have left it
     return pretrain_dir / "model.ckpt"
 
 
@@ -286,11 +296,16 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     src = cfg.pretrain_data
     task = prepare_task(src, cfg.seed, None)
-    if (run_dir / DONE).exists():
+    finished = (run_dir / DONE).exists()  # read once: rank 0 writes it below (DDP)
+    if finished:
         metrics = read_json(run_dir / DONE)
+    elif (run_dir / "model.ckpt").exists():  # killed after training, before metrics.json
+        net = load_net(cfg, run_dir / "model.ckpt", task.num_classes)
+        metrics = evaluate(cfg, src, net, task.test)
     else:
         train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), None, task.num_classes)
         hparams = hparams_for(cfg, src, task.num_classes)
+        torch.manual_seed(cfg.seed + 7919)
         net = build_net(cfg, task.num_classes)
         fit(
             cfg,
@@ -305,6 +320,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
         save_model(run_dir / "model.ckpt", net, hparams, {"pretrain_source": str(src.name)})
         metrics = evaluate(cfg, src, net, task.test)
+    if not finished:
         metrics.update({"round": 0, "source": str(src.name), "num_labelled": len(task.labelled)})
         write_rank_zero(run_dir / DONE, metrics)
         remove_resume_state(run_dir)
@@ -329,6 +345,7 @@ def finetune_round(
     cfg: DictConfig, task: Task, work_dir: Path, ckpt: Path | None
 ) -> dict[str, Any]:
     if (work_dir / DONE).exists():
+        remove_resume_state(work_dir)  # a kill right after metrics.json may have left it
         return read_json(work_dir / DONE)
     _, metrics = train_round(cfg, task, work_dir, cfg.seed * 1000, None, ckpt)
     metrics.update({"round": 0, "num_pseudo": 0, "finetune_mode": str(cfg.finetune.mode)})

@@ -1,0 +1,278 @@
+"""Benchmarks of the pipeline's hot paths, as ratios of two things measured in the same run.
+
+    python scripts/bench.py --out bench.json            # everything (a few minutes on 2 cores)
+    python scripts/bench.py --skip-rss --skip-default   # only the two ratios
+
+- train_ratio_vs_raw_loop: images/s of our training path (LitClassifier + ImageDataModule +
+  Trainer, as steps.fit configures them, checkpointing included) over a plain PyTorch loop
+  training the same model on the same tensors, batches, augmentation and optimizer.
+- pseudolabel_ratio_vs_bare_forward: images/s of our pseudo-labelling (steps.pseudo_label:
+  Trainer.predict, per-rank writer, merge by index, selection, atomic .npz) over a bare
+  `model(x)` loop under inference_mode on the same pre-loaded tensors.
+- pseudolabel_peak_rss_mb: peak RSS of a process pseudo-labelling 1,000,000 synthetic images
+  generated on the fly (never all in memory).
+- default_run_wall_s and default_run_phases_s: `python -m pipeline` as a whole process, and
+  where its time went (start-up = wall time minus the timed phases).
+Each timing is the median of --repeats runs after a warm-up; A and B alternate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline import config
+    from pipeline.cli import CONF_DIR, resolve
+
+    config.register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["run_dir=/tmp/bench-unused", "progress=false",
+                                                 *overrides])  # fmt: skip
+    return resolve(cfg)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_training(cfg, steps: int, repeats: int) -> dict:
+    """Our Lightning training path vs a raw loop: same net init, batches, augmentation, optim."""
+    from hydra.utils import instantiate
+
+    from pipeline.selection import merge_labelled_and_pseudo
+    from pipeline.steps import build_net, fit, make_datamodule, prepare_task, training_batches
+    from pipeline.training import soft_cross_entropy
+
+    task = prepare_task(cfg.data, cfg.seed, None)
+    rows = np.arange(len(task.unlabelled))
+    from pipeline.selection import PseudoLabels
+
+    pseudo = PseudoLabels(rows, task.unlabelled.labels.numpy(), np.ones(len(rows), np.float32))
+    train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), pseudo, task.num_classes)
+    images = torch.cat([task.labelled.images, task.unlabelled.images])
+    make = training_batches(train_set, cfg, 1)
+    per_epoch = len(make(np.random.default_rng(0)))
+    epochs = max(1, steps // per_epoch)
+    n_images = epochs * per_epoch * cfg.train.batch_size
+    cfg.train.min_steps = 0
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+
+    def ours() -> None:
+        for f in work.rglob("*.ckpt"):
+            f.unlink()
+        net = build_net(cfg, task.num_classes)
+        fit(cfg, cfg.data, net, images, train_set, work, 0, epochs, {"num_classes": 10})
+
+    def raw() -> None:
+        torch.manual_seed(0)
+        net = build_net(cfg, task.num_classes)
+        dm = make_datamodule(cfg, cfg.data, 0)
+        opt = instantiate(cfg.optimizer)(net.parameters())
+        sched = instantiate(cfg.scheduler)(opt, T_max=epochs * per_epoch)
+        targets, weight = torch.from_numpy(train_set.targets), torch.from_numpy(train_set.weight)
+        net.train()
+        for epoch in range(epochs):
+            for i, b in enumerate(make(np.random.default_rng([0, epoch]))):
+                r = torch.as_tensor(b)
+                gen = torch.Generator().manual_seed(epoch * 100_000 + i)
+                x = (dm.augment(images[r], gen) - dm.mean) / dm.std
+                loss = soft_cross_entropy(net(x), targets[r], weight[r])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+
+    t_ours, t_raw = [], []
+    ours(), raw()  # warm-up
+    for _ in range(repeats):
+        for fn, acc in ((ours, t_ours), (raw, t_raw)):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    ours_ips, raw_ips = n_images / statistics.median(t_ours), n_images / statistics.median(t_raw)
+    return {
+        "train_images": n_images,
+        "train_ours_images_per_s": round(ours_ips, 1),
+        "train_raw_images_per_s": round(raw_ips, 1),
+        "train_ratio_vs_raw_loop": round(ours_ips / raw_ips, 3),
+    }
+
+
+def bench_pseudolabel(cfg, n: int, repeats: int) -> dict:
+    """Our pseudo-labelling stage (selection and writing included) vs a bare forward loop."""
+    from pipeline.data import ImageArrays
+    from pipeline.steps import build_net, pseudo_label, prepare_task
+
+    task = prepare_task(cfg.data, cfg.seed, None)
+    reps = -(-n // len(task.unlabelled))
+    images = task.unlabelled.images.repeat(reps, 1, 1, 1)[:n].contiguous()
+    unlabelled = ImageArrays(images, None)
+    net = build_net(cfg, task.num_classes).eval()
+    work = Path(tempfile.mkdtemp(prefix="bench-pl-"))
+    mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
+    std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
+    bs = cfg.train.eval_batch_size
+
+    def ours() -> None:
+        pseudo_label(cfg, cfg.data, net, unlabelled, work / "pseudo_labels.npz")
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for i in range(0, n, bs):
+                net((images[i : i + bs].float() / 255 - mean) / std).softmax(1)
+
+    t_ours, t_bare = [], []
+    ours(), bare()
+    for _ in range(repeats):
+        for fn, acc in ((ours, t_ours), (bare, t_bare)):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    ours_ips, bare_ips = n / statistics.median(t_ours), n / statistics.median(t_bare)
+    return {
+        "pseudolabel_images": n,
+        "pseudolabel_ours_images_per_s": round(ours_ips, 1),
+        "pseudolabel_bare_images_per_s": round(bare_ips, 1),
+        "pseudolabel_ratio_vs_bare_forward": round(ours_ips / bare_ips, 3),
+    }
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """`n` 8x8 images made from their index on demand: nothing is held in memory."""
+
+    def __init__(self, n: int, size: int = 8) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        grid = torch.arange(self.size * self.size).view(1, 1, self.size, self.size)
+        images = ((rows_t.view(-1, 1, 1, 1) * 2654435761 + grid * 40503) % 256).to(torch.uint8)
+        return {"image": images, "index": rows_t}
+
+
+def rss_child(n: int) -> None:
+    """Run in a child process: pseudo-label `n` synthetic images through our stage."""
+    from pipeline.artifacts import write_npz
+    from pipeline.selection import select_pseudo_labels
+    from pipeline.steps import build_net, predict
+
+    cfg = compose()
+    net = build_net(cfg, 10).eval()
+    work = Path(tempfile.mkdtemp(prefix="bench-rss-"))
+    index, probs = predict(cfg, cfg.data, net, SyntheticImages(n), work)
+    kept = select_pseudo_labels(torch.from_numpy(index), torch.from_numpy(probs), 0.5)
+    write_npz(work / "pseudo_labels.npz", kept.arrays())
+    print(json.dumps({"labelled": int(len(index))}))
+
+
+def bench_rss(n: int) -> dict:
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(n)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "pseudolabel_rss_images": n,
+        "pseudolabel_peak_rss_mb": round(peak_kb / 1024, 1),
+        "pseudolabel_rss_wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def bench_default_run(repeats: int) -> dict:
+    walls, phases = [], []
+    for _ in range(repeats):
+        run_dir = Path(tempfile.mkdtemp(prefix="bench-default-")) / "run"
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", f"run_dir={run_dir}", "progress=false"],
+            capture_output=True, text=True, cwd=REPO,
+        )  # fmt: skip
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        walls.append(wall)
+        ph = dict(summary.get("phase_seconds", {}))
+        ph["startup_and_other"] = wall - sum(ph.values())
+        ph["final_test_accuracy"] = summary["final_test_accuracy"]
+        phases.append(ph)
+    i = walls.index(statistics.median_low(walls))
+    return {
+        "default_run_wall_s": round(walls[i], 1),
+        "default_run_wall_all_s": [round(w, 1) for w in walls],
+        "default_run_phases_s": {k: round(v, 2) for k, v in phases[i].items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument("--pseudolabel-images", type=int, default=100_000)
+    p.add_argument("--rss-images", type=int, default=1_000_000)
+    p.add_argument("--default-runs", type=int, default=1)
+    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-default", action="store_true")
+    p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rss_child is not None:
+        return rss_child(args.rss_child)
+
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    cfg = compose()
+    result: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}",
+        "model": str(cfg.model.name),
+        "dataset": str(cfg.data.name),
+        "batch_size": int(cfg.train.batch_size),
+    }
+    result.update(bench_training(cfg, args.train_steps, args.repeats))
+    result.update(bench_pseudolabel(cfg, args.pseudolabel_images, args.repeats))
+    if not args.skip_rss:
+        result.update(bench_rss(args.rss_images))
+    if not args.skip_default:
+        result.update(bench_default_run(args.default_runs))
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
