@@ -127,7 +127,7 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
 def bench_pseudolabel(cfg, n: int, repeats: int) -> dict:
     """Our pseudo-labelling stage (selection and writing included) vs a bare forward loop."""
     from pipeline.data import ImageArrays
-    from pipeline.steps import build_net, pseudo_label, prepare_task
+    from pipeline.steps import build_net, prepare_task, pseudo_label
 
     task = prepare_task(cfg.data, cfg.seed, None)
     reps = -(-n // len(task.unlabelled))
