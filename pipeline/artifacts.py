@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,18 +28,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
     under the final name; the temporary file is removed on any error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise UserError(
+                f"no space left on the device while writing {path}: free some space (or point "
+                "run_dir= elsewhere) and re-run the same command to resume"
+            ) from None
         raise
+
+
+# A full disk (or quota) is the user's to fix, and a re-run resumes: exit 2, not a traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -65,8 +79,9 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable .npz file ({e})") from None
+    except Exception as e:  # pickled objects (refused), truncated or not a zip at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+        raise UserError(f"{path} is not a readable .npz file ({first})") from None
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -82,22 +97,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass ckpt=PATH to an existing file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"refusing checkpoint {path}: it is not a plain weights file and could run code "
-            f"when loaded ({first[:120]}); re-save it as a state_dict"
+            f"refusing checkpoint {path}: it holds {_refused_object(e)}, which could run code "
+            "when loaded; load it only if you trust it and re-save its state_dict with torch.save"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # any other decoding failure: the file is not a whole checkpoint
         raise UserError(
-            f"checkpoint {path} is unreadable or truncated ({type(e).__name__})"
+            f"checkpoint {path} is unreadable or truncated ({type(e).__name__}); "
+            "pass a complete .ckpt file written by this pipeline or Lightning"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(
             f"checkpoint {path} has no 'state_dict'; expected a file written by this pipeline or Lightning"
         )
     return ckpt
+
+
+def _refused_object(error: Exception) -> str:
+    """What the weights-only unpickler refused, from its long message, e.g. 'posix.system'."""
+    found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(error))
+    return f"a reference to {found.group(1)}" if found else "more than plain tensors and containers"
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:

@@ -45,6 +45,8 @@ def setup_logging(rank_zero: bool) -> None:
     # (predictions carry their dataset index instead); a deprecation inside Lightning itself.
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Resuming from checkpoints/last.ckpt: the directory is not empty, by design.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger(name).propagate = False
@@ -90,6 +92,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     diff = config.differing_keys(old, cfg)
     if not diff:
         return
+    # What a run is (stage, data, model, seed) first: a different dataset differs in many keys.
+    leading = ("stage", "data.name", "model.name", "seed")
+    diff.sort(key=lambda k: leading.index(k) if k in leading else len(leading))
     shown = ", ".join(f"{k} ({old_value(old, k)} -> {old_value(cfg, k)})" for k in diff[:4])
     more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
     raise UserError(
@@ -324,9 +329,9 @@ def hydra_error_line(text: str) -> str:
         if line.startswith("Config search path"):
             break
         if raw[:1] in " \t":  # details under a heading: keep only lists of options
-            if parts and parts[-1].endswith(":") or parts and parts[-1].endswith(","):
-                if not line.startswith("_"):  # _torchvision etc. are not choices
-                    parts[-1] += f" {line},"
+            listing = parts and parts[-1].endswith((":", ","))
+            if listing and not line.startswith("_"):  # _torchvision etc. are not choices
+                parts[-1] += f" {line},"
             continue
         parts.append(line.rstrip("."))
     return "; ".join(p.rstrip(",") for p in parts) or "the command line does not compose"

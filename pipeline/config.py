@@ -6,6 +6,7 @@ with `_target_`; the pipeline's own knobs are dataclasses, so a typo or a wrong 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -51,7 +52,22 @@ RUNTIME_KEYS = (
     "pretrain_data.num_workers",
     "pretrain_data.root",
     "pretrain_data.download",
+    "pretrain.cache_dir",
     "report",
+)
+# Settings a pretraining run does not read (the target's, and what comes after pretraining):
+# two runs that differ only in these share one pretrained checkpoint through pretrain.cache_dir.
+NOT_READ_BY_PRETRAINING = (
+    "data",
+    "stage",
+    "init",
+    "ckpt",
+    "pseudo_in",
+    "selftrain",
+    "finetune",
+    "train.epochs",
+    "pretrain.ckpt",
+    "experiment",
 )
 
 
@@ -83,6 +99,7 @@ class SelfTrainConfig:
 class PretrainConfig:
     ckpt: str | None = None
     epochs: int = 15
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -141,30 +158,118 @@ def register() -> None:
         OmegaConf.register_new_resolver("run_name", run_name)
 
 
+# pretrain_data=auto: the offline source of each bundled target is the other bundled set.
+AUTO_SOURCE = {"digits": "mnist5k", "mnist5k": "digits"}
+# Sets that hold the same images: pretraining on one would leak the labels of the other.
+SAME_IMAGES = ({"mnist", "mnist5k"},)
+
+
+def uses_pretrained(cfg: DictConfig) -> bool:
+    """Whether this run's models start from pretrained weights."""
+    return cfg.stage == "baseline" or (
+        cfg.stage in ("selftrain", "train") and cfg.init == "pretrained"
+    )
+
+
+def runs_pretraining(cfg: DictConfig) -> bool:
+    """Whether this run trains on pretrain_data (stage=pretrain, or a stage that starts from
+    pretrained weights without pretrain.ckpt or torchvision's model.weights)."""
+    if cfg.stage == "pretrain":
+        return True
+    return uses_pretrained(cfg) and not cfg.pretrain.ckpt and cfg.model.get("weights") is None
+
+
 def resolve_pretrain_source(cfg: DictConfig) -> None:
-    """`pretrain_data=auto`: the other bundled set, shaped like the target (in place)."""
-    if cfg.pretrain_data.get("name") != "auto":
+    """`pretrain_data=auto` becomes the other bundled set; every source is shaped (image_size,
+    channels) and normalised (mean, std) like the target, so that the pretrained first layer
+    sees the same input scale in both, and uses all of its labels (in place)."""
+    if cfg.pretrain_data.get("name") == "auto":
+        source = AUTO_SOURCE.get(cfg.data.name)
+        if source is None:
+            if runs_pretraining(cfg):
+                raise UserError(
+                    f"pretrain_data=auto has an offline source only for the bundled targets "
+                    f"(digits <-> mnist5k); for data={cfg.data.name} pass pretrain_data=NAME "
+                    "(any data= option but the target), pretrain.ckpt=FILE, or model=resnet18 "
+                    "model.weights=IMAGENET1K_V1"
+                )
+            return
+        # Composing a group inside a running app is not possible: read the two YAML files.
+        conf_dir = Path(__file__).resolve().parent.parent / "conf"
+        node = OmegaConf.load(conf_dir / "data" / "digits.yaml")
+        if source == "mnist5k":
+            node = OmegaConf.merge(node, OmegaConf.load(conf_dir / "data" / "mnist5k.yaml"))
+        node.pop("defaults", None)
+        node.image_size = cfg.data.image_size
+        node.channels = cfg.data.channels
+        node.mean = list(cfg.data.mean)
+        node.std = list(cfg.data.std)
+        node.labels_per_class = None
+        node.val_per_class = 0
+        # What auto.yaml (or the command line, e.g. pretrain_data.labels_per_class=50) sets wins.
+        given = OmegaConf.masked_copy(
+            cfg.pretrain_data, [k for k in cfg.pretrain_data if k != "name"]
+        )
+        cfg.pretrain_data = OmegaConf.merge(node, given)
+
+
+def check_pretrain_source(cfg: DictConfig) -> None:
+    """Refuse a pretraining source that holds the target's own images: its labels would leak
+    into the comparison (pretraining would see the target's unlabelled and test labels)."""
+    if not runs_pretraining(cfg):
         return
-    source = "mnist5k" if cfg.data.name == "digits" else "digits"
-    # Composing a group inside a running app is not possible: read the two YAML files.
-    conf_dir = Path(__file__).resolve().parent.parent / "conf"
-    node = OmegaConf.load(conf_dir / "data" / "digits.yaml")
-    if source == "mnist5k":
-        node = OmegaConf.merge(node, OmegaConf.load(conf_dir / "data" / "mnist5k.yaml"))
-    node.pop("defaults", None)
-    node.image_size = cfg.data.image_size
-    node.channels = cfg.data.channels
-    node.labels_per_class = None
-    node.val_per_class = 0
-    cfg.pretrain_data = node
+    src, dst = cfg.pretrain_data, cfg.data
+    same = src.name == dst.name or any({src.name, dst.name} <= group for group in SAME_IMAGES)
+    if src.name == dst.name == "image_folder":
+        dirs = ("labelled_dir", "unlabelled_dir", "test_dir")
+
+        def paths(node: DictConfig) -> set[Path]:
+            return {Path(str(node.get(k))).resolve() for k in dirs if node.get(k)}
+
+        same = bool(paths(src) & paths(dst))
+    if same:
+        raise UserError(
+            f"pretrain_data={src.name} holds the target's own images (data={dst.name}), which "
+            "leaks the target's labels; pretrain on another set (pretrain_data=auto for the "
+            "bundled sets, or pretrain_data=NAME) or pass pretrain.ckpt=FILE"
+        )
 
 
 def _in_range(value: float, low: float, high: float) -> bool:
     return low <= value <= high
 
 
+# The typed sections: a key added to one of them with `+key=value` is a typo, not a setting.
+TYPED_SECTIONS = {
+    "": PipelineConfig,
+    "train.": TrainConfig,
+    "pseudo_label.": PseudoLabelConfig,
+    "selftrain.": SelfTrainConfig,
+    "pretrain.": PretrainConfig,
+    "finetune.": FinetuneConfig,
+    "report.": ReportConfig,
+}
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys in the pipeline's typed sections that no dataclass declares (e.g. `+trian.epochs=3`)."""
+    found = []
+    for prefix, schema in TYPED_SECTIONS.items():
+        node = OmegaConf.select(cfg, prefix[:-1]) if prefix else cfg
+        if isinstance(node, DictConfig):
+            known = {f.name for f in dataclasses.fields(schema)}
+            found += [f"{prefix}{k}" for k in node if k not in known]
+    return found
+
+
 def validate(cfg: DictConfig) -> None:
     """The checks types cannot express. Raises UserError with one line saying what to fix."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise UserError(
+            f"unknown config key {', '.join(unknown)}; check the spelling "
+            "(python -m pipeline --cfg job prints every key)"
+        )
     if cfg.stage not in STAGES:
         raise UserError(f"unknown stage={cfg.stage!r}; choose one of {', '.join(STAGES)}")
     pl = cfg.pseudo_label
@@ -197,19 +302,22 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.finetune.lr_scale <= 0:
         raise UserError(f"finetune.lr_scale={cfg.finetune.lr_scale} must be > 0")
+    if cfg.model.get("weights") and "weights" not in cfg.model.get("net", {}):
+        raise UserError(
+            f"model={cfg.model.name} has no torchvision weights (model.weights="
+            f"{cfg.model.weights}); use model=resnet18 model.weights=IMAGENET1K_V1, or "
+            "pretrain_data=NAME / pretrain.ckpt=FILE"
+        )
     if cfg.stage in ("pseudolabel", "evaluate", "finetune") and not cfg.ckpt:
         raise UserError(f"stage={cfg.stage} needs a checkpoint: pass ckpt=PATH/model.ckpt")
     if cfg.stage == "report" and not cfg.report.sweep_dir:
         raise UserError("stage=report needs report.sweep_dir=DIR (a multirun dir or a run_dir)")
-    uses_pretrain = cfg.stage in ("pretrain", "baseline") or (
-        cfg.stage == "selftrain" and cfg.init == "pretrained"
-    )
-    runs_pretraining = uses_pretrain and cfg.model.get("weights") is None and not cfg.pretrain.ckpt
-    if runs_pretraining and cfg.pretrain_data.name == cfg.data.name:
+    if uses_pretrained(cfg) and cfg.pretrain.ckpt and not Path(cfg.pretrain.ckpt).is_file():
         raise UserError(
-            f"pretrain_data={cfg.pretrain_data.name} is the target dataset itself, which "
-            "leaks the target's labels; pretrain on another set (e.g. pretrain_data=auto)"
+            f"pretrain.ckpt={cfg.pretrain.ckpt} does not exist; pass a model.ckpt written by "
+            "stage=pretrain (or leave it out to pretrain inside this run)"
         )
+    check_pretrain_source(cfg)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -230,6 +338,19 @@ def result_keys(cfg: DictConfig) -> dict[str, Any]:
         for k, v in flat.items()
         if not any(k == r or k.startswith(r + ".") for r in RUNTIME_KEYS)
     }
+
+
+def pretrain_key(cfg: DictConfig) -> str:
+    """A name for the pretraining this run does: the source, the seed, and a digest of every
+    setting the pretraining reads (anything not known to be unread counts, so a new setting can
+    only cause a cache miss, never a wrong hit)."""
+    keys = {
+        k: v
+        for k, v in result_keys(cfg).items()
+        if not any(k == n or k.startswith(n + ".") for n in NOT_READ_BY_PRETRAINING)
+    }
+    digest = hashlib.sha1(repr(sorted(keys.items())).encode()).hexdigest()[:12]
+    return f"{cfg.pretrain_data.name}-seed{cfg.seed}-{digest}"
 
 
 def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:

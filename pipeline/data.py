@@ -12,11 +12,13 @@ used by the pseudo-label files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,8 +438,10 @@ class _ImageReader:
         """Decode files; returns (uint8 (N, C, H, W) of the good ones, bool mask of good files)."""
         # Decoding runs in C++ and releases the GIL, so threads give real parallelism.
         workers = min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with _held_native_stderr() as native, ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(self._decode, files))
+        if native and not any(isinstance(r, str) for r in results):
+            sys.stderr.write("".join(native))  # not about a bad file: let it through
         images, ok = [], []
         for path, result in zip(files, results, strict=True):
             if isinstance(result, str):  # an error message
@@ -494,11 +498,36 @@ def _decode_file(path: Path, channels: int) -> torch.Tensor:
     return _convert_channels(image[None], channels)[0]
 
 
+@contextlib.contextmanager
+def _held_native_stderr() -> Iterator[list[str]]:
+    """Hold back what C decoders print straight to the process's stderr (libpng prints its own
+    complaint about a corrupt file): bad input must give one line, ours, naming the file.
+    Yields a list that holds the text afterwards."""
+    held: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. embedded): nothing to hold
+        yield held
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            if text:
+                held.append(text)
+
+
 def _short_error(err: Exception) -> str:
     # torchvision prefixes messages with "function, /path/to/file.cpp:123, "; keep the rest.
     lines = str(err).strip().splitlines() or [type(err).__name__]
     message = re.sub(r"^\w+, \S+:\d+, ", "", lines[0])
-    if message.startswith("Unsupported image file"):  # what the decoder says about garbage bytes
+    if message.startswith(("Unsupported image file", "Internal error")):  # garbage bytes
         return "not a valid image (corrupt, or its content is not the format its name says)"
     return message
 
@@ -600,8 +629,9 @@ class Splits:
     def save(self, path: Path) -> None:
         """Write an .npz atomically: a temp file in the same folder, then os.replace."""
         path = Path(path)
-        # np.savez appends ".npz" to names without it, so it gets an open file instead.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # np.savez appends ".npz" to names without it, so it gets an open file instead. The
+        # ".tmp-" prefix is the one a resumed run cleans up (artifacts.remove_stale_temporaries).
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, labelled=self.labelled, val=self.val, unlabelled=self.unlabelled)

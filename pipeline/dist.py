@@ -38,6 +38,15 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's value, in rank order, on every rank."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def init_from_environment(accelerator: str) -> None:
     """Join the process group described by the environment, if there is one and not yet joined.
 

@@ -9,6 +9,7 @@ Under srun (SLURM tasks) or torchrun the processes already exist and nothing is 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import UserError
 
+log = logging.getLogger("pipeline")
+
 
 def externally_launched() -> bool:
     """True inside torchrun / our own ranks, or a SLURM job step with several tasks."""
@@ -32,10 +35,17 @@ def externally_launched() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
-def ranks_to_start(trainer_cfg: Any) -> int:
-    """How many rank processes this job must start itself (0: run in this process)."""
-    if "ddp" not in str(trainer_cfg.get("strategy", "auto")) or externally_launched():
-        return 0
+# Strategies that run one process per device. Lightning would start those processes itself by
+# re-executing the command (and so re-run a whole -m sweep in every rank): we start them instead.
+MULTI_PROCESS = ("ddp", "fsdp", "deepspeed")
+# Lightning's start methods that spawn or fork from inside the Trainer: with ranks started from
+# outside they are plain "ddp" (Lightning would otherwise spawn again in every rank).
+SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+_warned_switch: list[str] = []  # the switch is logged once per process
+
+
+def device_count(trainer_cfg: Any) -> int:
+    """trainer.devices as a number of processes per node."""
     devices = trainer_cfg.get("devices", 1)
     if isinstance(devices, str) and devices.lstrip("-").isdigit():
         devices = int(devices)
@@ -43,18 +53,90 @@ def ranks_to_start(trainer_cfg: Any) -> int:
         import torch
 
         if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-            devices = torch.cuda.device_count()
-        else:
+            return torch.cuda.device_count()
+        if "ddp" in str(trainer_cfg.get("strategy", "auto")):
             raise UserError(
                 "trainer.devices=auto with ddp on CPU: give a number, e.g. trainer.devices=2"
             )
-    n = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+        return 1
+    if isinstance(devices, str) and "," in devices:  # "0,1": device ids
+        return len([d for d in devices.split(",") if d.strip()])
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    return int(devices)
+
+
+def lightning_strategy(trainer_cfg: Any) -> str:
+    """The strategy name the Trainer gets. A spawning variant becomes plain ddp because the
+    ranks exist already; the switch is logged, never silent."""
+    strategy = str(trainer_cfg.get("strategy", "auto"))
+    for name in SPAWNING:
+        if strategy.startswith(name):
+            replaced = "ddp" + strategy[len(name) :]
+            if not _warned_switch:
+                _warned_switch.append(strategy)
+                log.warning(
+                    "trainer.strategy=%s: running it as %s, one process per device started by "
+                    "the pipeline (or srun / torchrun), so that no rank re-runs the command",
+                    strategy,
+                    replaced,
+                )
+            return replaced
+    return strategy
+
+
+def ranks_to_start(trainer_cfg: Any) -> int:
+    """How many rank processes this job must start itself (0: run in this process)."""
+    if externally_launched():
+        return 0
+    strategy = lightning_strategy(trainer_cfg)
+    if strategy != "auto" and not strategy.startswith(MULTI_PROCESS):
+        return 0
+    n = device_count(trainer_cfg)
     if int(trainer_cfg.get("num_nodes", 1)) > 1:
         raise UserError(
             "trainer.num_nodes > 1 needs one process per device started by srun or torchrun "
-            "(see the README's cluster section, or use hydra/launcher=submitit_slurm)"
+            "(see the README's cluster section, or use hydra/launcher=slurm)"
         )
+    if n > 1 and int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
+        raise UserError(
+            "hydra/launcher=submitit_local with tasks_per_node > 1: keep "
+            "hydra.launcher.tasks_per_node=1, the job starts its trainer.devices ranks itself"
+        )
+    if n > 1 and strategy == "auto":
+        log.info("trainer.strategy=auto with %d devices: running DDP (strategy ddp)", n)
     return n if n > 1 else 0
+
+
+def lightning_settings(trainer_cfg: Any) -> dict[str, Any]:
+    """Strategy and cluster plugins for the Lightning Trainer in this process.
+
+    Under SLURM tasks (srun, submitit) Lightning would pick SLURMEnvironment with auto-requeue
+    on USR1; the pipeline handles the requeue signal itself (pipeline.preemption), so Lightning
+    gets SLURMEnvironment(auto_requeue=False). Inside torchrun or the pipeline's own ranks
+    Lightning picks TorchElasticEnvironment, which never requeues.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    strategy: Any = lightning_strategy(trainer_cfg)
+    if strategy == "ddp" and trainer_cfg.get("accelerator") == "cpu":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    plugins: list[Any] = []
+    if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return {"strategy": strategy, "plugins": plugins}
+
+
+def cpu_threads_per_rank(n: int) -> int:
+    """Cores of this machine (or this job's share) divided among n ranks, at least 1: n ranks
+    each using every core would oversubscribe the CPU."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // n)
 
 
 def free_port() -> int:
@@ -63,13 +145,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# After a requeue signal, how long the ranks get to save last.ckpt and stop before they are
+# stopped; below SLURM's usual warning time (submitit's signal_delay_s).
+PREEMPT_GRACE_S = 60.0
+
+
 def start_ranks(cfg: DictConfig, n: int) -> int:
     """Run the job in `n` rank processes; return the job's exit code (2 if any rank said the
-    input is bad, 1 if any failed otherwise). If one rank fails the others are stopped."""
+    input is bad, 1 if any failed otherwise). If one rank fails the others are stopped.
+
+    USR1/USR2 (a cluster's "time is nearly up") are passed to the ranks, which save last.ckpt
+    and stop; then this process requeues the job (pipeline.preemption)."""
+    from pipeline import preemption
+
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-ranks-"))
     path = tmp / "config.yaml"
     OmegaConf.save(cfg, path, resolve=True)
     port = free_port()
+    threads = str(cpu_threads_per_rank(n))
     procs = []
     for r in range(n):
         env = dict(os.environ)
@@ -84,9 +177,14 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
             NODE_RANK="0",
             TORCHELASTIC_RUN_ID=f"pipeline-{port}",
         )
+        env.setdefault("OMP_NUM_THREADS", threads)  # as torchrun does; the user's value wins
         procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.rank", str(path)], env=env))
 
+    received: list[int] = []
+
     def forward(signum: int, _frame: Any) -> None:
+        if signum in preemption.SIGNALS:
+            received.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -96,25 +194,43 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
     }
     try:
-        codes: list[int | None] = [None] * n
-        while any(c is None for c in codes):
-            for i, p in enumerate(procs):
-                codes[i] = p.poll()
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                time.sleep(2)  # let the others report, then stop them
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in procs:
-                    p.wait()
-                codes = [p.returncode for p in procs]
-                break
-            time.sleep(0.1)
+        codes = wait_for_ranks(procs, received)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         shutil.rmtree(tmp, ignore_errors=True)
     if all(c == 0 for c in codes):
-        return 0
+        return 0  # (a signal that came as the job finished needs nothing)
+    if received and all(c in (0, preemption.PREEMPTED_EXIT) or c < 0 for c in codes):
+        # Saved and stopped (or stopped after the grace time: the last epoch's last.ckpt stays).
+        outcome = preemption.requeue(received[-1], old.get(received[-1]))
+        print(
+            f"stopped by {signal.Signals(received[-1]).name} after saving the run's state: "
+            f"{outcome}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 2 if 2 in codes else 1
+
+
+def wait_for_ranks(procs: list[subprocess.Popen], received: list[int]) -> list[int]:
+    """Wait for every rank. When one fails, give the others 2 s to report, then stop them; after
+    a requeue signal give them PREEMPT_GRACE_S to save and stop."""
+    deadline = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return [int(c) for c in codes]
+        if deadline is None and received:
+            deadline = time.monotonic() + PREEMPT_GRACE_S
+        if deadline is None and any(c not in (None, 0) for c in codes):
+            deadline = time.monotonic() + 2
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            return [int(p.returncode) for p in procs]
+        time.sleep(0.1)

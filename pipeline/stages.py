@@ -7,6 +7,7 @@ pseudo_labels.npz, summary.json) and never redone, so re-running a killed comman
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from collections import defaultdict
@@ -19,7 +20,8 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import dist
-from pipeline.artifacts import read_json, write_json
+from pipeline.artifacts import atomic_path, read_json, write_json
+from pipeline.config import pretrain_key
 from pipeline.errors import UserError
 from pipeline.selection import merge_labelled_and_pseudo, per_class_stats
 from pipeline.steps import (
@@ -38,6 +40,7 @@ from pipeline.steps import (
     training_images,
 )
 
+log = logging.getLogger("pipeline")
 DONE = "metrics.json"  # the last file a round writes: its presence means the round is finished
 PHASE_SECONDS: dict[str, float] = defaultdict(float)  # where this process's time went
 
@@ -284,10 +287,43 @@ def pretrained_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.model.get("weights"):
         return None
     pretrain_dir = run_dir / "pretrain"
-    if not (pretrain_dir / DONE).exists():
+    if not (pretrain_dir / DONE).exists() and not take_cached_pretraining(cfg, pretrain_dir):
         run_pretrain(cfg, pretrain_dir)
+        share_pretraining(cfg, pretrain_dir)
     remove_resume_state(pretrain_dir)  # a kill right after its metrics.json may have left it
     return pretrain_dir / "model.ckpt"
+
+
+PRETRAIN_FILES = ("model.ckpt", DONE)  # metrics.json last: its presence marks a complete copy
+
+
+def take_cached_pretraining(cfg: DictConfig, pretrain_dir: Path) -> bool:
+    """Copy a finished pretraining with the same settings from pretrain.cache_dir, if there is
+    one (a sweep's jobs then pretrain once per seed instead of once per job)."""
+    if not cfg.pretrain.cache_dir:
+        return False
+    cached = Path(cfg.pretrain.cache_dir) / pretrain_key(cfg)
+    # Rank 0 decides, so that every rank of a DDP job takes the same branch.
+    found = bool(dist.broadcast_object((cached / DONE).exists() if dist.is_rank_zero() else None))
+    if found:
+        if dist.is_rank_zero():
+            for name in PRETRAIN_FILES:
+                with atomic_path(pretrain_dir / name) as tmp:
+                    shutil.copyfile(cached / name, tmp)
+        dist.barrier()
+        log.info("pretrained weights from %s (pretrain.cache_dir)", cached)
+    return found
+
+
+def share_pretraining(cfg: DictConfig, pretrain_dir: Path) -> None:
+    """Publish a finished pretraining into pretrain.cache_dir. Atomic renames, no locks: jobs
+    that pretrain the same thing at the same time only duplicate work."""
+    if cfg.pretrain.cache_dir and dist.is_rank_zero():
+        cached = Path(cfg.pretrain.cache_dir) / pretrain_key(cfg)
+        for name in PRETRAIN_FILES:
+            with atomic_path(cached / name) as tmp:
+                shutil.copyfile(pretrain_dir / name, tmp)
+    dist.barrier()
 
 
 def run_pretrain(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -327,8 +363,15 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return {
         "stage": "pretrain",
         "dataset": str(src.name),
-        "source_test_accuracy": metrics["test_accuracy"],
+        "target_dataset": str(cfg.data.name),
+        "model": str(cfg.model.name),
+        "seed": int(cfg.seed),
         "num_labelled": len(task.labelled),
+        "num_unlabelled": 0,
+        "num_test": len(task.test),
+        "rounds": [{"round": 0, "test_accuracy": metrics["test_accuracy"], "num_pseudo": 0}],
+        "final_test_accuracy": metrics["test_accuracy"],  # on the source's test split
+        "source_test_accuracy": metrics["test_accuracy"],
         "wall_time_s": round(time.time() - start, 2),
     }
 
@@ -360,7 +403,10 @@ def run_baseline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = prepare_task(cfg.data, cfg.seed, run_dir)
     ckpt = pretrained_checkpoint(cfg, run_dir)
     metrics = finetune_round(cfg, task, run_dir / "finetune", ckpt)
-    extra: dict[str, Any] = {"finetune_mode": str(cfg.finetune.mode)}
+    extra: dict[str, Any] = {
+        "finetune_mode": str(cfg.finetune.mode),
+        "pretrain_source": str(ckpt) if ckpt else f"torchvision {cfg.model.weights}",
+    }
     if (run_dir / "pretrain" / DONE).exists():
         pre = read_json(run_dir / "pretrain" / DONE)
         extra.update(
@@ -372,11 +418,19 @@ def run_baseline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def run_report(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from pipeline.report import write_report
 
-    result = write_report(Path(cfg.report.sweep_dir), run_dir)
-    return {
-        "stage": "report",
-        **{k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()},
-    }
+    # Reading the sweep is not split across ranks: rank 0 writes the report alone and every
+    # rank gets its result (or its error).
+    result: Any = None
+    if dist.is_rank_zero():
+        try:
+            result = write_report(Path(cfg.report.sweep_dir), run_dir)
+        except UserError as e:
+            result = e
+    result = dist.broadcast_object(result)
+    if isinstance(result, UserError):
+        raise result
+    paths = {name: str(path) for name, path in result.pop("paths", {}).items()}
+    return {"stage": "report", **result, "paths": paths}
 
 
 STAGE_FUNCTIONS = {

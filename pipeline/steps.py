@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from pipeline.data import (
     unlabelled_pool,
 )
 from pipeline.errors import UserError
-from pipeline.models import freeze_for_finetune, load_pretrained
+from pipeline.models import freeze_for_finetune, load_pretrained, reset_head
+from pipeline.preemption import CheckpointOnSignal
 from pipeline.selection import (
     PseudoLabels,
     TrainingSet,
@@ -227,8 +229,15 @@ def fit(
     ckpt_dir = work_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     trainer = build_trainer(
-        cfg.trainer, max_epochs=epochs, ckpt_dir=ckpt_dir, progress=cfg.progress, root_dir=work_dir
+        cfg.trainer,
+        max_epochs=epochs,
+        ckpt_dir=ckpt_dir,
+        progress=cfg.progress,
+        callbacks=[CheckpointOnSignal(last)],  # a cluster's "time is up": save, stop, requeue
+        root_dir=work_dir,
     )
+    if last.exists():
+        log.info("resuming training from %s", last)
     trainer.fit(
         module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True
     )
@@ -260,6 +269,9 @@ def predict(
     its shard and writes it; rank 0 merges by index and checks every index appears exactly once.
     Returns (index, probs) on rank 0, None on the other ranks."""
     shard_dir = work_dir / "predict_shards"
+    if dist.is_rank_zero() and shard_dir.exists():
+        shutil.rmtree(shard_dir)  # left by a killed pass (maybe with other ranks): redo them all
+    dist.barrier()
     writer = IndexedPredictionWriter(shard_dir)
     dm = make_datamodule(cfg, data_cfg, 0, predict=dataset)
     module = LitClassifier(
@@ -279,9 +291,7 @@ def predict(
         n = len(dataset)
         if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
             raise RuntimeError(f"predictions cover {len(np.unique(index))} of {n} samples once")
-        for r in range(dist.world_size()):
-            (shard_dir / f"rank{r}.npz").unlink()
-        shard_dir.rmdir()
+        shutil.rmtree(shard_dir)
         result = index, probs
     dist.barrier()
     return result
@@ -343,11 +353,30 @@ def training_images(task: Task, train_set: TrainingSet) -> torch.Tensor:
 
 
 def init_from_pretrained(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path) -> list[str]:
-    """Start `net` from pretrained weights: matching layers load, the head is re-created when
-    the class count differs."""
+    """Start `net` from pretrained weights for fine-tuning: every backbone layer loads (a clear
+    error names those that cannot), the head is new. A new head also when the class count
+    matches: the source's classes are not the target's (Zoph et al. fine-tune a new head)."""
     ckpt = load_checkpoint(ckpt_path)
+    made_with = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
+    if made_with and made_with != cfg.model.name:
+        raise UserError(
+            f"pretrained checkpoint {ckpt_path} is a model={made_with}, this run has "
+            f"model={cfg.model.name}; pass model={made_with} or pretrain with model={cfg.model.name}"
+        )
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
-    return load_pretrained(net, state)
+    try:
+        recreated = load_pretrained(net, state, name=str(cfg.model.name))
+    except UserError as e:
+        raise UserError(f"pretrained {e} ({ckpt_path})") from None
+    reset_head(net)
+    source = (ckpt.get("pipeline") or {}).get("pretrain_source") or ckpt_path
+    log.info(
+        "starting from %s: backbone loaded, new head (%d classes)%s",
+        source,
+        net.head.out_features,
+        " re-created for another class count" if recreated else "",
+    )
+    return sorted(set(recreated) | {k for k in net.state_dict() if k.startswith("head.")})
 
 
 def finetune_setup(cfg: DictConfig, net: torch.nn.Module) -> tuple[float, list[torch.nn.Module]]:

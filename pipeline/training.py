@@ -261,10 +261,15 @@ class LitClassifier(L.LightningModule):
             m.eval()
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning (>= 2.2) no longer calls .train() when fitting starts: put the module in
+        # training mode here, which also puts the frozen BatchNorms back in eval mode.
+        self.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = soft_cross_entropy(logits, batch["target"], batch["weight"], self.label_smoothing)
-        self.log(TRAIN_LOSS, loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(TRAIN_LOSS, loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -353,26 +358,31 @@ def build_trainer(
     from `trainer.*`; samplers are the pipeline's own (rank-aware), so Lightning's are off."""
     callbacks = list(callbacks or [])
     if ckpt_dir is not None:
-        # Only last.ckpt, every epoch: what a killed run resumes from.
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True))
+        # Only last.ckpt, every epoch: what a killed run resumes from. (save_top_k=0 with
+        # save_last=True writes nothing per epoch since Lightning 2.5: keep the latest instead.)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False
+            )
+        )
     if progress:
         callbacks.append(RichProgressBar(leave=False))
-    strategy = trainer_cfg.get("strategy", "auto")
-    if strategy == "ddp" and trainer_cfg.get("accelerator") == "cpu":
-        from lightning.pytorch.strategies import DDPStrategy
+    from pipeline.launch import lightning_settings
 
-        strategy = DDPStrategy(process_group_backend="gloo")
+    # The strategy as named (a spawning ddp variant becomes ddp: the ranks exist already), and
+    # SLURMEnvironment(auto_requeue=False) under SLURM tasks (pipeline.preemption requeues).
+    settings = lightning_settings(trainer_cfg)
     return L.Trainer(
         accelerator=trainer_cfg.get("accelerator", "auto"),
         devices=trainer_cfg.get("devices", 1),
-        strategy=strategy,
+        strategy=settings["strategy"],
         num_nodes=trainer_cfg.get("num_nodes", 1),
         precision=trainer_cfg.get("precision", "32-true"),
         deterministic=trainer_cfg.get("deterministic", False),
         log_every_n_steps=trainer_cfg.get("log_every_n_steps", 50),
         max_epochs=max_epochs,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *settings["plugins"]],
         logger=False,
         enable_checkpointing=ckpt_dir is not None,
         enable_progress_bar=progress,

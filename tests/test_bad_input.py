@@ -1,0 +1,429 @@
+"""Bad input through the real CLI: exit code 2, exactly one line on stderr that names the problem
+and the fix, no traceback, and the run_dir exactly as it was (names, bytes and mtimes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, REPO
+from torchvision.io import write_png
+
+IMAGES = [
+    "data=image_folder",
+    "data.image_size=8",
+    "data.channels=1",
+    "data.mean=[0.5]",
+    "data.std=[0.5]",
+    "data.augment.randaugment_ops=0",
+    "data.labels_per_class=2",
+]
+TINY = ["progress=false", "trainer.accelerator=cpu", "train.epochs=1", "train.min_steps=4"]
+
+
+def cli(*overrides: str, cwd: Path, script: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess. cwd is a temporary folder: Hydra's own output dir lands there."""
+    command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "pipeline"]
+    return subprocess.run(
+        [*command, *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
+    )
+
+
+def snapshot(root: Path) -> dict[str, tuple] | None:
+    """Every entry under root: (sha256, size, mtime_ns) for files, 'dir' for folders."""
+    if not root.exists():
+        return None
+    out: dict[str, tuple] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_dir():
+            out[rel] = ("dir",)
+        else:
+            st = p.stat()
+            out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def assert_bad_input(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2 and one clear line: returns that line."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert err and len(err.splitlines()) == 1, f"not one line:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    return err
+
+
+def write_class_tree(root: Path, per_class: list[int], size: int = 8, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for c, n in enumerate(per_class):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = (torch.rand(1, size, size, generator=g) * 40).to(torch.uint8)
+            img[:, 2 * c : 2 * c + 3, 1:7] = 220
+            write_png(img, str(folder / f"{i}.png"))
+
+
+def image_args(labelled: Path, num_classes: int = 2, **dirs: Path) -> list[str]:
+    args = [*IMAGES, f"data.labelled_dir={labelled}", f"data.num_classes={num_classes}"]
+    return args + [f"data.{k}={v}" for k, v in dirs.items()]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bad_input")
+
+
+@pytest.fixture(scope="module")
+def finished(work) -> tuple[Path, list[str]]:
+    """A finished selftrain run on the bundled digits, and the command that made it."""
+    run_dir = work / "finished"
+    args = [*FAST, f"run_dir={run_dir}"]
+    proc = cli(*args, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "summary.json").exists()
+    return run_dir, args
+
+
+@pytest.fixture
+def user_dir(tmp_path) -> Path:
+    """A run_dir that exists and holds a file of the user's (and no config.yaml)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine\n")
+    return run_dir
+
+
+# --- config errors: refused before anything is read or written ------------------------------
+
+
+CONFIG_ERRORS = [
+    (["pseudo_label.threshold=1.5"], ["pseudo_label.threshold=1.5", "[0, 1]"]),
+    (["pseudo_label.threshold=-0.1"], ["pseudo_label.threshold=-0.1", "[0, 1]"]),
+    (["pseudo_label.threshold=abc"], ["pseudo_label.threshold=abc"]),
+    (["selftrain.rounds=-1"], ["selftrain.rounds=-1", ">= 0"]),
+    (["stage=bogus"], ["unknown stage='bogus'", "selftrain"]),
+    (["foo=1"], ["unknown config key foo"]),
+    (["+foo=1"], ["unknown config key foo"]),
+    (["train.epochz=3"], ["unknown config key train.epochz"]),
+    (["+pseudo_label.treshold=0.5"], ["unknown config key pseudo_label.treshold"]),
+    (["data=nope"], ["data/nope", "digits"]),
+    (["data.labels_per_class=0"], ["data.labels_per_class=0", ">= 1"]),
+    (["stage=evaluate"], ["ckpt=PATH"]),
+    (["data=image_folder"], ["data.labelled_dir", "data.labelled_dir=VALUE"]),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, needles", CONFIG_ERRORS, ids=[" ".join(o) for o, _ in CONFIG_ERRORS]
+)
+def test_config_error_leaves_a_finished_run_unchanged(finished, work, overrides, needles):
+    run_dir, args = finished
+    before = snapshot(run_dir)
+    assert_bad_input(cli(*args, *overrides, cwd=work), *needles)
+    assert snapshot(run_dir) == before
+
+
+OTHER_CONFIGS = [
+    (["seed=1"], ["seed (0 -> 1)"]),
+    (["data.labels_per_class=5"], ["data.labels_per_class (4 -> 5)"]),
+    (["model=resnet18"], ["model.name (small_cnn -> resnet18)"]),
+    (["pseudo_label.threshold=0.5"], ["pseudo_label.threshold (0.8 -> 0.5)"]),
+    (["pseudo_label.max_per_class=10"], ["pseudo_label.max_per_class (None -> 10)"]),
+    (["data=mnist5k"], ["data.name (digits -> mnist5k)"]),
+]
+
+
+@pytest.mark.parametrize("overrides, keys", OTHER_CONFIGS, ids=[o[0] for o, _ in OTHER_CONFIGS])
+def test_run_dir_of_another_config_is_refused_naming_the_keys(finished, work, overrides, keys):
+    run_dir, args = finished
+    before = snapshot(run_dir)
+    line = assert_bad_input(cli(*args, *overrides, cwd=work), "another config", "overwrite=true")
+    for key in keys:
+        assert key in line
+    assert snapshot(run_dir) == before
+
+
+def test_runtime_settings_may_change_on_a_rerun(finished, work):
+    run_dir, args = finished
+    before = snapshot(run_dir)
+    runtime = ["progress=true", "trainer.devices=1", "data.num_workers=0", "trainer.precision=32"]
+    proc = cli(*args, *runtime, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to redo" in proc.stdout
+    assert snapshot(run_dir) == before
+
+
+def test_overwrite_true_starts_a_run_dir_over(finished, work, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished[0], run_dir)
+    args = [*FAST, "selftrain.rounds=0", "seed=1", f"run_dir={run_dir}"]
+    assert_bad_input(cli(*args, cwd=tmp_path), "seed (0 -> 1)")
+    proc = cli(*args, "overwrite=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["seed"] == 1 and [r["round"] for r in summary["rounds"]] == [0]
+    assert not (run_dir / "round_1").exists()  # the old run's student is gone
+    assert "seed: 1" in (run_dir / "config.yaml").read_text()
+
+
+# --- data errors: found while reading the data, before any artifact ------------------------
+
+
+@pytest.fixture(scope="module")
+def trees(work) -> Path:
+    root = work / "trees"
+    write_class_tree(root / "good", [6, 6], seed=1)
+    write_class_tree(root / "test", [3, 3], seed=2)
+    write_class_tree(root / "unlabelled" / "a", [4, 4], seed=3)
+    (root / "empty").mkdir()
+    write_class_tree(root / "empty_class", [6, 0])
+    write_class_tree(root / "small_class", [6, 1])
+    write_class_tree(root / "corrupt", [6, 6])
+    (root / "corrupt" / "class1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return root
+
+
+DATA_CASES = {
+    "missing_labelled_dir": (
+        lambda t: image_args(t / "does_not_exist"),
+        ["does_not_exist", "does not exist"],
+    ),
+    "empty_labelled_dir": (lambda t: image_args(t / "empty"), ["no class subfolders"]),
+    "class_folder_without_images": (
+        lambda t: image_args(t / "empty_class"),
+        ["class1", "contains no images"],
+    ),
+    "empty_unlabelled_dir": (
+        lambda t: image_args(t / "good", unlabelled_dir=t / "empty"),
+        ["unlabelled_dir", "no images"],
+    ),
+    "missing_test_dir": (
+        lambda t: image_args(t / "good", test_dir=t / "nope"),
+        ["data.test_dir", "does not exist"],
+    ),
+    "corrupt_image": (
+        lambda t: image_args(t / "corrupt", test_dir=t / "test"),
+        ["broken.png", "data.on_bad_image=skip"],
+    ),
+    "labels_per_class_above_smallest_class": (
+        lambda t: [*image_args(t / "small_class", test_dir=t / "test"), "data.labels_per_class=2"],
+        ["only 1", "labels_per_class"],
+    ),
+    "num_classes_mismatch": (
+        lambda t: image_args(t / "good", num_classes=3, test_dir=t / "test"),
+        ["data.num_classes"],
+    ),
+    "labels_per_class_above_digits_class": (
+        lambda t: ["data.labels_per_class=500"],
+        ["labels_per_class"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_data_exits_2_and_leaves_the_folder_as_it_was(trees, user_dir, case):
+    make_args, needles = DATA_CASES[case]
+    before = snapshot(user_dir)
+    proc = cli(*TINY, *make_args(trees), f"run_dir={user_dir}", cwd=user_dir.parent)
+    assert_bad_input(proc, *needles)
+    assert snapshot(user_dir) == before  # no config.yaml or splits.npz left behind
+
+
+def test_bad_data_in_a_new_run_dir_leaves_no_run_dir(trees, tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    proc = cli(*TINY, *image_args(trees / "corrupt"), f"run_dir={run_dir}", cwd=tmp_path)
+    assert_bad_input(proc, "broken.png")
+    assert not run_dir.exists()
+    # fixed, the same run_dir is accepted (it was not claimed by the failed command)
+    proc = cli(
+        *TINY, *image_args(trees / "good"), "selftrain.rounds=0", f"run_dir={run_dir}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bad_data_in_a_resumed_run_changes_nothing(finished, trees, tmp_path):
+    """A run killed before its summary, whose data became unreadable since: nothing is lost."""
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        *image_args(trees / "good", test_dir=trees / "test"),
+        "selftrain.rounds=0",
+        f"run_dir={run_dir}",
+    ]
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir / "summary.json").unlink()
+    shutil.copy(trees / "corrupt" / "class1" / "broken.png", trees / "good" / "class1")
+    try:
+        before = snapshot(run_dir)
+        assert_bad_input(cli(*args, cwd=tmp_path), "broken.png")
+        assert snapshot(run_dir) == before
+    finally:
+        (trees / "good" / "class1" / "broken.png").unlink()
+
+
+def test_on_bad_image_skip_goes_on_without_the_bad_file(trees, tmp_path):
+    run_dir = tmp_path / "run"
+    args = image_args(trees / "corrupt", test_dir=trees / "test")
+    proc = cli(
+        *TINY,
+        *args,
+        "data.on_bad_image=skip",
+        "selftrain.rounds=0",
+        f"run_dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "broken.png" in proc.stdout + proc.stderr  # the skip is reported
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_labelled"] + summary["num_unlabelled"] == 12  # the 12 good images
+
+
+def test_bad_on_bad_image_value(trees, user_dir):
+    before = snapshot(user_dir)
+    proc = cli(
+        *TINY,
+        *image_args(trees / "good"),
+        "data.on_bad_image=maybe",
+        f"run_dir={user_dir}",
+        cwd=user_dir.parent,
+    )
+    assert_bad_input(proc, "on_bad_image", "skip")
+    assert snapshot(user_dir) == before
+
+
+# --- checkpoints: another model, another class count, unreadable, or carrying code -----------
+
+
+class _Payload:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(work) -> dict[str, Path]:
+    folder = work / "ckpts"
+    folder.mkdir()
+    files = {
+        "payload": folder / "payload.ckpt",
+        "payload_raw": folder / "payload_raw.ckpt",
+        "mismatch": folder / "mismatch.ckpt",
+        "truncated": folder / "truncated.ckpt",
+    }
+    marker = work / "PAYLOAD_RAN"
+    torch.save(
+        {"state_dict": {"net.w": torch.ones(1)}, "x": _Payload(f"touch {marker}")}, files["payload"]
+    )
+    files["payload_raw"].write_bytes(pickle.dumps({"state_dict": _Payload(f"touch {marker}")}))
+    torch.save({"state_dict": {"net.w": torch.ones(3)}}, files["mismatch"])
+    files["truncated"].write_bytes(files["mismatch"].read_bytes()[:200])
+    return files
+
+
+def marker_of(work: Path) -> Path:
+    return work / "PAYLOAD_RAN"
+
+
+def test_checkpoint_of_another_class_count(finished, trees, user_dir):
+    ckpt = finished[0] / "round_0" / "model.ckpt"
+    before, before_run = snapshot(user_dir), snapshot(finished[0])
+    args = image_args(trees / "good", test_dir=trees / "test")
+    proc = cli(
+        *TINY, *args, "stage=evaluate", f"ckpt={ckpt}", f"run_dir={user_dir}", cwd=user_dir.parent
+    )
+    assert_bad_input(proc, "predicts 10 classes", "has 2")
+    assert snapshot(user_dir) == before and snapshot(finished[0]) == before_run
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "pseudolabel", "finetune"])
+def test_checkpoint_of_another_architecture(finished, work, user_dir, stage):
+    ckpt = finished[0] / "round_0" / "model.ckpt"
+    before = snapshot(user_dir)
+    proc = cli(
+        *FAST, "model=resnet18", f"stage={stage}", f"ckpt={ckpt}", f"run_dir={user_dir}", cwd=work
+    )
+    assert_bad_input(proc, "model=small_cnn")
+    assert snapshot(user_dir) == before
+
+
+@pytest.mark.parametrize(
+    "kind, needles",
+    [
+        ("mismatch", ["does not fit model=small_cnn"]),
+        ("truncated", ["unreadable or truncated"]),
+        ("payload", ["refusing checkpoint", "could run code"]),
+        ("payload_raw", ["refusing checkpoint", "could run code"]),
+        ("missing", ["does not exist"]),
+    ],
+)
+@pytest.mark.parametrize("use", ["ckpt", "pretrain.ckpt"])
+def test_unusable_checkpoint_is_refused(bad_checkpoints, work, user_dir, kind, needles, use):
+    ckpt = bad_checkpoints.get(kind, work / "nope.ckpt")
+    args = (
+        [f"ckpt={ckpt}", "stage=evaluate"]
+        if use == "ckpt"
+        else [f"pretrain.ckpt={ckpt}", "init=pretrained"]
+    )
+    before = snapshot(user_dir)
+    proc = cli(*FAST, *args, f"run_dir={user_dir}", cwd=work)
+    line = assert_bad_input(proc, *needles)
+    assert str(ckpt.name) in line
+    assert not marker_of(work).exists()  # the payload never ran
+    assert snapshot(user_dir) == before
+
+
+# --- a disk that fills up while an artifact is written ----------------------------------------
+
+DISK_FULL_ON_MODEL_CKPT = """
+import errno, sys, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if "model.ckpt" in str(f):  # half a file, then the device is full
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from pipeline.cli import main
+sys.argv = ["pipeline", *sys.argv[1:]]
+main()
+"""
+
+
+def test_disk_full_while_writing_the_teacher_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST, "selftrain.rounds=0", f"run_dir={run_dir}"]
+    proc = cli(*args, cwd=tmp_path, script=DISK_FULL_ON_MODEL_CKPT)
+    assert_bad_input(proc, "no space left", "model.ckpt", "re-run")
+    assert not (run_dir / "round_0" / "model.ckpt").exists()
+    assert not [p for p in run_dir.rglob(".tmp-*")]
+    assert (run_dir / "round_0" / "checkpoints" / "last.ckpt").exists()  # the training is kept
+    # with space again, the same command finishes the run from what was kept
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "summary.json").exists() and (run_dir / "round_0" / "model.ckpt").exists()
+    assert "resuming training from" in proc.stdout
+    assert (
+        not [p for p in run_dir.rglob(".tmp-*")]
+        and not (run_dir / "round_0" / "checkpoints").exists()
+    )

@@ -1,0 +1,256 @@
+"""DDP, sweeps and the cluster path, on CPU with gloo, through the real CLI.
+
+Two-process runs use `trainer.accelerator=cpu trainer.devices=2 trainer.strategy=ddp`: the job
+starts its two ranks itself (pipeline/launch.py), each with one intra-op thread on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, REPO, run_cli
+
+DDP = ["trainer.devices=2", "trainer.strategy=ddp"]
+# Smaller than FAST: these tests are about who runs what and where, not about accuracy.
+TINY = [*FAST, "train.epochs=2", "train.min_steps=30", "train.eval_batch_size=100"]
+DIGITS = 1797  # images in scikit-learn's digits
+
+
+# One intra-op thread per process: on a busy 2-core machine more threads make small convs many
+# times slower (the DDP ranks get this from pipeline/launch.py anyway).
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+
+def cli(*overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return run_cli(*overrides, cwd=cwd, env=THREADS)
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A 2-job -m sweep of the whole self-training loop, each job on 2 DDP ranks."""
+    cwd = tmp_path_factory.mktemp("sweep_cwd")
+    sweep_dir = cwd / "X"
+    proc = cli("-m", "seed=0,1", *TINY, *DDP, f"hydra.sweep.dir={sweep_dir}", cwd=cwd)
+    ok(proc)
+    return cwd, sweep_dir, proc
+
+
+@pytest.mark.slow
+def test_ddp_sweep_makes_one_dir_per_job_and_runs_each_job_once(sweep):
+    cwd, sweep_dir, proc = sweep
+    assert sorted(p.name for p in cwd.iterdir()) == ["X"]  # no other sweep or output dir
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
+    log = proc.stdout + proc.stderr
+    assert log.count("starting 2 DDP ranks") == 2  # two jobs, each started its ranks once
+    for seed in (0, 1):
+        job = sweep_dir / str(seed)
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["seed"] == seed
+        assert [r["round"] for r in summary["rounds"]] == [0, 1]
+        for name in ("config.yaml", "round_0/model.ckpt", "round_1/model.ckpt"):
+            assert (job / name).is_file(), name
+        # Every rank wrote into its job's dir and nowhere else; no per-rank leftovers.
+        assert not list(job.rglob("rank*.npz")) and not list(job.rglob("predict_shards"))
+        pseudo = np.load(job / "round_1" / "pseudo_labels.npz")
+        assert len(np.unique(pseudo["index"])) == len(pseudo["index"])
+        assert json.loads((job / "round_1" / "metrics.json").read_text())["num_test"] == 360
+
+
+@pytest.mark.slow
+def test_ddp_pseudo_labels_equal_one_process(sweep, tmp_path):
+    """Same checkpoint, 1 vs 2 processes: the same index set, each index once, the same labels."""
+    _, sweep_dir, _ = sweep
+    ckpt = sweep_dir / "0" / "round_0" / "model.ckpt"
+    common = [*TINY, "stage=pseudolabel", f"ckpt={ckpt}", "pseudo_label.threshold=0.0"]
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    ok(cli(*common, f"out={one}", f"run_dir={tmp_path / 'run1'}"))
+    ok(cli(*common, *DDP, f"out={two}", f"run_dir={tmp_path / 'run2'}"))
+    a, b = np.load(one), np.load(two)
+    num_unlabelled = json.loads((tmp_path / "run1" / "summary.json").read_text())["num_unlabelled"]
+    for z in (a, b):  # threshold 0 keeps everything: every unlabelled sample exactly once
+        assert np.array_equal(np.sort(z["index"]), np.arange(num_unlabelled))
+    order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
+    assert np.array_equal(a["label"][order_a], b["label"][order_b])
+    np.testing.assert_allclose(a["confidence"][order_a], b["confidence"][order_b], atol=1e-5)
+    # Rank 0 alone wrote the shared artifacts.
+    assert not list((tmp_path / "run2").rglob("rank*.npz"))
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_counts_each_test_sample_once(sweep, tmp_path):
+    """A test split of odd size (361) in uneven batches on 2 ranks (181 + 180, batches of 64):
+    each test sample counted exactly once."""
+    _, sweep_dir, _ = sweep
+    ckpt = sweep_dir / "0" / "round_1" / "model.ckpt"
+    fraction = 0.2004  # ceil(0.2004 * 1797) = 361 test images
+    expected = math.ceil(fraction * DIGITS)
+    assert expected % 2 == 1
+    run_dir = tmp_path / "run"
+    ok(
+        cli(
+            *TINY,
+            *DDP,
+            "stage=evaluate",
+            f"ckpt={ckpt}",
+            f"data.test_fraction={fraction}",
+            "train.eval_batch_size=64",
+            f"run_dir={run_dir}",
+        )
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_test"] == expected
+    assert json.loads((run_dir / "summary.json").read_text())["num_test"] == expected
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_of_ddp_jobs(sweep, tmp_path):
+    """hydra/launcher=submitit_local: 2 jobs, each in a process of its own (as on a cluster
+    node); the DDP one starts its ranks there."""
+    _, sweep_dir, _ = sweep
+    ckpt = sweep_dir / "1" / "round_0" / "model.ckpt"
+    out = tmp_path / "S"
+    proc = cli(
+        "-m",
+        "trainer.devices=1,2",  # one job in its own process, one that starts 2 DDP ranks
+        *TINY,
+        "trainer.strategy=ddp",
+        "stage=evaluate",
+        f"ckpt={ckpt}",
+        "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={out}",
+        cwd=tmp_path,
+    )
+    ok(proc)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [".submitit", "0", "1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S"]
+    for job in ("0", "1"):
+        summary = json.loads((out / job / "summary.json").read_text())
+        assert summary["stage"] == "evaluate" and summary["num_test"] == 360
+    logs = "".join(p.read_text() for p in (out / ".submitit").rglob("*_log.*"))
+    assert logs.count("starting 2 DDP ranks") == 1
+
+
+@pytest.mark.slow
+def test_requeue_signal_saves_last_ckpt_and_the_rerun_resumes(tmp_path):
+    """USR2 (what SLURM sends before the time limit) during training: the job saves
+    checkpoints/last.ckpt mid-epoch and stops; running the same command again resumes."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        *FAST,
+        "stage=train",
+        "train.epochs=2",
+        "train.min_steps=400",  # 200 steps per epoch: the signal lands inside epoch 2
+        f"run_dir={run_dir}",
+    ]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    env = {**os.environ, **THREADS, "PYTHONUNBUFFERED": "1"}
+    err_log = tmp_path / "stderr.log"
+    with open(err_log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # the end of epoch 1 writes last.ckpt
+            assert last.exists(), "training never reached the end of epoch 1"
+            proc.send_signal(signal.SIGUSR2)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_log.read_text()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "stopped by SIGUSR2" in stderr
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "model.ckpt").exists()
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 200 < step < 400  # saved on the signal, mid-epoch 2 (not at an epoch end)
+
+    again = cli(*FAST, "stage=train", "train.epochs=2", "train.min_steps=400", f"run_dir={run_dir}")
+    ok(again)
+    assert "resuming training from" in again.stdout + again.stderr
+    assert (run_dir / "summary.json").is_file() and not last.exists()
+
+
+# --- fast checks of the launch decisions and the SLURM launcher config -----------------------
+
+
+def trainer_cfg(**kw):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"accelerator": "cpu", "devices": 1, "strategy": "auto", **kw})
+
+
+def test_which_strategies_start_ranks(monkeypatch):
+    from pipeline import launch
+
+    for var in ("RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SUBMITIT_LOCAL_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch.ranks_to_start(trainer_cfg(devices=2, strategy="ddp")) == 2
+    assert launch.ranks_to_start(trainer_cfg(devices=2)) == 2  # auto with 2 devices: DDP
+    assert launch.ranks_to_start(trainer_cfg(devices=2, strategy="ddp_spawn")) == 2
+    assert launch.ranks_to_start(trainer_cfg(devices=1, strategy="ddp")) == 0
+    assert launch.ranks_to_start(trainer_cfg(devices=[0, 1], strategy="ddp")) == 2
+    # The spawning variants run as ddp in ranks that already exist (and the log says so).
+    assert launch.lightning_strategy(trainer_cfg(strategy="ddp_spawn")) == "ddp"
+    assert launch.lightning_strategy(
+        trainer_cfg(strategy="ddp_fork_find_unused_parameters_true")
+    ) == ("ddp_find_unused_parameters_true")
+    # Under srun / torchrun the ranks exist: nothing is started.
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert launch.ranks_to_start(trainer_cfg(devices=2, strategy="ddp")) == 0
+
+
+def test_lightning_gets_slurm_environment_without_auto_requeue(monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from pipeline import launch
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "job"}
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+    (plugin,) = launch.lightning_settings(trainer_cfg(devices=2, strategy="ddp"))["plugins"]
+    assert isinstance(plugin, SLURMEnvironment) and not plugin.auto_requeue
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert launch.lightning_settings(trainer_cfg())["plugins"] == []
+
+
+def test_slurm_launcher_config_follows_the_trainer():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline import config
+
+    config.register()
+    overrides = ["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    keys = ("tasks_per_node", "gpus_per_node", "nodes", "signal_delay_s")
+    assert {k: launcher[k] for k in keys} == {
+        "tasks_per_node": 4,
+        "gpus_per_node": 4,
+        "nodes": 2,
+        "signal_delay_s": 120,
+    }
+    assert launcher.max_num_timeout > 0 and launcher.additional_parameters.requeue is True
+    assert OmegaConf.select(launcher, "partition") is None  # sbatch reads SBATCH_PARTITION
