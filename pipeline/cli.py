@@ -201,7 +201,13 @@ def _start(cfg: DictConfig, n: int) -> int:
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
     from pipeline.artifacts import remove_stale_temporaries, write_text
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise UserError(
+            f"run_dir={run_dir} cannot be created ({e.strerror or type(e).__name__}); "
+            "pass run_dir= a folder you can write to"
+        ) from None
     remove_stale_temporaries(run_dir)
     if not (run_dir / "config.yaml").exists() or cfg.overwrite:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))

@@ -66,6 +66,11 @@ NOT_READ_BY_PRETRAINING = (
     "selftrain",
     "finetune",
     "train.epochs",
+    "pseudo_label.threshold",
+    "pseudo_label.max_per_class",
+    "pseudo_label.soft",
+    "pseudo_label.temperature",
+    "pseudo_label.weight",
     "pretrain.ckpt",
     "experiment",
 )

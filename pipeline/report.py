@@ -921,7 +921,8 @@ def plot_accuracy_vs_budget(frame: pd.DataFrame) -> Figure | None:
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     """Write via a temp file in the same dir, then os.replace onto path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # The ".tmp-" prefix is the one a re-run cleans up (artifacts.remove_stale_temporaries).
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, mode.replace("w", "x")) as handle:
             write(handle)

@@ -311,7 +311,7 @@ def take_cached_pretraining(cfg: DictConfig, pretrain_dir: Path) -> bool:
                 with atomic_path(pretrain_dir / name) as tmp:
                     shutil.copyfile(cached / name, tmp)
         dist.barrier()
-        log.info("pretrained weights from %s (pretrain.cache_dir)", cached)
+        log.info("pretrained weights %s taken from pretrain.cache_dir", cached.name)
     return found
 
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ FINISHED_LAYOUT = {
     "round_1/model.ckpt",
     "round_1/metrics.json",
 }
+# One intra-op thread per run: on a small shared machine, the default thread pools of several
+# processes spin against each other and make a run about 8x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # Runs the CLI with one pause point patched in: at the moment named by PAUSE_AT it writes
 # PAUSE_MARKER and sleeps until killed. Nothing else changes.
@@ -181,7 +185,7 @@ def assert_every_final_file_is_whole(run_dir: Path) -> None:
 
 
 def start(run_dir: Path, moment: Moment, logs: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "pipeline"]
     if moment.pause_at:
         env.update(PAUSE_AT=moment.pause_at, PAUSE_MARKER=str(logs / "paused"))
@@ -223,6 +227,12 @@ def kill_at(moment: Moment, run_dir: Path, logs: Path, timeout: float = 400) -> 
 def test_kill_then_resume_finishes_and_keeps_finished_artifacts(tmp_path, moment):
     run_dir = tmp_path / "run"
     hit = kill_at(moment, run_dir, tmp_path)
+    if not hit:  # a polled moment can be missed on a very fast or very busy machine
+        warnings.warn(
+            f"{moment.name}: the run ended before the moment was seen; only the "
+            "re-run of a finished run was checked",
+            stacklevel=1,
+        )
     had_last_ckpt = any(run_dir.glob("round_*/checkpoints/last.ckpt"))
     if hit:
         assert_every_final_file_is_whole(run_dir)
@@ -235,7 +245,7 @@ def test_kill_then_resume_finishes_and_keeps_finished_artifacts(tmp_path, moment
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD},
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Traceback" not in resumed.stderr
