@@ -225,6 +225,11 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
             log.info("%s is complete; nothing to redo", run_dir)
             print_summary(read_json(done), run_dir)
         return 0
+    threads = cfg.trainer.get("num_threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     result = STAGE_FUNCTIONS[cfg.stage](cfg, run_dir)
     if dist.is_rank_zero():
         write_json(done, result)

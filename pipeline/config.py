@@ -46,6 +46,7 @@ RUNTIME_KEYS = (
     "trainer.compile",
     "trainer.channels_last",
     "trainer.log_every_n_steps",
+    "trainer.num_threads",
     "data.num_workers",
     "data.root",
     "data.download",
@@ -89,6 +90,7 @@ class TrainConfig:
 class PseudoLabelConfig:
     threshold: float = 0.8
     max_per_class: int | None = None
+    tta_views: int = 8
     soft: bool = False
     temperature: float = 1.0
     weight: float = 1.0
@@ -299,6 +301,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.train.batch_size < 1 or cfg.train.epochs < 0:
         raise UserError("train.batch_size must be >= 1 and train.epochs >= 0")
+    threads = cfg.trainer.get("num_threads")
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise UserError(f"trainer.num_threads={threads} must be a whole number >= 1 (or null)")
+    if cfg.pseudo_label.tta_views < 0:
+        raise UserError(f"pseudo_label.tta_views={cfg.pseudo_label.tta_views} must be >= 0")
     if cfg.init not in ("scratch", "pretrained"):
         raise UserError(f"init={cfg.init!r}; choose scratch or pretrained")
     if cfg.finetune.mode not in FINETUNE_MODES:

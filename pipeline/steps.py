@@ -157,7 +157,7 @@ def save_model(path: Path, net: torch.nn.Module, hparams: dict[str, Any], extra:
 
 
 def make_datamodule(
-    cfg: DictConfig, data_cfg: DictConfig, seed: int, **sets: Any
+    cfg: DictConfig, data_cfg: DictConfig, seed: int, predict_views: int = 0, **sets: Any
 ) -> ImageDataModule:
     aug = data_cfg.get("augment")
     augment = BatchAugment(**OmegaConf.to_container(aug, resolve=True)) if aug else None
@@ -169,6 +169,7 @@ def make_datamodule(
         num_workers=data_cfg.get("num_workers", 0),
         channels_last=cfg.trainer.get("channels_last", False),
         eval_batch_size=cfg.train.eval_batch_size,
+        predict_views=predict_views,
         **sets,
     )
 
@@ -273,7 +274,8 @@ def predict(
         shutil.rmtree(shard_dir)  # left by a killed pass (maybe with other ranks): redo them all
     dist.barrier()
     writer = IndexedPredictionWriter(shard_dir)
-    dm = make_datamodule(cfg, data_cfg, 0, predict=dataset)
+    views = int(cfg.pseudo_label.get("tta_views", 0))
+    dm = make_datamodule(cfg, data_cfg, 0, predict_views=views, predict=dataset)
     module = LitClassifier(
         net,
         num_classes=int(data_cfg.num_classes),

@@ -94,6 +94,34 @@ class BatchAugment(nn.Module):
         return x
 
 
+def fixed_views(
+    x: torch.Tensor, views: int, augment: BatchAugment, seed: int = 0
+) -> list[torch.Tensor]:
+    """`views` augmented copies of a float batch for test-time augmentation: view v is one
+    affine transform (and flip) drawn from `augment`'s ranges with seed (seed, v) and applied to
+    every image alike, so an image's views do not depend on the batch it is in (the same
+    predictions from 1 or N processes)."""
+    out = []
+    for v in range(views):
+        gen = torch.Generator().manual_seed(hash((seed, v)) % 2**62)
+        r = torch.rand(5, generator=gen)
+        angle = float((r[0] * 2 - 1) * augment.rotate) * math.pi / 180
+        lo, hi = augment.scale
+        s = 1.0 / float(lo + (hi - lo) * r[1])
+        tx, ty = (float(t) for t in (r[2:4] * 2 - 1) * 2 * augment.translate)
+        theta = torch.tensor(
+            [[s * math.cos(angle), -s * math.sin(angle), tx],
+             [s * math.sin(angle), s * math.cos(angle), ty]],
+            dtype=x.dtype, device=x.device,
+        ).expand(len(x), 2, 3)  # fmt: skip
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if augment.flip and r[4] < 0.5:
+            y = y.flip(3)
+        out.append(y)
+    return out
+
+
 class Batches(torch.utils.data.Dataset):
     """Indexable by an array of rows: returns the whole batch in one indexing op."""
 
@@ -168,8 +196,10 @@ class ImageDataModule(L.LightningDataModule):
         test: Batches | None = None,
         predict: Batches | None = None,
         eval_batch_size: int = 1024,
+        predict_views: int = 0,
     ) -> None:
         super().__init__()
+        self.predict_views = predict_views
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.augment, self.seed, self.num_workers = augment, seed, num_workers
@@ -209,10 +239,22 @@ class ImageDataModule(L.LightningDataModule):
             x = self.augment(images, gen)
         else:
             x = images.float().div_(255)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        views = [x]
+        if (
+            self.predict_views
+            and self.augment is not None
+            and self.trainer
+            and self.trainer.predicting
+        ):
+            # Test-time augmentation for pseudo-labels: the clean image and fixed views.
+            views += fixed_views(x, self.predict_views, self.augment, self.seed)
+        views = [(v - self.mean.to(v.device)) / self.std.to(v.device) for v in views]
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return {**batch, "image": x}
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        batch = {**batch, "image": views[0]}
+        if len(views) > 1:
+            batch["views"] = views
+        return batch
 
 
 def soft_cross_entropy(
@@ -279,7 +321,10 @@ class LitClassifier(L.LightningModule):
         self.log(TEST_COUNT, self.test_count, on_step=False, on_epoch=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"index": batch["index"], "probs": self(batch["image"]).float().softmax(1)}
+        # With test-time augmentation: the mean of the views' probabilities.
+        views = batch.get("views", [batch["image"]])
+        probs = sum(self(v).float().softmax(1) for v in views) / len(views)
+        return {"index": batch["index"], "probs": probs}
 
     def configure_optimizers(self) -> Any:
         head = [

@@ -9,6 +9,9 @@
 - pseudolabel_ratio_vs_bare_forward: images/s of our pseudo-labelling (steps.pseudo_label:
   Trainer.predict, per-rank writer, merge by index, selection, atomic .npz) over a bare
   `model(x)` loop under inference_mode on the same pre-loaded tensors.
+  Measured without test-time augmentation (pseudo_label.tta_views=0); with the default views,
+  pseudolabel_tta_ratio_vs_bare_forward_same_views compares against a bare loop doing the same
+  forward passes on the same views.
 - pseudolabel_peak_rss_mb: peak RSS of a process pseudo-labelling 1,000,000 synthetic images
   generated on the fly (never all in memory).
 - default_run_wall_s and default_run_phases_s: `python -m pipeline` as a whole process, and
@@ -124,11 +127,19 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
     }
 
 
-def bench_pseudolabel(cfg, n: int, repeats: int) -> dict:
-    """Our pseudo-labelling stage (selection and writing included) vs a bare forward loop."""
-    from pipeline.data import ImageArrays
-    from pipeline.steps import build_net, prepare_task, pseudo_label
+def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
+    """Our pseudo-labelling stage (selection and writing included) vs a bare forward loop.
 
+    views=0: the clean image only, against a bare `model(x)` loop (the stage's own overhead).
+    views=V: the stage's test-time augmentation (clean + V fixed views), against a bare loop
+    doing the same V+1 forward passes on the same views."""
+    from omegaconf import OmegaConf
+
+    from pipeline.data import ImageArrays
+    from pipeline.steps import build_net, make_datamodule, prepare_task, pseudo_label
+    from pipeline.training import fixed_views
+
+    cfg = OmegaConf.merge(cfg, {"pseudo_label": {"tta_views": views}})
     task = prepare_task(cfg.data, cfg.seed, None)
     reps = -(-n // len(task.unlabelled))
     images = task.unlabelled.images.repeat(reps, 1, 1, 1)[:n].contiguous()
@@ -138,6 +149,7 @@ def bench_pseudolabel(cfg, n: int, repeats: int) -> dict:
     mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
     std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
     bs = cfg.train.eval_batch_size
+    augment = make_datamodule(cfg, cfg.data, 0).augment
 
     def ours() -> None:
         pseudo_label(cfg, cfg.data, net, unlabelled, work / "pseudo_labels.npz")
@@ -145,7 +157,9 @@ def bench_pseudolabel(cfg, n: int, repeats: int) -> dict:
     def bare() -> None:
         with torch.inference_mode():
             for i in range(0, n, bs):
-                net((images[i : i + bs].float() / 255 - mean) / std).softmax(1)
+                x = images[i : i + bs].float() / 255
+                xs = [x, *fixed_views(x, views, augment)] if views else [x]
+                sum(net((v - mean) / std).softmax(1) for v in xs)
 
     t_ours, t_bare = [], []
     ours(), bare()
@@ -155,6 +169,12 @@ def bench_pseudolabel(cfg, n: int, repeats: int) -> dict:
             fn()
             acc.append(time.perf_counter() - t)
     ours_ips, bare_ips = n / statistics.median(t_ours), n / statistics.median(t_bare)
+    if views:
+        return {
+            "pseudolabel_tta_views": views,
+            "pseudolabel_tta_ours_images_per_s": round(ours_ips, 1),
+            "pseudolabel_tta_ratio_vs_bare_forward_same_views": round(ours_ips / bare_ips, 3),
+        }
     return {
         "pseudolabel_images": n,
         "pseudolabel_ours_images_per_s": round(ours_ips, 1),
@@ -263,6 +283,9 @@ def main() -> None:
     }
     result.update(bench_training(cfg, args.train_steps, args.repeats))
     result.update(bench_pseudolabel(cfg, args.pseudolabel_images, args.repeats))
+    views = int(cfg.pseudo_label.tta_views)
+    if views:  # the default labelling, with test-time augmentation
+        result.update(bench_pseudolabel(cfg, args.pseudolabel_images // 4, args.repeats, views))
     if not args.skip_rss:
         result.update(bench_rss(args.rss_images))
     if not args.skip_default:

@@ -80,6 +80,8 @@ def test_pretraining_on_the_target_is_refused():
         ("data.labels_per_class=0", "labels_per_class"),
         ("finetune.mode=partial", "finetune.mode"),
         ("init=imagenet", "init"),
+        ("trainer.num_threads=0", "num_threads"),
+        ("trainer.num_threads=two", "num_threads"),
     ],
 )
 def test_bad_values_are_user_errors(override, message):
@@ -96,7 +98,11 @@ def test_schema_rejects_wrong_types_and_unknown_keys():
 
 def test_runtime_keys_do_not_count_as_a_different_config():
     a = resolve(compose_cfg())
-    b = resolve(compose_cfg("trainer.devices=2", "progress=false", "data.num_workers=2"))
+    b = resolve(
+        compose_cfg(
+            "trainer.devices=2", "progress=false", "data.num_workers=2", "trainer.num_threads=1"
+        )
+    )
     assert config.differing_keys(a, b) == []
     c = resolve(compose_cfg("seed=1", "pseudo_label.threshold=0.9"))
     assert config.differing_keys(a, c) == ["pseudo_label.threshold", "seed"]

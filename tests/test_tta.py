@@ -1,0 +1,70 @@
+"""Test-time augmentation of pseudo-labels: the mean over the clean image and fixed views, the
+same whatever the batch an image lands in."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+from test_config import compose_cfg
+
+from pipeline.cli import resolve
+from pipeline.steps import build_net, make_datamodule, predict
+from pipeline.training import Batches, fixed_views
+
+
+def setup(*overrides: str):
+    cfg = resolve(compose_cfg("progress=false", "trainer.accelerator=cpu", *overrides))
+    torch.manual_seed(0)
+    net = build_net(cfg, 10).eval()
+    images = torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8)
+    return cfg, net, images
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - 0.5) / 0.5
+
+
+def test_views_do_not_depend_on_the_batch():
+    cfg, _, images = setup()
+    augment = make_datamodule(cfg, cfg.data, 0).augment
+    x = images.float() / 255
+    whole = fixed_views(x, 5, augment, seed=3)
+    part = fixed_views(x[10:14], 5, augment, seed=3)
+    assert len(whole) == 5
+    for w, p in zip(whole, part, strict=True):
+        assert torch.equal(w[10:14], p)
+    assert not torch.equal(whole[0], whole[1])  # distinct views
+    assert not torch.equal(whole[0], x)
+
+
+def test_pseudo_label_probs_are_the_mean_over_views(tmp_path):
+    cfg, net, images = setup("pseudo_label.tta_views=4")
+    index, probs = predict(cfg, cfg.data, net, Batches(images), tmp_path)
+    assert sorted(index.tolist()) == list(range(37))
+    probs = probs[index.argsort()]
+    augment = make_datamodule(cfg, cfg.data, 0).augment
+    x = images.float() / 255
+    with torch.inference_mode():
+        views = [x, *fixed_views(x, 4, augment, seed=0)]
+        expected = sum(net(normalise(v)).softmax(1) for v in views) / 5
+        clean = net(normalise(x)).softmax(1)
+    assert torch.allclose(torch.from_numpy(probs), expected, atol=1e-5)
+    assert not torch.allclose(torch.from_numpy(probs), clean, atol=1e-3)
+
+
+def test_no_views_is_the_clean_prediction_and_batching_changes_nothing(tmp_path):
+    cfg, net, images = setup("pseudo_label.tta_views=0")
+    index, probs = predict(cfg, cfg.data, net, Batches(images), tmp_path)
+    with torch.inference_mode():
+        clean = net(normalise(images.float() / 255)).softmax(1)
+    assert torch.allclose(torch.from_numpy(probs[index.argsort()]), clean, atol=1e-5)
+
+    cfg, net, images = setup("pseudo_label.tta_views=3")
+    big_index, big = predict(cfg, cfg.data, net, Batches(images), tmp_path)
+    small_cfg = OmegaConf.merge(cfg, {"train": {"eval_batch_size": 5}})
+    small_index, small = predict(small_cfg, cfg.data, net, Batches(images), tmp_path)
+    assert torch.allclose(
+        torch.from_numpy(big[big_index.argsort()]),
+        torch.from_numpy(small[small_index.argsort()]),
+        atol=1e-5,
+    )
