@@ -216,7 +216,7 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
 def run_stage(cfg: DictConfig, run_dir: Path) -> int:
     from pipeline import dist
     from pipeline.artifacts import read_json, write_json
-    from pipeline.stages import STAGE_FUNCTIONS
+    from pipeline.stages import PHASE_SECONDS, STAGE_FUNCTIONS
     from pipeline.table import print_summary
 
     done = run_dir / "summary.json"
@@ -230,6 +230,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
+    PHASE_SECONDS.clear()  # per job: a -m sweep runs several jobs in this process
     result = STAGE_FUNCTIONS[cfg.stage](cfg, run_dir)
     if dist.is_rank_zero():
         write_json(done, result)

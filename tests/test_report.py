@@ -289,3 +289,46 @@ def test_missing_or_empty_sweep_dir_raises_user_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no job dirs"):
         write_report(tmp_path / "empty", tmp_path / "out")
+
+
+# --- a real sweep: 2 stages x 2 seeds on the bundled digits, through the CLI ------------------
+
+
+@pytest.mark.slow  # four short trainings and a report
+def test_report_of_a_real_sweep_matches_the_jobs(tmp_path: Path) -> None:
+    from conftest import FAST, run_cli
+
+    sweep_dir = tmp_path / "multirun"
+    proc = run_cli(
+        "-m", *FAST, "stage=selftrain,train", "seed=0,1", f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = {}
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        s = json.loads((job / "summary.json").read_text())
+        summaries[(s["stage"], s["seed"])] = s
+        # Timings are per job, not summed over the sweep's earlier jobs in this process.
+        assert sum(s.get("phase_seconds", {}).values()) <= s["wall_time_s"] + 1.0
+    assert set(summaries) == {(st, seed) for st in ("selftrain", "train") for seed in (0, 1)}
+
+    out = tmp_path / "report"
+    proc = run_cli("stage=report", f"report.sweep_dir={sweep_dir}", f"run_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table_after((out / "report.md").read_text(), "## Results per group")
+    assert sorted(r["stage"] for r in rows) == ["selftrain", "train"]
+    for row in rows:
+        jobs = [summaries[(row["stage"], seed)] for seed in (0, 1)]
+        assert row["final acc (%)"] == expected_pct([j["final_test_accuracy"] for j in jobs])
+        assert row["teacher acc (%)"] == expected_pct([j["teacher_test_accuracy"] for j in jobs])
+        assert row["n"] == "2"
+        assert row["command"].endswith(" seed=0,1`")
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4
+    assert {"stage", "seed", "final_test_accuracy"} <= set(table[0])
+    for r in table:
+        s = summaries[(r["stage"], int(r["seed"]))]
+        assert float(r["final_test_accuracy"]) == pytest.approx(s["final_test_accuracy"])
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == PNG_SIGNATURE for p in pngs)
