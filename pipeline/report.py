@@ -660,7 +660,7 @@ def render_report(parts: ReportParts) -> str:
     lines = [
         "# Self-training sweep report",
         "",
-        f"- Sweep dir: `{parts.sweep_dir}`",
+        f"- Sweep dir: `{_shown_path(parts.sweep_dir)}`",
         f"- Jobs: {n_jobs} ({n_jobs - n_failed} finished, {n_failed} failed or unfinished)",
         f"- Swept keys: {swept}; {replicates}",
     ]
@@ -997,6 +997,14 @@ def write_plots(
         save_figure(fig, out_dir / name)
         written.append(name)
     return written
+
+
+def _shown_path(path: Path | str) -> str:
+    """The path relative to the working directory when it lies under it (as the user typed it)."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def write_report(
