@@ -228,6 +228,20 @@ class ImageDataModule(L.LightningDataModule):
         n = len(self.predict_set)
         return self._loader(self.predict_set, shard_batches(n, self.eval_batch_size))
 
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # Our batches are flat dicts of tensors: move them directly (on CPU: nothing to move),
+        # instead of Lightning's generic walk over any collection.
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if device.type == "cpu":
+            return batch
+        return {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         images = batch["image"]
         if self.trainer is not None and self.trainer.training and self.augment is not None:
@@ -307,12 +321,21 @@ class LitClassifier(L.LightningModule):
         # Lightning (>= 2.2) no longer calls .train() when fitting starts: put the module in
         # training mode here, which also puts the frozen BatchNorms back in eval mode.
         self.train()
+        self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = soft_cross_entropy(logits, batch["target"], batch["weight"], self.label_smoothing)
-        self.log(TRAIN_LOSS, loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        # The epoch's mean loss is logged once at its end: a per-step self.log costs more than a
+        # small model's step is worth keeping it for.
+        self._loss_sum += loss.detach()
+        self._loss_steps += 1
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._loss_steps:
+            mean = self._loss_sum / self._loss_steps
+            self.log(TRAIN_LOSS, mean, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.test_acc.update(self(batch["image"]), batch["target"].argmax(1))

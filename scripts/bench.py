@@ -79,11 +79,11 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
     pseudo = PseudoLabels(rows, task.unlabelled.labels.numpy(), np.ones(len(rows), np.float32))
     train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), pseudo, task.num_classes)
     images = torch.cat([task.labelled.images, task.unlabelled.images])
+    cfg.train.min_steps = 0  # before the batches are made: both paths then train the same steps
     make = training_batches(train_set, cfg, 1)
     per_epoch = len(make(np.random.default_rng(0)))
     epochs = max(1, steps // per_epoch)
     n_images = epochs * per_epoch * cfg.train.batch_size
-    cfg.train.min_steps = 0
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
 
     def ours() -> None:
@@ -91,6 +91,9 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
             f.unlink()
         net = build_net(cfg, task.num_classes)
         fit(cfg, cfg.data, net, images, train_set, work, 0, epochs, {"num_classes": 10})
+        steps = torch.load(work / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        if steps != epochs * per_epoch:  # both paths must do the same work
+            raise RuntimeError(f"our path trained {steps} steps, the raw loop {epochs * per_epoch}")
 
     def raw() -> None:
         torch.manual_seed(0)
@@ -261,7 +264,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--pseudolabel-images", type=int, default=100_000)
     p.add_argument("--rss-images", type=int, default=1_000_000)
     p.add_argument("--default-runs", type=int, default=1)
