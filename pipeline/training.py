@@ -307,6 +307,8 @@ class LitClassifier(L.LightningModule):
         object.__setattr__(self, "_forward_net", torch.compile(net) if compile else net)
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_count = SumMetric()  # each test sample must be counted exactly once
+        self._loss_sum: torch.Tensor | float = 0.0  # this epoch's training loss, for its log
+        self._loss_steps = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_net(x)
@@ -317,18 +319,21 @@ class LitClassifier(L.LightningModule):
             m.eval()
         return self
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:
         # Lightning (>= 2.2) no longer calls .train() when fitting starts: put the module in
-        # training mode here, which also puts the frozen BatchNorms back in eval mode.
+        # training mode here, which also puts the frozen BatchNorms back in eval mode. Here and
+        # not only per epoch: a run resumed mid-epoch skips that epoch's on_train_epoch_start.
         self.train()
-        self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
+
+    def on_train_epoch_start(self) -> None:
+        self.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = soft_cross_entropy(logits, batch["target"], batch["weight"], self.label_smoothing)
         # The epoch's mean loss is logged once at its end: a per-step self.log costs more than a
         # small model's step is worth keeping it for.
-        self._loss_sum += loss.detach()
+        self._loss_sum = self._loss_sum + loss.detach()
         self._loss_steps += 1
         return loss
 
@@ -336,6 +341,7 @@ class LitClassifier(L.LightningModule):
         if self._loss_steps:
             mean = self._loss_sum / self._loss_steps
             self.log(TRAIN_LOSS, mean, on_epoch=True, prog_bar=True, sync_dist=True)
+        self._loss_sum, self._loss_steps = 0.0, 0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.test_acc.update(self(batch["image"]), batch["target"].argmax(1))
