@@ -32,6 +32,22 @@ TEST_ACC = "test/acc"
 TEST_COUNT = "test/count"
 
 
+def affine(
+    x: torch.Tensor, angle: torch.Tensor, s: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor
+) -> torch.Tensor:
+    """Rotate (radians), scale by 1/s and shift (tx, ty, in [-1, 1] units) each image of a
+    float (B, C, H, W) batch; the parameters are (B,) tensors. Outside the image is 0."""
+    theta = torch.stack(
+        [
+            torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
+            torch.stack([s * angle.sin(), s * angle.cos(), ty], 1),
+        ],
+        1,
+    ).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 class BatchAugment(nn.Module):
     """Per-sample random affine (shift, rotation, scale), flip and cutout, for a whole batch at
     once, plus torchvision v2 RandAugment on small chunks of the uint8 batch when enabled."""
@@ -72,15 +88,7 @@ class BatchAugment(nn.Module):
             angle = uniform(-self.rotate, self.rotate) * math.pi / 180
             s = 1.0 / uniform(*self.scale)
             tx, ty = uniform(-2 * self.translate, 2 * self.translate, 2 * b).view(2, b)
-            theta = torch.stack(
-                [
-                    torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
-                    torch.stack([s * angle.sin(), s * angle.cos(), ty], 1),
-                ],
-                1,
-            )
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = affine(x, angle, s, tx, ty)
         if self.flip:
             flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
             x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
@@ -105,17 +113,14 @@ def fixed_views(
     for v in range(views):
         gen = torch.Generator().manual_seed(hash((seed, v)) % 2**62)
         r = torch.rand(5, generator=gen)
-        angle = float((r[0] * 2 - 1) * augment.rotate) * math.pi / 180
         lo, hi = augment.scale
-        s = 1.0 / float(lo + (hi - lo) * r[1])
-        tx, ty = (float(t) for t in (r[2:4] * 2 - 1) * 2 * augment.translate)
-        theta = torch.tensor(
-            [[s * math.cos(angle), -s * math.sin(angle), tx],
-             [s * math.sin(angle), s * math.cos(angle), ty]],
-            dtype=x.dtype, device=x.device,
-        ).expand(len(x), 2, 3)  # fmt: skip
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        params = [
+            (r[0] * 2 - 1) * augment.rotate * math.pi / 180,  # angle
+            1.0 / (lo + (hi - lo) * r[1]),  # inverse scale
+            *((r[2:4] * 2 - 1) * 2 * augment.translate),  # tx, ty
+        ]
+        # The same transform for every image of the batch.
+        y = affine(x, *(p.to(x.device).expand(len(x)) for p in params))
         if augment.flip and r[4] < 0.5:
             y = y.flip(3)
         out.append(y)

@@ -54,14 +54,17 @@ def compose(*overrides: str):
     return resolve(cfg)
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def alternating_medians(a, b, repeats: int) -> tuple[float, float]:
+    """Median seconds of `a` and of `b` over `repeats` runs each, after one warm-up run of each;
+    A and B alternate so that a slow spell of a shared machine hits both."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, acc in zip((a, b), times, strict=True):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench_training(cfg, steps: int, repeats: int) -> dict:
@@ -114,14 +117,8 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
                 opt.step()
                 sched.step()
 
-    t_ours, t_raw = [], []
-    ours(), raw()  # warm-up
-    for _ in range(repeats):
-        for fn, acc in ((ours, t_ours), (raw, t_raw)):
-            t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
-    ours_ips, raw_ips = n_images / statistics.median(t_ours), n_images / statistics.median(t_raw)
+    t_ours, t_raw = alternating_medians(ours, raw, repeats)
+    ours_ips, raw_ips = n_images / t_ours, n_images / t_raw
     return {
         "train_images": n_images,
         "train_ours_images_per_s": round(ours_ips, 1),
@@ -164,14 +161,8 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
                 xs = [x, *fixed_views(x, views, augment)] if views else [x]
                 sum(net((v - mean) / std).softmax(1) for v in xs)
 
-    t_ours, t_bare = [], []
-    ours(), bare()
-    for _ in range(repeats):
-        for fn, acc in ((ours, t_ours), (bare, t_bare)):
-            t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
-    ours_ips, bare_ips = n / statistics.median(t_ours), n / statistics.median(t_bare)
+    t_ours, t_bare = alternating_medians(ours, bare, repeats)
+    ours_ips, bare_ips = n / t_ours, n / t_bare
     if views:
         return {
             "pseudolabel_tta_views": views,
