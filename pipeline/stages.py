@@ -297,6 +297,16 @@ def pretrained_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
 PRETRAIN_FILES = ("model.ckpt", DONE)  # metrics.json last: its presence marks a complete copy
 
 
+def copy_pretraining(src: Path, dst: Path) -> None:
+    """Rank 0 copies a finished pretraining, each file atomically, metrics.json last; every rank
+    waits for it."""
+    if dist.is_rank_zero():
+        for name in PRETRAIN_FILES:
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+    dist.barrier()
+
+
 def take_cached_pretraining(cfg: DictConfig, pretrain_dir: Path) -> bool:
     """Copy a finished pretraining with the same settings from pretrain.cache_dir, if there is
     one (a sweep's jobs then pretrain once per seed instead of once per job)."""
@@ -306,11 +316,7 @@ def take_cached_pretraining(cfg: DictConfig, pretrain_dir: Path) -> bool:
     # Rank 0 decides, so that every rank of a DDP job takes the same branch.
     found = bool(dist.broadcast_object((cached / DONE).exists() if dist.is_rank_zero() else None))
     if found:
-        if dist.is_rank_zero():
-            for name in PRETRAIN_FILES:
-                with atomic_path(pretrain_dir / name) as tmp:
-                    shutil.copyfile(cached / name, tmp)
-        dist.barrier()
+        copy_pretraining(cached, pretrain_dir)
         log.info("pretrained weights %s taken from pretrain.cache_dir", cached.name)
     return found
 
@@ -318,12 +324,8 @@ def take_cached_pretraining(cfg: DictConfig, pretrain_dir: Path) -> bool:
 def share_pretraining(cfg: DictConfig, pretrain_dir: Path) -> None:
     """Publish a finished pretraining into pretrain.cache_dir. Atomic renames, no locks: jobs
     that pretrain the same thing at the same time only duplicate work."""
-    if cfg.pretrain.cache_dir and dist.is_rank_zero():
-        cached = Path(cfg.pretrain.cache_dir) / pretrain_key(cfg)
-        for name in PRETRAIN_FILES:
-            with atomic_path(cached / name) as tmp:
-                shutil.copyfile(pretrain_dir / name, tmp)
-    dist.barrier()
+    if cfg.pretrain.cache_dir:  # the same on every rank
+        copy_pretraining(pretrain_dir, Path(cfg.pretrain.cache_dir) / pretrain_key(cfg))
 
 
 def run_pretrain(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

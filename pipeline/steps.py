@@ -112,17 +112,22 @@ def build_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     return instantiate(cfg.model.net, num_classes=num_classes)
 
 
+def refuse_other_model(cfg: DictConfig, ckpt: dict[str, Any], what: str, hint: str = "") -> None:
+    """A checkpoint of another architecture than cfg.model cannot load: say which to pass."""
+    made_with = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
+    if made_with and made_with != cfg.model.name:
+        raise UserError(
+            f"{what} is a model={made_with}, this run has model={cfg.model.name}; "
+            f"pass model={made_with}{hint}"
+        )
+
+
 def load_net(cfg: DictConfig, ckpt_path: str | Path, num_classes: int) -> torch.nn.Module:
     """The configured network with a checkpoint's weights; refuses a checkpoint made for another
     architecture or class count with a line that says which."""
     ckpt = load_checkpoint(ckpt_path)
     hp = ckpt.get("hyper_parameters", {}) or {}
-    made_with = (hp.get("model") or {}).get("name")
-    if made_with and made_with != cfg.model.name:
-        raise UserError(
-            f"checkpoint {ckpt_path} is a model={made_with}, this run has model={cfg.model.name}; "
-            f"pass model={made_with}"
-        )
+    refuse_other_model(cfg, ckpt, f"checkpoint {ckpt_path}")
     if hp.get("num_classes") not in (None, num_classes):
         raise UserError(
             f"checkpoint {ckpt_path} predicts {hp['num_classes']} classes, the data has "
@@ -359,12 +364,9 @@ def init_from_pretrained(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path)
     error names those that cannot), the head is new. A new head also when the class count
     matches: the source's classes are not the target's (Zoph et al. fine-tune a new head)."""
     ckpt = load_checkpoint(ckpt_path)
-    made_with = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
-    if made_with and made_with != cfg.model.name:
-        raise UserError(
-            f"pretrained checkpoint {ckpt_path} is a model={made_with}, this run has "
-            f"model={cfg.model.name}; pass model={made_with} or pretrain with model={cfg.model.name}"
-        )
+    refuse_other_model(
+        cfg, ckpt, f"pretrained checkpoint {ckpt_path}", f" or pretrain with model={cfg.model.name}"
+    )
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
     try:
         recreated = load_pretrained(net, state, name=str(cfg.model.name))
