@@ -1,6 +1,6 @@
 """The entry point: compose the config with Hydra, check it and the run_dir, run the stage.
 
-Exit codes (DESIGN.md): 0 done; 2 bad input or config (one line on stderr, nothing in an
+Exit codes (docs/design.md): 0 done; 2 bad input or config (one line on stderr, nothing in an
 existing run_dir changed); 1 anything unexpected.
 """
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import sys
 import traceback
 import warnings
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,7 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline import config
 from pipeline.errors import UserError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+if TYPE_CHECKING:
+    from pipeline.runtime.rundir import RunDir
+
+CONF_DIR = str(config.CONF_DIR)
 log = logging.getLogger("pipeline")
 _exit_codes: list[int] = []
 _job_started = False
@@ -45,6 +47,9 @@ def setup_logging(rank_zero: bool) -> None:
     # (predictions carry their dataset index instead); a deprecation inside Lightning itself.
     warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Where SLURM is installed Lightning suggests srun for every run: the pipeline starts its
+    # ranks itself (or runs under srun already), and the one-line error contract holds.
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
     # Resuming from checkpoints/last.ckpt: the directory is not empty, by design.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
@@ -68,173 +73,86 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return resolved
 
 
-def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """Refuse a run_dir made by another config (naming the keys), or clear it on overwrite=true.
-    Nothing is written before this check passes."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return
-    try:
-        old = OmegaConf.load(saved)
-    except Exception:
-        raise UserError(
-            f"{saved} is unreadable; move the run_dir away or pass overwrite=true"
-        ) from None
-    from pipeline.preemption import requeued_job
-
-    if cfg.overwrite and requeued_job():
-        log.info("overwrite=true, but this is a requeued job: resuming %s", run_dir)
-    elif cfg.overwrite:
-        log.warning("overwrite=true: clearing %s and starting over", run_dir)
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return
-    diff = config.differing_keys(old, cfg)
-    if not diff:
-        return
-    # What a run is (stage, data, model, seed) first: a different dataset differs in many keys.
-    leading = ("stage", "data.name", "model.name", "seed")
-    diff.sort(key=lambda k: leading.index(k) if k in leading else len(leading))
-    shown = ", ".join(f"{k} ({old_value(old, k)} -> {old_value(cfg, k)})" for k in diff[:4])
-    more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-    raise UserError(
-        f"run_dir {run_dir} was made by another config: {shown}{more}; use another run_dir=, "
-        "or overwrite=true to start it over"
-    )
-
-
-def old_value(cfg: DictConfig, key: str) -> Any:
-    return OmegaConf.select(cfg, key, default="<unset>")
-
-
-def run_resolved(cfg: DictConfig, started_ranks: bool = False) -> int:
+def run_resolved(
+    cfg: DictConfig, started_ranks: bool = False, overrides: list[str] | None = None
+) -> int:
     """Run one job (on this rank) from a resolved config; returns the exit code."""
-    from pipeline import dist, launch, preemption
+    from pipeline.runtime import dist, launch, preemption
+    from pipeline.runtime.rundir import RunDir
 
     setup_logging(rank_zero=dist.rank() == 0)
-    run_dir = Path(cfg.run_dir).resolve()
-    before = None if started_ranks else entries_before(run_dir)
+    run = RunDir(cfg.run_dir)
+    before = None if started_ranks else run.entries_before()
     try:
         external = started_ranks or launch.externally_launched()
         if not external:
-            check_run_dir(cfg, run_dir)
+            run.check_config(cfg, preemption.requeued_job())
             n = launch.ranks_to_start(cfg.trainer)
             if n:
                 log.info("starting %d DDP ranks for this job (one process group per job)", n)
-                write_config(cfg, run_dir)
-                code = _start(cfg, n)
+                run.begin(cfg, overrides)
+                code = launch.start_ranks(cfg, n)
                 if code == 2:
-                    undo_new_run_dir(run_dir, before)
+                    run.undo_new(before)
                 return code
         dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
         if external and not started_ranks:
-            check_run_dir_on_rank_zero(cfg, run_dir)
+            check_run_dir_on_rank_zero(cfg, run)
         preemption.install()
         if dist.is_rank_zero():
-            write_config(cfg, run_dir)
+            run.begin(cfg, overrides)
         dist.barrier()
-        return run_stage(cfg, run_dir)
+        return run_stage(cfg, run)
     except UserError as e:
         if dist.is_rank_zero():
-            undo_new_run_dir(run_dir, before)
+            run.undo_new(before)
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except preemption.Preempted as e:
         return preemption.stopped(e.signum, started_ranks, dist.is_rank_zero())
 
 
-def entries_before(run_dir: Path) -> set[str] | None:
-    """What a run_dir without config.yaml held before this command (None: it has a config.yaml,
-    so it is a run's and bad input leaves it exactly as it is)."""
-    if (run_dir / "config.yaml").exists():
-        return None
-    return set(os.listdir(run_dir)) if run_dir.is_dir() else {"<absent>"}
-
-
-def undo_new_run_dir(run_dir: Path, before: set[str] | None) -> None:
-    """Bad input found after this command began a new run_dir (e.g. in the data): remove what
-    it wrote (config.yaml, splits.npz, empty folders), so that the fixed command is not refused
-    as "another config" and the folder is as it was. Work already done is never removed."""
-    if before is None or not run_dir.is_dir():
-        return
-    new = [run_dir / n for n in os.listdir(run_dir) if n not in before]
-    if any(p.is_file() and p.name not in ("config.yaml", "splits.npz") for p in new):
-        return
-    if any(f.is_file() for p in new if p.is_dir() for f in p.rglob("*")):
-        return
-    for p in new:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if before == {"<absent>"} and not any(run_dir.iterdir()):
-        run_dir.rmdir()
-
-
-def check_run_dir_on_rank_zero(cfg: DictConfig, run_dir: Path) -> None:
+def check_run_dir_on_rank_zero(cfg: DictConfig, run: RunDir) -> None:
     """Under srun / torchrun every rank composed the config itself. Rank 0 checks that all
     resolved the same run_dir (a clock in hydra.sweep.dir or hydra.run.dir reads differently in
     each rank) and checks the run_dir once; every rank gets the verdict."""
-    from pipeline import dist
+    from pipeline.runtime import dist, preemption
 
-    dirs = sorted({str(d) for d in dist.all_gather_object(str(run_dir))})
-    error = None
-    if dist.is_rank_zero():
-        try:
-            if len(dirs) > 1:
-                raise UserError(
-                    f"the ranks resolved different run dirs ({dirs[0]} and {dirs[-1]}), e.g. "
-                    "from a timestamp in hydra.sweep.dir; pass a fixed one: "
-                    "hydra.sweep.dir=multirun/NAME (with -m) or run_dir=PATH"
-                )
-            check_run_dir(cfg, run_dir)
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)
-    if error:
-        raise UserError(str(error))
+    dirs = sorted({str(d) for d in dist.all_gather_object(str(run.path))})
+
+    def check() -> None:
+        if len(dirs) > 1:
+            raise UserError(
+                f"the ranks resolved different run dirs ({dirs[0]} and {dirs[-1]}), e.g. "
+                "from a timestamp in hydra.sweep.dir; pass a fixed one: "
+                "hydra.sweep.dir=multirun/NAME (with -m) or run_dir=PATH"
+            )
+        run.check_config(cfg, preemption.requeued_job())
+
+    run.on_rank_zero(check)
 
 
-def _start(cfg: DictConfig, n: int) -> int:
-    from pipeline.launch import start_ranks
+def run_stage(cfg: DictConfig, run: RunDir) -> int:
+    from pipeline.console import print_summary
+    from pipeline.runtime import dist
+    from pipeline.runtime.io import read_json, write_json
+    from pipeline.stages import recipe
 
-    return start_ranks(cfg, n)
-
-
-def write_config(cfg: DictConfig, run_dir: Path) -> None:
-    from pipeline.artifacts import remove_stale_temporaries, write_text
-
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission, a read-only disk
-        raise UserError(
-            f"run_dir={run_dir} cannot be created ({e.strerror or type(e).__name__}); "
-            "pass run_dir= a folder you can write to"
-        ) from None
-    remove_stale_temporaries(run_dir)
-    if not (run_dir / "config.yaml").exists() or cfg.overwrite:
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-
-
-def run_stage(cfg: DictConfig, run_dir: Path) -> int:
-    from pipeline import dist
-    from pipeline.artifacts import read_json, write_json
-    from pipeline.stages import PHASE_SECONDS, STAGE_FUNCTIONS
-    from pipeline.table import print_summary
-
-    done = run_dir / "summary.json"
-    if done.exists() and cfg.stage not in ("report",):
+    done = run / "summary.json"
+    if cfg.stage != "report" and run.exists(done):
         if dist.is_rank_zero():
-            log.info("%s is complete; nothing to redo", run_dir)
-            print_summary(read_json(done), run_dir)
+            log.info("%s is complete; nothing to redo", run.path)
+            print_summary(read_json(done), run.path)
         return 0
     threads = cfg.trainer.get("num_threads")
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    PHASE_SECONDS.clear()  # per job: a -m sweep runs several jobs in this process
-    result = STAGE_FUNCTIONS[cfg.stage](cfg, run_dir)
+    result = recipe(cfg.stage)(cfg, run)
     if dist.is_rank_zero():
         write_json(done, result)
-        print_summary(result, run_dir)
+        print_summary(result, run.path)
     dist.barrier()
     return 0
 
@@ -246,7 +164,7 @@ def hydra_job(cfg: DictConfig) -> int:
     _job_started = True
     _release_stderr()
     try:
-        code = run_resolved(resolve(cfg))
+        code = run_resolved(resolve(cfg), overrides=list(HydraConfig.get().overrides.task))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2

@@ -4,9 +4,9 @@
     python scripts/bench.py --skip-rss --skip-default   # only the two ratios
 
 - train_ratio_vs_raw_loop: images/s of our training path (LitClassifier + ImageDataModule +
-  Trainer, as steps.fit configures them, checkpointing included) over a plain PyTorch loop
+  Trainer, as engine.fit configures them, checkpointing included) over a plain PyTorch loop
   training the same model on the same tensors, batches, augmentation and optimizer.
-- pseudolabel_ratio_vs_bare_forward: images/s of our pseudo-labelling (steps.pseudo_label:
+- pseudolabel_ratio_vs_bare_forward: images/s of our pseudo-labelling (selftrain.label.pseudo_label:
   Trainer.predict, per-rank writer, merge by index, selection, atomic .npz) over a bare
   `model(x)` loop under inference_mode on the same pre-loaded tensors.
   Measured without test-time augmentation (pseudo_label.tta_views=0); with the default views,
@@ -71,14 +71,17 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
     """Our Lightning training path vs a raw loop: same net init, batches, augmentation, optim."""
     from hydra.utils import instantiate
 
-    from pipeline.selection import merge_labelled_and_pseudo
-    from pipeline.steps import build_net, fit, make_datamodule, prepare_task, training_batches
-    from pipeline.training import soft_cross_entropy
+    from pipeline.data.task import prepare_task
+    from pipeline.engine.fit import fit, training_batches
+    from pipeline.engine.module import soft_cross_entropy
+    from pipeline.models.checkpoint import build_net
+    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+    from pipeline.selftrain.noise import BatchAugment
+    from pipeline.selftrain.select import PseudoLabels
+    from pipeline.selftrain.teacher import data_augment
 
     task = prepare_task(cfg.data, cfg.seed, None)
     rows = np.arange(len(task.unlabelled))
-    from pipeline.selection import PseudoLabels
-
     pseudo = PseudoLabels(rows, task.unlabelled.labels.numpy(), np.ones(len(rows), np.float32))
     train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), pseudo, task.num_classes)
     images = torch.cat([task.labelled.images, task.unlabelled.images])
@@ -88,12 +91,15 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
     epochs = max(1, steps // per_epoch)
     n_images = epochs * per_epoch * cfg.train.batch_size
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    augment = BatchAugment(**data_augment(cfg.data))
+    mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
+    std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
 
     def ours() -> None:
         for f in work.rglob("*.ckpt"):
             f.unlink()
         net = build_net(cfg, task.num_classes)
-        fit(cfg, cfg.data, net, images, train_set, work, 0, epochs, {"num_classes": 10})
+        fit(cfg, cfg.data, net, images, train_set, work, 0, epochs, {"num_classes": 10}, augment)
         steps = torch.load(work / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
         if steps != epochs * per_epoch:  # both paths must do the same work
             raise RuntimeError(f"our path trained {steps} steps, the raw loop {epochs * per_epoch}")
@@ -101,7 +107,6 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
     def raw() -> None:
         torch.manual_seed(0)
         net = build_net(cfg, task.num_classes)
-        dm = make_datamodule(cfg, cfg.data, 0)
         opt = instantiate(cfg.optimizer)(net.parameters())
         sched = instantiate(cfg.scheduler)(opt, T_max=epochs * per_epoch)
         targets, weight = torch.from_numpy(train_set.targets), torch.from_numpy(train_set.weight)
@@ -110,7 +115,7 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
             for i, b in enumerate(make(np.random.default_rng([0, epoch]))):
                 r = torch.as_tensor(b)
                 gen = torch.Generator().manual_seed(epoch * 100_000 + i)
-                x = (dm.augment(images[r], gen) - dm.mean) / dm.std
+                x = (augment(images[r], gen) - mean) / std
                 loss = soft_cross_entropy(net(x), targets[r], weight[r])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -136,8 +141,12 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     from omegaconf import OmegaConf
 
     from pipeline.data import ImageArrays
-    from pipeline.steps import build_net, make_datamodule, prepare_task, pseudo_label
-    from pipeline.training import fixed_views
+    from pipeline.data.task import prepare_task
+    from pipeline.models.checkpoint import build_net
+    from pipeline.runtime.rundir import RunDir
+    from pipeline.selftrain.label import pseudo_label
+    from pipeline.selftrain.noise import BatchAugment, fixed_views
+    from pipeline.selftrain.teacher import data_augment
 
     cfg = OmegaConf.merge(cfg, {"pseudo_label": {"tta_views": views}})
     task = prepare_task(cfg.data, cfg.seed, None)
@@ -149,10 +158,10 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
     std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
     bs = cfg.train.eval_batch_size
-    augment = make_datamodule(cfg, cfg.data, 0).augment
+    augment = BatchAugment(**data_augment(cfg.data))
 
     def ours() -> None:
-        pseudo_label(cfg, cfg.data, net, unlabelled, work / "pseudo_labels.npz")
+        pseudo_label(cfg, cfg.data, net, unlabelled, work / "pseudo_labels.npz", RunDir(work), None)
 
     def bare() -> None:
         with torch.inference_mode():
@@ -195,9 +204,10 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 def rss_child(n: int) -> None:
     """Run in a child process: pseudo-label `n` synthetic images through our stage."""
-    from pipeline.artifacts import write_npz
-    from pipeline.selection import select_pseudo_labels
-    from pipeline.steps import build_net, predict
+    from pipeline.engine.predict import predict
+    from pipeline.models.checkpoint import build_net
+    from pipeline.runtime.io import write_npz
+    from pipeline.selftrain.select import select_pseudo_labels
 
     # Memory per batch does not grow with the views; without them the 1M images take 1/9 the time.
     cfg = compose("pseudo_label.tta_views=0")

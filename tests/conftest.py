@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 
 # Small but real: a few epochs of the default model on the bundled digits, one student round.
@@ -21,7 +19,9 @@ FAST = [
 ]
 
 
-def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+def run_cli(
+    *overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+):
     """`python -m pipeline OVERRIDES...` in a subprocess; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
@@ -32,13 +32,3 @@ def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 600, env:
         timeout=timeout,
         env=full_env,
     )
-
-
-@pytest.fixture
-def cli():
-    return run_cli
-
-
-@pytest.fixture
-def fast():
-    return list(FAST)

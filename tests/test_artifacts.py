@@ -14,7 +14,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.artifacts import (
+from pipeline.data import Splits
+from pipeline.errors import UserError
+from pipeline.runtime.io import (
     atomic_path,
     load_checkpoint,
     read_json,
@@ -25,8 +27,6 @@ from pipeline.artifacts import (
     write_npz,
     write_text,
 )
-from pipeline.data import Splits
-from pipeline.errors import UserError
 
 
 def temporaries(root: Path) -> list[Path]:
@@ -128,7 +128,7 @@ def test_remove_stale_temporaries_only_removes_temporaries(tmp_path):
 def test_splits_save_is_atomic_and_uses_the_temporary_prefix(tmp_path, monkeypatch):
     splits = Splits(labelled=np.arange(3), val=np.arange(0), unlabelled=np.arange(3, 9))
     monkeypatch.setattr("numpy.savez", disk_full_after(100))
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="no space left on the device while writing .*splits"):
         splits.save(tmp_path / "splits.npz")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()

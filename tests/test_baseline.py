@@ -14,10 +14,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipeline import config, steps
+from pipeline import config
 from pipeline.cli import CONF_DIR, resolve
+from pipeline.engine import fit as engine_fit
 from pipeline.errors import UserError
-from pipeline.selection import merge_labelled_and_pseudo
+from pipeline.models import checkpoint as models
+from pipeline.runtime.io import save_checkpoint
+from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
 config.register()
 
@@ -63,13 +66,12 @@ def _pretrained_checkpoint(cfg, path: Path) -> dict[str, torch.Tensor]:
     """A 'pretrained' 10-class source model whose weights and BN statistics are not a fresh
     model's; saved the way stage=pretrain saves it."""
     torch.manual_seed(123)
-    source = steps.build_net(cfg, 10)
+    source = models.build_net(cfg, 10)
     source.train()
     with torch.no_grad():
         source(torch.randn(16, 1, 8, 8) * 2 + 0.5)  # move the running statistics
-    steps.save_model(
-        path, source, steps.hparams_for(cfg, cfg.data, 10), {"pretrain_source": "test"}
-    )
+    hparams = models.hparams_for(cfg, cfg.data, 10)
+    save_checkpoint(path, models.model_checkpoint(source, hparams, {"pretrain_source": "test"}))
     return {k: v.clone() for k, v in source.state_dict().items()}
 
 
@@ -87,24 +89,24 @@ def _finetune(tmp_path: Path, *overrides: str):
         )
     )
     source = _pretrained_checkpoint(cfg, tmp_path / "source.ckpt")
-    net = steps.build_net(cfg, 3)
-    recreated = steps.init_from_pretrained(cfg, net, tmp_path / "source.ckpt")
+    net = models.build_net(cfg, 3)
+    recreated = models.init_from_pretrained(cfg, net, tmp_path / "source.ckpt")
     start = {k: v.clone() for k, v in net.state_dict().items()}
-    lr_scale, frozen = steps.finetune_setup(cfg, net)
+    lr_scale, frozen = models.finetune_setup(cfg, net)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8)
     train_set = merge_labelled_and_pseudo(np.arange(24) % 3, None, 3)
     recorder = RecordTraining()
-    build = steps.build_trainer
+    build = engine_fit.build_trainer
 
     def build_with_recorder(*args, callbacks=None, **kwargs):
         return build(*args, callbacks=[*(callbacks or []), recorder], **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(steps, "build_trainer", build_with_recorder)
-        steps.fit(
+        mp.setattr(engine_fit, "build_trainer", build_with_recorder)
+        engine_fit.fit(
             cfg, cfg.data, net, images, train_set, tmp_path / "ft", 0, 2,
-            steps.hparams_for(cfg, cfg.data, 3), lr_scale, frozen,
+            models.hparams_for(cfg, cfg.data, 3), None, lr_scale, frozen,
         )  # fmt: skip
     assert len(recorder.seen) >= 6
     return cfg, net, source, start, recreated, recorder.seen
@@ -178,10 +180,10 @@ def test_checkpoint_that_cannot_load_is_named(tmp_path):
     _pretrained_checkpoint(cfg, tmp_path / "w8.ckpt")
     wider = resolve(compose_cfg("model.net.width=16"))
     with pytest.raises(UserError, match=r"features\.0\.weight checkpoint \(8,1,3,3\) vs model"):
-        steps.init_from_pretrained(wider, steps.build_net(wider, 3), tmp_path / "w8.ckpt")
+        models.init_from_pretrained(wider, models.build_net(wider, 3), tmp_path / "w8.ckpt")
     other = resolve(compose_cfg("model=resnet18", "data.channels=1"))
     with pytest.raises(UserError, match="is a model=small_cnn.*pass model=small_cnn"):
-        steps.init_from_pretrained(other, steps.build_net(other, 3), tmp_path / "w8.ckpt")
+        models.init_from_pretrained(other, models.build_net(other, 3), tmp_path / "w8.ckpt")
 
 
 # --- config: the source, the refusal, the experiment -------------------------------------------

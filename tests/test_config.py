@@ -5,14 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline import config
 from pipeline.cli import CONF_DIR, resolve
+from pipeline.config.keys import differing_keys, run_name
+from pipeline.engine.trainer import build_trainer
 from pipeline.errors import UserError
+from pipeline.stages import STAGES
 
 config.register()
+
+
+def plain(cfg):
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def compose_cfg(*overrides: str):
@@ -21,7 +29,7 @@ def compose_cfg(*overrides: str):
     return cfg
 
 
-@pytest.mark.parametrize("stage", config.STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_composes(stage):
     extra = {
         "pseudolabel": ["ckpt=x.ckpt"],
@@ -90,28 +98,42 @@ def test_bad_values_are_user_errors(override, message):
 
 
 def test_schema_rejects_wrong_types_and_unknown_keys():
-    with pytest.raises(Exception, match="threshold"):
+    with pytest.raises(ConfigCompositionException, match="threshold"):
         compose_cfg("pseudo_label.threshold=high")
-    with pytest.raises(Exception, match="treshold"):
+    with pytest.raises(ConfigCompositionException, match="treshold"):
         compose_cfg("pseudo_label.treshold=0.5")
 
 
-def test_runtime_keys_do_not_count_as_a_different_config():
+def test_result_neutral_keys_do_not_count_as_a_different_config():
     a = resolve(compose_cfg())
     b = resolve(
         compose_cfg(
             "trainer.devices=2", "progress=false", "data.num_workers=2", "trainer.num_threads=1"
         )
     )
-    assert config.differing_keys(a, b) == []
+    assert differing_keys(plain(a), plain(b)) == []
     c = resolve(compose_cfg("seed=1", "pseudo_label.threshold=0.9"))
-    assert config.differing_keys(a, c) == ["pseudo_label.threshold", "seed"]
+    assert differing_keys(plain(a), plain(c)) == ["pseudo_label.threshold", "seed"]
 
 
-def test_run_name_is_safe_and_bounded():
-    assert config.run_name("") == "default"
-    assert "/" not in config.run_name("data.labelled_dir=/a/b")
-    assert len(config.run_name("x=" + "y" * 500)) <= 100
+def test_run_name_is_safe_bounded_and_order_free():
+    assert run_name([]) == "default"
+    assert "/" not in run_name(["data.labelled_dir=/a/b"])
+    assert len(run_name(["x=" + "y" * 500])) <= 100
+    assert run_name(["train.epochs=3", "seed=1", "progress=false", "trainer.devices=2"]) == (
+        "train.epochs=3"
+    )
+    assert run_name(["b=1", "a=2"]) == run_name(["a=2", "b=1"]) == "a=2,b=1"
+
+
+def test_trainer_arguments_pass_through_and_unknown_ones_are_refused():
+    cfg = resolve(compose_cfg("+trainer.gradient_clip_val=1.0", "trainer.accelerator=cpu"))
+    trainer = build_trainer(cfg.trainer, progress=False)
+    assert trainer.gradient_clip_val == 1.0
+    with pytest.raises(UserError, match="gradient_clip_vall is not a Lightning Trainer argument"):
+        resolve(compose_cfg("+trainer.gradient_clip_vall=1.0"))
+    with pytest.raises(UserError, match="trainer.max_epochs is set by the pipeline; use train"):
+        resolve(compose_cfg("+trainer.max_epochs=3"))
 
 
 def test_resolved_config_has_no_interpolations():

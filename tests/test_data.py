@@ -16,8 +16,8 @@ from pipeline.data import (
     DataBundle,
     ImageArrays,
     Splits,
-    _conform_arrays,
     check_disjoint,
+    conform_arrays,
     load_data,
     make_splits,
     subset,
@@ -131,10 +131,10 @@ def test_rgb_to_gray_uses_luminance_and_downscale_keeps_constants():
     red = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
     red[:, 0] = 255
     arrays = ImageArrays(red, torch.zeros(2, dtype=torch.int64))
-    gray = _conform_arrays(arrays, channels=1, size=8)
+    gray = conform_arrays(arrays, channels=1, size=8)
     assert gray.images.shape == (2, 1, 8, 8)
     assert (gray.images == round(0.299 * 255)).all()
-    assert _conform_arrays(arrays, channels=3, size=16) is arrays  # nothing to do: no copy
+    assert conform_arrays(arrays, channels=3, size=16) is arrays  # nothing to do: no copy
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def trainer_cfg(**kw):
 
 
 def test_which_strategies_start_ranks(monkeypatch):
-    from pipeline import launch
+    from pipeline.runtime import launch
 
     for var in ("RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SUBMITIT_LOCAL_NTASKS"):
         monkeypatch.delenv(var, raising=False)
@@ -220,7 +220,7 @@ def test_which_strategies_start_ranks(monkeypatch):
 def test_lightning_gets_slurm_environment_without_auto_requeue(monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from pipeline import launch
+    from pipeline.runtime import launch
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(var, raising=False)

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import statistics
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from pipeline.config.keys import RESULT_NEUTRAL, is_result_neutral
 from pipeline.errors import UserError
-from pipeline.report import find_swept_keys, load_config, split_aliases, write_report
+from pipeline.report import (
+    find_job_dirs,
+    find_swept_keys,
+    load_config,
+    run_report,
+    split_aliases,
+    write_report,
+)
+from pipeline.report.load import flatten_config
+from pipeline.runtime.rundir import RunDir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STAGES = ("baseline", "selftrain")
@@ -79,15 +91,25 @@ def round_metrics(stage: str, k: int, acc: float, budget: int) -> dict:
     return metrics
 
 
-def write_job(job_dir: Path, stage: str, budget: int, seed: int, finished: bool = True) -> None:
-    """One fake job dir; unfinished jobs get config.yaml and round 0 only."""
+def write_job(
+    job_dir: Path,
+    stage: str,
+    budget: int,
+    seed: int,
+    finished: bool = True,
+    overrides: bool = True,
+) -> None:
+    """One fake job dir; unfinished jobs get config.yaml and round 0 only. Without overrides: a
+    job of a sweep made before the pipeline recorded them."""
     job_dir.mkdir(parents=True)
     (job_dir / "config.yaml").write_text(json.dumps(make_config(stage, budget, seed, job_dir)))
     hydra_dir = job_dir / ".hydra"  # Hydra's own copy must not count as a job dir
     hydra_dir.mkdir()
     (hydra_dir / "config.yaml").write_text("stage: other\n")
-    overrides = [f"stage={stage}", f"data.labels_per_class={budget}", f"seed={seed}"]
-    (hydra_dir / "overrides.yaml").write_text(json.dumps([*overrides, "trainer.max_epochs=3"]))
+    if overrides:
+        tokens = [f"stage={stage}", f"data.labels_per_class={budget}", f"seed={seed}"]
+        tokens += ["trainer.max_epochs=3", f"trainer.devices={1 + seed % 2}"]
+        (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(tokens))
     accuracies = ACCURACY.get((stage, budget, seed), [0.5])
     if not finished:
         accuracies = accuracies[:1]
@@ -188,12 +210,12 @@ def test_main_table_cells_match_hand_computed_stats(report) -> None:
         assert mean == pytest.approx(100 * statistics.mean(final), abs=0.005)
         assert std == pytest.approx(100 * statistics.stdev(final), abs=0.005)
         assert row["n"] == "2"
-        seeds = "0,1,2" if (stage, budget) == ("selftrain", 4) else "0,1"
-        expected = f"`python -m pipeline -m stage={stage} data.labels_per_class={budget} "
-        assert row["command"].startswith(expected)
-        assert row["command"].endswith(f" seed={seeds}`")
-        assert "trainer.max_epochs=3" in row["command"]  # a constant override Hydra recorded
-        assert "split_seed" not in row["command"] and "run_dir" not in row["command"]
+        seeds = "0,1,2" if (stage, budget) == ("selftrain", 4) else "0,1"  # with the failed job
+        # The recorded constant override first (trainer.devices is result-neutral: left out).
+        assert row["command"] == (
+            "`python -m pipeline -m trainer.max_epochs=3 "
+            f"stage={stage} data.labels_per_class={budget} seed={seeds}`"
+        )
 
 
 def test_budget_pivot_cells_and_bold_best_per_column(report) -> None:
@@ -278,7 +300,7 @@ def test_single_run_dir_without_diagnostics(tmp_path: Path) -> None:
     markdown = info["paths"]["report.md"].read_text()
     assert "Final accuracy by label budget" not in markdown
     command = "python -m pipeline -m stage=baseline data.labels_per_class=10 trainer.max_epochs=3"
-    assert f"`{command} seed=0`" in markdown  # constant overrides come from .hydra/overrides.yaml
+    assert f"`{command} seed=0`" in markdown  # the overrides recorded in .hydra/overrides.yaml
     assert "class_coverage_last_round.png" not in info["paths"]
     assert "pseudo_labels_per_round.png" not in info["paths"]
 
@@ -289,6 +311,197 @@ def test_missing_or_empty_sweep_dir_raises_user_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no job dirs"):
         write_report(tmp_path / "empty", tmp_path / "out")
+
+
+def test_header_lists_the_settings_all_jobs_share(report) -> None:
+    _, markdown = report
+    header = markdown.split("## Results per group", 1)[0]
+    # stage, budget and seed are swept; trainer.devices differs too but is result-neutral.
+    assert "- Shared settings: `trainer.max_epochs=3`\n" in header
+
+
+# --- reproduce commands from the recorded overrides ------------------------------------------
+
+
+def write_small_job(job_dir: Path, config: dict, overrides: list[str] | None, acc: float) -> None:
+    """A finished one-round job: config.yaml, summary.json and (if given) the overrides the
+    pipeline records in .hydra/overrides.yaml."""
+    job_dir.mkdir(parents=True)
+    (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    if overrides is not None:
+        (job_dir / ".hydra").mkdir()
+        (job_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+    rounds = [{"round": 0, "test_accuracy": acc, "num_pseudo": 0}]
+    summary = {"stage": config["stage"], "dataset": "digits", "rounds": rounds}
+    (job_dir / "summary.json").write_text(json.dumps({**summary, "final_test_accuracy": acc}))
+
+
+def small_config(stage: str, seed: int, **nested: dict) -> dict:
+    """A job's config with the keys the commands below set; nested entries replace sections."""
+    config = {
+        "stage": stage,
+        "seed": seed,
+        "run_dir": f"outputs/{stage}/seed{seed}",
+        "progress": True,
+        "data": {"name": "digits", "num_classes": 10, "labels_per_class": 4, "root": "data"},
+        "selftrain": {"rounds": 1},
+        "train": {"epochs": 3},
+        "trainer": {"devices": 1, "num_threads": None},
+    }
+    return {**config, **nested}
+
+
+def test_reproduce_command_adds_the_overrides_the_jobs_share(tmp_path: Path) -> None:
+    # python -m pipeline data.labels_per_class=4 selftrain.rounds=1 train.epochs=3 \
+    #     -m stage=selftrain,baseline seed=0,1 (trainer.num_threads=2: result-neutral)
+    sweep = tmp_path / "multirun"
+    shared = ["data.labels_per_class=4", "selftrain.rounds=1", "train.epochs=3"]
+    for num, (stage, seed) in enumerate(itertools.product(("selftrain", "baseline"), (0, 1))):
+        overrides = [*shared, "trainer.num_threads=2", f"stage={stage}", f"seed={seed}"]
+        write_small_job(sweep / str(num), small_config(stage, seed), overrides, 0.8 + 0.01 * num)
+    info = write_report(sweep, tmp_path / "out")
+    markdown = info["paths"]["report.md"].read_text()
+    rows = {r["stage"]: r for r in table_after(markdown, "## Results per group")}
+    assert rows["baseline"]["command"] == (
+        "`python -m pipeline -m data.labels_per_class=4 selftrain.rounds=1 train.epochs=3 "
+        "stage=baseline seed=0,1`"
+    )
+    assert rows["selftrain"]["command"] == (
+        "`python -m pipeline -m data.labels_per_class=4 selftrain.rounds=1 train.epochs=3 "
+        "stage=selftrain seed=0,1`"
+    )
+    assert "- Shared settings: `data.labels_per_class=4 selftrain.rounds=1 train.epochs=3`\n" in (
+        markdown
+    )
+
+
+def test_group_choice_overrides_are_in_the_command(tmp_path: Path) -> None:
+    # python -m pipeline -m experiment=quick data=mnist5k,digits seed=0
+    sweep = tmp_path / "multirun"
+    datasets = {"mnist5k": {"name": "mnist5k", "num_classes": 10, "labels_per_class": 4},
+                "digits": {"name": "digits", "num_classes": 10, "labels_per_class": 10}}  # fmt: skip
+    for num, (choice, data) in enumerate(datasets.items()):
+        overrides = ["experiment=quick", f"data={choice}", "seed=0"]
+        write_small_job(sweep / str(num), small_config("selftrain", 0, data=data), overrides, 0.9)
+    info = write_report(sweep, tmp_path / "out")
+    assert info["group_keys"] == ["data.labels_per_class"]  # data.name varies in step with it
+    markdown = info["paths"]["report.md"].read_text()
+    commands = [r["command"] for r in table_after(markdown, "## Results per group")]
+    assert commands == [
+        "`python -m pipeline -m experiment=quick data=mnist5k data.labels_per_class=4 seed=0`",
+        "`python -m pipeline -m experiment=quick data=digits data.labels_per_class=10 seed=0`",
+    ]
+    assert "- Shared settings: `experiment=quick seed=0`\n" in markdown
+    assert "`data.name` (with `data.labels_per_class`)" in markdown
+
+
+def test_sweep_without_recorded_overrides_gets_the_swept_keys_command(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    for num, (stage, seed) in enumerate([(s, seed) for s in STAGES for seed in SEEDS]):
+        write_job(sweep / str(num), stage, 4, seed, overrides=False)
+    info = write_report(sweep, tmp_path / "out")
+    markdown = info["paths"]["report.md"].read_text()
+    commands = [r["command"] for r in table_after(markdown, "## Results per group")]
+    assert commands == [f"`python -m pipeline -m stage={s} seed=0,1`" for s in STAGES]
+    assert "Shared settings" not in markdown  # unknown: the jobs did not record them
+
+
+# --- result-neutral keys never form groups ----------------------------------------------------
+
+
+def test_jobs_differing_only_in_result_neutral_keys_form_one_group(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    neutral = [
+        (["progress=false", "trainer.num_threads=2"], {"progress": False},
+         {"devices": 1, "num_threads": 2}),
+        (["trainer.devices=4"], {"progress": True}, {"devices": 4, "num_threads": None}),
+    ]  # fmt: skip
+    for num, (tokens, top, trainer) in enumerate(neutral):
+        config = {**small_config("selftrain", num, trainer=trainer), **top}
+        write_small_job(sweep / str(num), config, ["stage=selftrain", *tokens, f"seed={num}"], 0.9)
+    info = write_report(sweep, tmp_path / "out")
+    assert info["group_keys"] == [] and info["replicate_key"] == "seed"
+    markdown = info["paths"]["report.md"].read_text()
+    (row,) = table_after(markdown, "## Results per group")
+    assert row["n"] == "2"
+    assert row["command"] == "`python -m pipeline -m stage=selftrain seed=0,1`"
+    assert "- Shared settings: `stage=selftrain`\n" in markdown
+
+
+def nested(flat: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def test_result_neutral_keys_are_those_of_the_config_package() -> None:
+    # Every key of pipeline.config.keys.RESULT_NEUTRAL (and keys under one) differs; so do two
+    # keys that are part of the experiment, one ending in _dir (not neutral by its name alone).
+    neutral = [k if k not in ("report", "hydra") else f"{k}.sweep.dir" for k in RESULT_NEUTRAL]
+    varying = [*neutral, "ckpt", "selftrain.cache_dir"]
+    assert [k for k in varying if not is_result_neutral(k)] == ["ckpt", "selftrain.cache_dir"]
+    configs = [  # as the report reads them from config.yaml
+        flatten_config(nested({"stage": "selftrain", **{k: f"v{i}" for k in varying}}))
+        for i in range(2)
+    ]
+    assert find_swept_keys(configs) == ["ckpt", "selftrain.cache_dir"]
+
+
+# --- sweep dir layouts ------------------------------------------------------------------------
+
+
+LAYOUTS = {  # job dir of (stage, labels_per_class, seed), the numbered one by its index
+    "numbered": lambda num, stage, budget, seed: str(num),
+    "by_overrides": lambda num, stage, budget, seed: (
+        f"data.labels_per_class={budget},seed={seed},stage={stage}"
+    ),
+    "nested": lambda num, stage, budget, seed: f"lpc{budget}/{stage}/seed={seed}",
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_job_dirs_at_any_depth_give_the_same_report(layout: str, tmp_path: Path, report) -> None:
+    _, expected = report  # of the numbered sweep in tmp_path/multirun
+    sweep = tmp_path / layout
+    keys = [(s, b, seed) for s in STAGES for b in BUDGETS for seed in SEEDS]
+    rels = [LAYOUTS[layout](num, *key) for num, key in enumerate(keys)]
+    for rel, key in zip(rels, keys, strict=True):
+        write_job(sweep / rel, *key)
+    rels.append(LAYOUTS[layout](len(keys), "selftrain", 4, 2))
+    write_job(sweep / rels[-1], "selftrain", 4, 2, finished=False)
+    (sweep / ".submitit" / "0").mkdir(parents=True)  # hidden dirs are not searched
+    (sweep / ".submitit" / "0" / "config.yaml").write_text("stage: other\n")
+    (sweep / "report").mkdir()  # nor an earlier report
+    (sweep / "report" / "config.yaml").write_text("stage: report\n")
+
+    found = [p.relative_to(sweep).as_posix() for p in find_job_dirs(sweep)]
+    assert sorted(found) == sorted(rels)
+    info = write_report(sweep, tmp_path / f"out-{layout}")
+    markdown = info["paths"]["report.md"].read_text()
+    for heading in ("## Results per group", "## Final accuracy by label budget"):
+        assert table_after(markdown, heading) == table_after(expected, heading)
+    with open(info["paths"]["results.csv"], newline="") as handle:
+        assert sorted(r["job"] for r in csv.DictReader(handle)) == sorted(rels)
+    failed = markdown.split("## Failed or unfinished jobs", 1)[1].split("##", 1)[0]
+    assert f"- `{rels[-1]}` (selftrain, labels_per_class=4, seed=2): no summary.json" in failed
+
+
+def test_run_report_stage_writes_into_the_run_dir(sweep: Path, tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"report": {"sweep_dir": str(sweep)}})
+    out = tmp_path / "report_run"
+    result = run_report(cfg, RunDir(out))
+    assert result["stage"] == "report" and result["n_jobs"] == 9 and result["n_failed"] == 1
+    assert result["group_keys"] == ["stage", "data.labels_per_class"]
+    assert result["paths"]["report.md"] == str(out.resolve() / "report.md")
+    assert all(isinstance(p, str) and Path(p).is_file() for p in result["paths"].values())
+    with pytest.raises(UserError, match="does not exist"):
+        run_report(OmegaConf.create({"report": {"sweep_dir": str(tmp_path / "nope")}}), RunDir(out))
 
 
 # --- a real sweep: 2 stages x 2 seeds on the bundled digits, through the CLI ------------------
@@ -322,7 +535,11 @@ def test_report_of_a_real_sweep_matches_the_jobs(tmp_path: Path) -> None:
         assert row["final acc (%)"] == expected_pct([j["final_test_accuracy"] for j in jobs])
         assert row["teacher acc (%)"] == expected_pct([j["teacher_test_accuracy"] for j in jobs])
         assert row["n"] == "2"
-        assert row["command"].endswith(" seed=0,1`")
+        # The recorded overrides, less the result-neutral ones (progress, trainer.accelerator).
+        assert row["command"] == (
+            "`python -m pipeline -m train.epochs=4 train.min_steps=40 selftrain.rounds=1 "
+            f"stage={row['stage']} seed=0,1`"
+        )
     with (out / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4

@@ -68,7 +68,7 @@ def pause():
     time.sleep(3600)
 
 if at == "labelling":  # the teacher's predictions are written, not yet merged and selected
-    from pipeline.training import IndexedPredictionWriter as W
+    from pipeline.engine.predict import IndexedPredictionWriter as W
     real_end = W.on_predict_epoch_end
     def on_predict_epoch_end(self, trainer, module):
         real_end(self, trainer, module)
@@ -82,21 +82,21 @@ elif at == "renaming_pseudo_labels":  # pseudo_labels.npz is whole under its tem
         return real_replace(src, dst, *args, **kwargs)
     os.replace = replace
 elif at == "before_student_metrics":  # round_1/model.ckpt is saved, metrics.json is not
-    from pipeline import stages
-    real_write = stages.write_rank_zero
-    def write_rank_zero(path, data):
+    from pipeline.runtime.rundir import RunDir
+    real_write = RunDir.write_json
+    def write_json(self, path, data):
         if Path(path).parent.name == "round_1" and Path(path).name == "metrics.json":
             pause()
-        return real_write(path, data)
-    stages.write_rank_zero = write_rank_zero
+        return real_write(self, path, data)
+    RunDir.write_json = write_json
 elif at == "after_student_metrics":  # round_1/metrics.json is written, the rest is not
-    from pipeline import stages
-    real_remove = stages.remove_resume_state
-    def remove_resume_state(round_dir):
-        if Path(round_dir).name == "round_1":
+    from pipeline.runtime.rundir import Step
+    real_clean = Step.clean
+    def clean(self):
+        if self.path.name == "round_1" and (self.path / "metrics.json").exists():
             pause()
-        return real_remove(round_dir)
-    stages.remove_resume_state = remove_resume_state
+        return real_clean(self)
+    Step.clean = clean
 else:
     raise SystemExit(f"unknown PAUSE_AT={at}")
 

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.selection import (
+from pipeline.selftrain.merge import merge_labelled_and_pseudo, mixed_batches
+from pipeline.selftrain.select import (
     PseudoLabels,
     cap_per_class,
-    merge_labelled_and_pseudo,
-    mixed_batches,
     per_class_stats,
     select_confident,
     select_pseudo_labels,

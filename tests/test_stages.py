@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from pipeline.artifacts import load_checkpoint
+from pipeline.runtime.io import load_checkpoint
 
 SELFTRAIN = ["train.epochs=10", "train.min_steps=150", "selftrain.rounds=1"]
 
@@ -29,6 +29,7 @@ def test_selftrain_artifact_layout(selftrain_run):
     run_dir, proc = selftrain_run
     names = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert names == [
+        ".hydra/overrides.yaml",
         "config.yaml",
         "round_0/metrics.json",
         "round_0/model.ckpt",
@@ -158,9 +159,15 @@ def test_each_stage_alone(folders, tmp_path):
     assert train_summary["num_unlabelled"] == 3 * 8 + 30
 
     out = tmp_path / "pl" / "labels.npz"
-    proc = run_cli(*args, "stage=pseudolabel", f"ckpt={ckpt}", f"out={out}",
-                   "pseudo_label.threshold=0.0", "pseudo_label.soft=true",
-                   f"run_dir={tmp_path / 'pl'}")
+    proc = run_cli(
+        *args,
+        "stage=pseudolabel",
+        f"ckpt={ckpt}",
+        f"out={out}",
+        "pseudo_label.threshold=0.0",
+        "pseudo_label.soft=true",
+        f"run_dir={tmp_path / 'pl'}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(out, allow_pickle=False) as z:
         assert z["index"].tolist() == list(range(54))  # threshold 0 keeps all, each once
@@ -180,7 +187,9 @@ def test_each_stage_alone(folders, tmp_path):
     assert json.loads((student_dir / "metrics.json").read_text())["num_pseudo"] == 54
 
     eval_dir = tmp_path / "eval"
-    proc = run_cli(*args, "stage=evaluate", f"ckpt={student_dir / 'model.ckpt'}", f"run_dir={eval_dir}")
+    proc = run_cli(
+        *args, "stage=evaluate", f"ckpt={student_dir / 'model.ckpt'}", f"run_dir={eval_dir}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["num_test"] == 15 and metrics["test_accuracy"] > 1 / 3

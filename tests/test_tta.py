@@ -8,8 +8,18 @@ from omegaconf import OmegaConf
 from test_config import compose_cfg
 
 from pipeline.cli import resolve
-from pipeline.steps import build_net, make_datamodule, predict
-from pipeline.training import Batches, fixed_views
+from pipeline.engine.datamodule import Batches
+from pipeline.engine.predict import predict
+from pipeline.models.checkpoint import build_net
+from pipeline.selftrain.label import teacher_views
+from pipeline.selftrain.noise import BatchAugment, fixed_views
+from pipeline.selftrain.teacher import data_augment
+
+
+def label(cfg, net, images, tmp_path):
+    """The teacher's probabilities as pseudo-labelling computes them (with its views)."""
+    views = teacher_views(cfg, cfg.data)
+    return predict(cfg, cfg.data, net, Batches(images), tmp_path, views)
 
 
 def setup(*overrides: str):
@@ -26,7 +36,7 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 
 def test_views_do_not_depend_on_the_batch():
     cfg, _, images = setup()
-    augment = make_datamodule(cfg, cfg.data, 0).augment
+    augment = BatchAugment(**data_augment(cfg.data))
     x = images.float() / 255
     whole = fixed_views(x, 5, augment, seed=3)
     part = fixed_views(x[10:14], 5, augment, seed=3)
@@ -39,10 +49,10 @@ def test_views_do_not_depend_on_the_batch():
 
 def test_pseudo_label_probs_are_the_mean_over_views(tmp_path):
     cfg, net, images = setup("pseudo_label.tta_views=4")
-    index, probs = predict(cfg, cfg.data, net, Batches(images), tmp_path)
+    index, probs = label(cfg, net, images, tmp_path)
     assert sorted(index.tolist()) == list(range(37))
     probs = probs[index.argsort()]
-    augment = make_datamodule(cfg, cfg.data, 0).augment
+    augment = BatchAugment(**data_augment(cfg.data))
     x = images.float() / 255
     with torch.inference_mode():
         views = [x, *fixed_views(x, 4, augment, seed=0)]
@@ -54,15 +64,15 @@ def test_pseudo_label_probs_are_the_mean_over_views(tmp_path):
 
 def test_no_views_is_the_clean_prediction_and_batching_changes_nothing(tmp_path):
     cfg, net, images = setup("pseudo_label.tta_views=0")
-    index, probs = predict(cfg, cfg.data, net, Batches(images), tmp_path)
+    index, probs = label(cfg, net, images, tmp_path)
     with torch.inference_mode():
         clean = net(normalise(images.float() / 255)).softmax(1)
     assert torch.allclose(torch.from_numpy(probs[index.argsort()]), clean, atol=1e-5)
 
     cfg, net, images = setup("pseudo_label.tta_views=3")
-    big_index, big = predict(cfg, cfg.data, net, Batches(images), tmp_path)
+    big_index, big = label(cfg, net, images, tmp_path)
     small_cfg = OmegaConf.merge(cfg, {"train": {"eval_batch_size": 5}})
-    small_index, small = predict(small_cfg, cfg.data, net, Batches(images), tmp_path)
+    small_index, small = label(small_cfg, net, images, tmp_path)
     assert torch.allclose(
         torch.from_numpy(big[big_index.argsort()]),
         torch.from_numpy(small[small_index.argsort()]),

@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger("pipeline")
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-# Exit code of a rank started by pipeline.launch that stopped on a signal after saving: its
+# Exit code of a rank started by runtime.launch that stopped on a signal after saving: its
 # launcher then requeues the job (or tells the user to re-run it).
 PREEMPTED_EXIT = 3
 

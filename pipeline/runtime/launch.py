@@ -2,7 +2,7 @@
 
 Lightning's own DDP launcher re-executes the Hydra script in every rank, and under `-m` each rank
 then re-runs the whole sweep. Instead, the Hydra job resolves its config once, writes it to a
-temporary file and starts one `python -m pipeline.rank FILE` process per device with the same
+temporary file and starts one `python -m pipeline.runtime.rank FILE` process per device with the same
 environment torchrun sets; Lightning sees an externally launched world and starts nothing.
 Under srun (SLURM tasks) or torchrun the processes already exist and nothing is started here.
 """
@@ -112,7 +112,7 @@ def lightning_settings(trainer_cfg: Any) -> dict[str, Any]:
     """Strategy and cluster plugins for the Lightning Trainer in this process.
 
     Under SLURM tasks (srun, submitit) Lightning would pick SLURMEnvironment with auto-requeue
-    on USR1; the pipeline handles the requeue signal itself (pipeline.preemption), so Lightning
+    on USR1; the pipeline handles the requeue signal itself (runtime.preemption), so Lightning
     gets SLURMEnvironment(auto_requeue=False). Inside torchrun or the pipeline's own ranks
     Lightning picks TorchElasticEnvironment, which never requeues.
     """
@@ -155,8 +155,8 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
     input is bad, 1 if any failed otherwise). If one rank fails the others are stopped.
 
     USR1/USR2 (a cluster's "time is nearly up") are passed to the ranks, which save last.ckpt
-    and stop; then this process requeues the job (pipeline.preemption)."""
-    from pipeline import preemption
+    and stop; then this process requeues the job (runtime.preemption)."""
+    from pipeline.runtime import preemption
 
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-ranks-"))
     path = tmp / "config.yaml"
@@ -178,7 +178,9 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
             TORCHELASTIC_RUN_ID=f"pipeline-{port}",
         )
         env.setdefault("OMP_NUM_THREADS", threads)  # as torchrun does; the user's value wins
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.rank", str(path)], env=env))
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "pipeline.runtime.rank", str(path)], env=env)
+        )
 
     received: list[int] = []
 

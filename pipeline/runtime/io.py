@@ -1,4 +1,5 @@
-"""Reading and writing run artifacts: atomically, and never with a format that can run code."""
+"""Reading and writing artifacts: atomically (the one atomic writer of the pipeline), and never
+with a format that can run code."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # as an ordinary open() would (mkstemp gives 0600)
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
@@ -49,6 +51,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: os.umask can only be read by setting it
 # A full disk (or quota) is the user's to fix, and a re-run resumes: exit 2, not a traceback.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -1,4 +1,4 @@
-"""One DDP rank of a job started by pipeline.launch: `python -m pipeline.rank CONFIG.yaml`."""
+"""One DDP rank of a job started by runtime.launch: `python -m pipeline.runtime.rank CONFIG.yaml`."""
 
 import sys
 

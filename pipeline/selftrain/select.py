@@ -1,6 +1,8 @@
-"""Pseudo-label selection and merging: small pure functions on tensors, read like the papers.
+"""Step 3a, selection: which of the teacher's predictions become pseudo-labels. Small pure
+functions on tensors and arrays that read like the papers (threshold, per-class cap, soft
+targets), and the per-class diagnostics of what was kept.
 
-Nothing here knows about Lightning, files or configs, so each piece is tested on hand-made tensors.
+Nothing here knows about Lightning, files or configs, so each piece is tested on hand-made arrays.
 """
 
 from __future__ import annotations
@@ -88,108 +90,6 @@ def select_pseudo_labels(
         confidence=confidence[kept].numpy().astype(np.float32),
         probs=sharpen(probs[kept], temperature).numpy().astype(np.float32) if soft else None,
     )
-
-
-@dataclass
-class TrainingSet:
-    """What a student trains on: images by reference, a target distribution and a weight each.
-
-    `source` says where each row's image comes from (0: labelled set, 1: unlabelled set) and
-    `position` where in that set. Hard labels are one-hot rows of `targets`.
-    """
-
-    source: np.ndarray  # int8 (N,)
-    position: np.ndarray  # int64 (N,)
-    targets: np.ndarray  # float32 (N, C)
-    weight: np.ndarray  # float32 (N,)
-
-    def __len__(self) -> int:
-        return len(self.position)
-
-    @property
-    def num_labelled(self) -> int:
-        return int((self.source == 0).sum())
-
-
-def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    out = np.zeros((len(labels), num_classes), dtype=np.float32)
-    out[np.arange(len(labels)), labels] = 1.0
-    return out
-
-
-def merge_labelled_and_pseudo(
-    labelled_labels: np.ndarray,
-    pseudo: PseudoLabels | None,
-    num_classes: int,
-    pseudo_weight: float = 1.0,
-) -> TrainingSet:
-    """Labelled samples (one-hot, weight 1) followed by the kept pseudo-labelled ones.
-
-    Soft pseudo-labels keep the teacher's (sharpened) probabilities as targets; hard ones are
-    one-hot. Only the teacher's outputs enter here, never the unlabelled set's true labels.
-    """
-    n_lab = len(labelled_labels)
-    parts_source = [np.zeros(n_lab, np.int8)]
-    parts_position = [np.arange(n_lab, dtype=np.int64)]
-    parts_targets = [one_hot(labelled_labels, num_classes)]
-    parts_weight = [np.ones(n_lab, np.float32)]
-    if pseudo is not None and len(pseudo):
-        n = len(pseudo)
-        parts_source.append(np.ones(n, np.int8))
-        parts_position.append(pseudo.index.astype(np.int64))
-        parts_targets.append(
-            pseudo.probs.astype(np.float32)
-            if pseudo.probs is not None
-            else one_hot(pseudo.label, num_classes)
-        )
-        parts_weight.append(np.full(n, pseudo_weight, np.float32))
-    return TrainingSet(
-        source=np.concatenate(parts_source),
-        position=np.concatenate(parts_position),
-        targets=np.concatenate(parts_targets),
-        weight=np.concatenate(parts_weight),
-    )
-
-
-def mixed_batches(
-    num_labelled: int,
-    num_pseudo: int,
-    batch_size: int,
-    labelled_fraction: float,
-    generator: np.random.Generator,
-    min_batches: int = 1,
-) -> list[np.ndarray]:
-    """One epoch of batches (rows of a TrainingSet) with a fixed share of labelled samples.
-
-    With few labels and many pseudo-labels, plain shuffling would leave most batches without a
-    single true label; here each batch holds round(labelled_fraction * batch_size) labelled rows,
-    the labelled set being cycled (oversampled) as often as needed. The epoch ends when every
-    pseudo-labelled row was seen once. Without pseudo-labels it is a plain shuffled epoch. A tiny
-    set is cycled to give at least `min_batches` batches, so an epoch is never a single step.
-    """
-    if num_pseudo == 0 or labelled_fraction >= 1.0:
-        total = num_labelled + num_pseudo
-        if -(-total // batch_size) >= min_batches:
-            perm = generator.permutation(total)
-            return [perm[i : i + batch_size] for i in range(0, total, batch_size)]
-        reps = -(-(min_batches * batch_size) // total)
-        rows = np.concatenate([generator.permutation(total) for _ in range(reps)])
-        return [rows[b * batch_size : (b + 1) * batch_size] for b in range(min_batches)]
-    n_lab_b = min(batch_size - 1, max(1, round(labelled_fraction * batch_size)))
-    n_ps_b = batch_size - n_lab_b
-    n_batches = max(min_batches, -(-num_pseudo // n_ps_b))
-    reps_ps = -(-(n_batches * n_ps_b) // num_pseudo)
-    pseudo_rows = num_labelled + np.concatenate(
-        [generator.permutation(num_pseudo) for _ in range(reps_ps)]
-    )
-    reps = -(-(n_batches * n_lab_b) // num_labelled)
-    lab_rows = np.concatenate([generator.permutation(num_labelled) for _ in range(reps)])
-    return [
-        np.concatenate(
-            [lab_rows[b * n_lab_b : (b + 1) * n_lab_b], pseudo_rows[b * n_ps_b : (b + 1) * n_ps_b]]
-        )
-        for b in range(n_batches)
-    ]
 
 
 def per_class_stats(

@@ -1,0 +1,52 @@
+"""Fine-tuning pretrained weights on the labelled target set (`stage=finetune`), and the whole
+baseline (`stage=baseline`): pretrain -> fine-tune -> evaluate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.baseline.pretrain import pretrained_checkpoint
+from pipeline.data.task import Task, prepare_task
+from pipeline.runtime import io
+from pipeline.runtime.rundir import DONE, RunDir, Step
+from pipeline.selftrain.loop import summary
+from pipeline.selftrain.teacher import train_teacher
+
+
+def run_finetune(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Fine-tune `ckpt` on the labelled target split with finetune.mode; evaluate."""
+    start = time.time()
+    task = prepare_task(cfg.data, cfg.seed, run)
+    metrics = finetune(cfg, task, run.step(), Path(cfg.ckpt))
+    return summary(cfg, run, "finetune", task, [metrics], start)
+
+
+def finetune(cfg: DictConfig, task: Task, step: Step, ckpt: Path | None) -> dict[str, Any]:
+    """Train on the labelled target starting from `ckpt` (None: torchvision's model.weights)."""
+    if step.done:
+        return step.result()
+    _, metrics = train_teacher(cfg, task, step, cfg.seed * 1000, ckpt)
+    metrics.update({"round": 0, "num_pseudo": 0, "finetune_mode": str(cfg.finetune.mode)})
+    return step.finish(metrics)
+
+
+def run_baseline(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Pretrain (or take pretrained weights) -> fine-tune on the labelled target -> evaluate."""
+    start = time.time()
+    task = prepare_task(cfg.data, cfg.seed, run)
+    ckpt = pretrained_checkpoint(cfg, run)
+    metrics = finetune(cfg, task, run.step("finetune"), ckpt)
+    extra: dict[str, Any] = {
+        "finetune_mode": str(cfg.finetune.mode),
+        "pretrain_source": str(ckpt) if ckpt else f"torchvision {cfg.model.weights}",
+    }
+    if run.exists(run / "pretrain" / DONE):
+        pre = io.read_json(run / "pretrain" / DONE)
+        extra.update(
+            {"pretrain_source": pre.get("source"), "pretrain_test_accuracy": pre["test_accuracy"]}
+        )
+    return summary(cfg, run, "baseline", task, [metrics], start, **extra)

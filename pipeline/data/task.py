@@ -1,0 +1,56 @@
+"""A dataset split for self-training: what every stage works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from pipeline.data import load_data
+from pipeline.data.arrays import DataBundle, ImageArrays, subset
+from pipeline.data.splits import Splits, check_disjoint, make_splits, unlabelled_pool
+from pipeline.runtime.rundir import RunDir
+
+
+@dataclass
+class Task:
+    """One dataset, split into labelled, unlabelled and test sets."""
+
+    bundle: DataBundle
+    splits: Splits
+    labelled: ImageArrays
+    unlabelled: ImageArrays  # its labels are the truth kept aside for reporting only
+    test: ImageArrays
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.bundle.classes)
+
+    def unlabelled_truth(self):
+        """The unlabelled set's true labels (None where unknown): for reports, never training."""
+        labels = self.unlabelled.labels
+        return labels.numpy() if labels is not None else None
+
+
+def prepare_task(data_cfg: DictConfig, seed: int, run: RunDir | None) -> Task:
+    """Load the data, split it by `labels_per_class` and `seed`, check the splits do not overlap,
+    and record them in run_dir/splits.npz."""
+    bundle = load_data(data_cfg)
+    assert bundle.train.labels is not None
+    splits = make_splits(
+        bundle.train.labels.numpy(),
+        data_cfg.get("labels_per_class"),
+        data_cfg.get("val_per_class", 0),
+        seed,
+        len(bundle.classes),
+    )
+    check_disjoint(labelled=splits.labelled, val=splits.val, unlabelled=splits.unlabelled)
+    if run is not None and not run.exists(run / "splits.npz"):
+        run.write_npz(run / "splits.npz", splits.arrays())
+    return Task(
+        bundle=bundle,
+        splits=splits,
+        labelled=subset(bundle.train, splits.labelled),
+        unlabelled=unlabelled_pool(bundle, splits),
+        test=bundle.test,
+    )

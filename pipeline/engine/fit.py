@@ -1,0 +1,134 @@
+"""Training one network on a training set, and testing it: the Lightning calls every stage uses."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from pipeline.data import ImageArrays
+from pipeline.engine.datamodule import Batches, ImageDataModule
+from pipeline.engine.module import TEST_ACC, TEST_COUNT, LitClassifier
+from pipeline.engine.trainer import build_trainer
+from pipeline.runtime import dist
+from pipeline.runtime.preemption import CheckpointOnSignal
+from pipeline.selftrain.merge import TrainingSet, mixed_batches, one_hot
+
+log = logging.getLogger("pipeline")
+
+
+def datamodule(
+    cfg: DictConfig, data_cfg: DictConfig, seed: int, augment: torch.nn.Module | None, **sets: Any
+) -> ImageDataModule:
+    return ImageDataModule(
+        mean=list(data_cfg.mean),
+        std=list(data_cfg.std),
+        augment=augment,
+        seed=seed,
+        num_workers=data_cfg.get("num_workers", 0),
+        channels_last=cfg.trainer.get("channels_last", False),
+        eval_batch_size=cfg.train.eval_batch_size,
+        **sets,
+    )
+
+
+def training_batches(
+    train_set: TrainingSet, cfg: DictConfig, epochs: int
+) -> Callable[[np.random.Generator], list[np.ndarray]]:
+    """The epoch's batches: at least train.min_steps steps over the whole training (per rank),
+    so a teacher on 40 labels still gets enough updates."""
+    n_lab = train_set.num_labelled
+    n_ps = len(train_set) - n_lab
+    bs = cfg.train.batch_size
+    frac = cfg.pseudo_label.labelled_fraction
+    min_batches = math.ceil(cfg.train.min_steps / max(1, epochs)) * dist.world_size()
+
+    def make(rng: np.random.Generator) -> list[np.ndarray]:
+        return mixed_batches(n_lab, n_ps, bs, frac, rng, min_batches)
+
+    return make
+
+
+def fit(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    train_set: TrainingSet,
+    work_dir: Path,
+    seed: int,
+    epochs: int,
+    hparams: dict[str, Any],
+    augment: torch.nn.Module | None,
+    lr_scale: float = 1.0,
+    frozen: list[torch.nn.Module] | None = None,
+) -> torch.nn.Module:
+    """Train `net` on a TrainingSet (images given in TrainingSet row order), with `augment` as
+    the per-batch noise. Resumes from work_dir/checkpoints/last.ckpt when a killed run left one."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    if epochs == 0:
+        return net
+    data = Batches(images, torch.from_numpy(train_set.targets), torch.from_numpy(train_set.weight))
+    dm = datamodule(
+        cfg,
+        data_cfg,
+        seed,
+        augment,
+        train=data,
+        train_batches=training_batches(train_set, cfg, epochs),
+    )
+    module = LitClassifier(
+        net,
+        num_classes=train_set.targets.shape[1],
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler)
+        if cfg.get("scheduler") and cfg.scheduler.get("_target_")
+        else None,
+        label_smoothing=cfg.train.label_smoothing,
+        backbone_lr_scale=lr_scale,
+        frozen_modules=frozen,
+        compile=cfg.trainer.get("compile", False),
+        hparams=hparams,
+    )
+    ckpt_dir = work_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    trainer = build_trainer(
+        cfg.trainer,
+        max_epochs=epochs,
+        ckpt_dir=ckpt_dir,
+        progress=cfg.progress,
+        callbacks=[CheckpointOnSignal(last)],  # a cluster's "time is up": save, stop, requeue
+        root_dir=work_dir,
+    )
+    if last.exists():
+        log.info("resuming training from %s", last)
+    trainer.fit(
+        module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True
+    )
+    return net
+
+
+def evaluate(
+    cfg: DictConfig, data_cfg: DictConfig, net: torch.nn.Module, test: ImageArrays
+) -> dict[str, float]:
+    """Test accuracy, each test sample counted exactly once (also under DDP)."""
+    assert test.labels is not None
+    num_classes = int(data_cfg.num_classes)
+    targets = torch.from_numpy(one_hot(test.labels.numpy(), num_classes))
+    data = Batches(test.images, targets, torch.ones(len(test)))
+    dm = datamodule(cfg, data_cfg, 0, None, test=data)
+    module = LitClassifier(net, num_classes=num_classes, optimizer=instantiate(cfg.optimizer))
+    trainer = build_trainer(cfg.trainer, progress=cfg.progress)
+    out = trainer.test(module, datamodule=dm, verbose=False)[0]
+    count = int(round(out[TEST_COUNT]))
+    if count != len(test):
+        raise RuntimeError(f"evaluation counted {count} test samples, expected {len(test)}")
+    return {"test_accuracy": float(out[TEST_ACC]), "num_test": count}

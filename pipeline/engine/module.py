@@ -1,0 +1,126 @@
+"""The LightningModule: a thin wrapper around a plain network (`net`), each step a few lines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+# Metric names, defined once for the module, the stages and the reports.
+TRAIN_LOSS = "train/loss"
+TEST_ACC = "test/acc"
+TEST_COUNT = "test/count"
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
+    """Weighted cross-entropy against target distributions (one-hot rows for hard labels)."""
+    if smoothing:
+        target = target * (1 - smoothing) + smoothing / target.shape[1]
+    loss = -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    return (weight * loss).mean()
+
+
+class LitClassifier(L.LightningModule):
+    """A thin LightningModule around a plain network (`net`): each step is a few lines."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
+        backbone_lr_scale: float = 1.0,
+        frozen_modules: list[nn.Module] | None = None,
+        compile: bool = False,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Plain containers only: the checkpoint must load with weights_only=True.
+        self.save_hyperparameters(dict(hparams or {}))
+        self.net = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.label_smoothing, self.backbone_lr_scale = label_smoothing, backbone_lr_scale
+        self.frozen_modules = list(frozen_modules or [])
+        # The compiled wrapper is kept out of the module tree so state_dict keys stay plain.
+        object.__setattr__(self, "_forward_net", torch.compile(net) if compile else net)
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_count = SumMetric()  # each test sample must be counted exactly once
+        self._loss_sum: torch.Tensor | float = 0.0  # this epoch's training loss, for its log
+        self._loss_steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_net(x)
+
+    def train(self, mode: bool = True) -> LitClassifier:
+        super().train(mode)
+        for m in self.frozen_modules:  # frozen BatchNorm keeps its running statistics
+            m.eval()
+        return self
+
+    def on_train_start(self) -> None:
+        # Lightning (>= 2.2) no longer calls .train() when fitting starts: put the module in
+        # training mode here, which also puts the frozen BatchNorms back in eval mode. Here and
+        # not only per epoch: a run resumed mid-epoch skips that epoch's on_train_epoch_start.
+        self.train()
+
+    def on_train_epoch_start(self) -> None:
+        self.train()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = soft_cross_entropy(logits, batch["target"], batch["weight"], self.label_smoothing)
+        # The epoch's mean loss is logged once at its end: a per-step self.log costs more than a
+        # small model's step is worth keeping it for.
+        self._loss_sum = self._loss_sum + loss.detach()
+        self._loss_steps += 1
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._loss_steps:
+            mean = self._loss_sum / self._loss_steps
+            self.log(TRAIN_LOSS, mean, on_epoch=True, prog_bar=True, sync_dist=True)
+        self._loss_sum, self._loss_steps = 0.0, 0
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_acc.update(self(batch["image"]), batch["target"].argmax(1))
+        self.test_count.update(torch.tensor(float(len(batch["image"])), device=self.device))
+        self.log(TEST_ACC, self.test_acc, on_step=False, on_epoch=True)
+        self.log(TEST_COUNT, self.test_count, on_step=False, on_epoch=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        # With test-time augmentation: the mean of the views' probabilities.
+        views = batch.get("views", [batch["image"]])
+        probs = sum(self(v).float().softmax(1) for v in views) / len(views)
+        return {"index": batch["index"], "probs": probs}
+
+    def configure_optimizers(self) -> Any:
+        head = [
+            p for n, p in self.net.named_parameters() if n.startswith("head.") and p.requires_grad
+        ]
+        body = [
+            p
+            for n, p in self.net.named_parameters()
+            if not n.startswith("head.") and p.requires_grad
+        ]
+        optimizer = self.optimizer_factory(
+            [{"params": body, "lr_scale": self.backbone_lr_scale}, {"params": head}]
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, T_max=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

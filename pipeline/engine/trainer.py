@@ -1,0 +1,112 @@
+"""The Lightning Trainer as the pipeline builds it, from the `trainer` config node, with the
+pipeline's atomic checkpoint writer."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+from pipeline.errors import UserError
+from pipeline.runtime.io import atomic_path
+from pipeline.runtime.launch import lightning_settings
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but through a temporary file and a rename: a kill while
+    saving last.ckpt leaves the previous last.ckpt intact. Loads with weights_only=True."""
+
+    def save_checkpoint(
+        self, checkpoint: dict, path: str | Path, storage_options: Any = None
+    ) -> None:
+        with atomic_path(Path(path)) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+# trainer.* keys the pipeline reads itself; every other key is a Lightning Trainer argument.
+PIPELINE_KEYS = ("num_threads", "compile", "channels_last")
+# Trainer arguments the pipeline sets itself, and the setting to use instead.
+SET_BY_PIPELINE = {
+    "max_epochs": "train.epochs",
+    "min_epochs": "train.epochs",
+    "max_steps": "train.epochs and train.min_steps",
+    "min_steps": "train.min_steps",
+    "callbacks": "the pipeline's own callbacks",
+    "plugins": "trainer.precision and the cluster settings",
+    "logger": "the pipeline's own logging",
+    "enable_checkpointing": "the pipeline's resume checkpoints",
+    "enable_progress_bar": "progress=",
+    "use_distributed_sampler": "the pipeline's rank-aware samplers",
+    "default_root_dir": "run_dir=",
+}
+
+
+def trainer_arguments(trainer_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `trainer` node as Lightning Trainer arguments, checked: an argument Lightning does
+    not know, or one the pipeline sets itself, is refused (UserError) and never ignored."""
+    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    args = {k: v for k, v in trainer_cfg.items() if k not in PIPELINE_KEYS}
+    for key in args:
+        if key in SET_BY_PIPELINE:
+            raise UserError(
+                f"trainer.{key} is set by the pipeline; use {SET_BY_PIPELINE[key]} instead"
+            )
+        if key not in known:
+            raise UserError(
+                f"trainer.{key} is not a Lightning Trainer argument; check the spelling "
+                "(see the arguments of lightning.Trainer)"
+            )
+    return args
+
+
+def build_trainer(
+    trainer_cfg: Mapping[str, Any],
+    max_epochs: int = 1,
+    ckpt_dir: Path | None = None,
+    progress: bool = True,
+    callbacks: list[L.Callback] | None = None,
+    root_dir: Path | None = None,
+) -> L.Trainer:
+    """The Lightning Trainer from the `trainer` config node: every Trainer argument in it is
+    passed through (`+trainer.gradient_clip_val=1.0` reaches the Trainer); samplers, checkpoints
+    and callbacks are the pipeline's own (rank-aware), so Lightning's are off."""
+    callbacks = list(callbacks or [])
+    if ckpt_dir is not None:
+        # Only last.ckpt, every epoch: what a killed run resumes from. (save_top_k=0 with
+        # save_last=True writes nothing per epoch since Lightning 2.5: keep the latest instead.)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False
+            )
+        )
+    if progress:
+        callbacks.append(RichProgressBar(leave=False))
+    # The strategy as named (a spawning ddp variant becomes ddp: the ranks exist already), and
+    # SLURMEnvironment(auto_requeue=False) under SLURM tasks (runtime.preemption requeues).
+    settings = lightning_settings(trainer_cfg)
+    args = {"enable_model_summary": False, "num_sanity_val_steps": 0}
+    args.update(trainer_arguments(trainer_cfg))
+    args.update(
+        strategy=settings["strategy"],
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO(), *settings["plugins"]],
+        logger=False,
+        enable_checkpointing=ckpt_dir is not None,
+        enable_progress_bar=progress,
+        use_distributed_sampler=False,
+        default_root_dir=str(root_dir) if root_dir else os.getcwd(),
+    )
+    return L.Trainer(**args)

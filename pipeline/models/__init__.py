@@ -1,0 +1,25 @@
+"""The networks (`model=` config group targets) and how checkpoints of them are read and written."""
+
+from pipeline.models.base import Classifier
+from pipeline.models.finetune import (
+    count_parameters,
+    freeze_for_finetune,
+    load_pretrained,
+    reset_head,
+)
+from pipeline.models.resnet import ResNetClassifier, resnet18
+from pipeline.models.small_cnn import SmallCNN
+from pipeline.models.wide_resnet import WideResNet, wide_resnet28_2
+
+__all__ = [
+    "Classifier",
+    "ResNetClassifier",
+    "SmallCNN",
+    "WideResNet",
+    "count_parameters",
+    "freeze_for_finetune",
+    "load_pretrained",
+    "reset_head",
+    "resnet18",
+    "wide_resnet28_2",
+]

@@ -1,0 +1,108 @@
+"""Building the configured network, and the pipeline's model checkpoints: what they record about
+themselves, how they load (weights_only=True, architecture and class count checked)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import UserError
+from pipeline.models.finetune import freeze_for_finetune, load_pretrained, reset_head
+from pipeline.runtime.io import load_checkpoint
+
+log = logging.getLogger("pipeline")
+
+
+def hparams_for(cfg: DictConfig, data_cfg: DictConfig, num_classes: int) -> dict[str, Any]:
+    """What a checkpoint records about itself (plain containers only)."""
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "dataset": str(data_cfg.name),
+        "num_classes": int(num_classes),
+        "in_channels": int(data_cfg.channels),
+        "image_size": int(data_cfg.image_size),
+    }
+
+
+def build_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    return instantiate(cfg.model.net, num_classes=num_classes)
+
+
+def refuse_other_model(cfg: DictConfig, ckpt: dict[str, Any], what: str, hint: str = "") -> None:
+    """A checkpoint of another architecture than cfg.model cannot load: say which to pass."""
+    made_with = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
+    if made_with and made_with != cfg.model.name:
+        raise UserError(
+            f"{what} is a model={made_with}, this run has model={cfg.model.name}; "
+            f"pass model={made_with}{hint}"
+        )
+
+
+def load_net(cfg: DictConfig, ckpt_path: str | Path, num_classes: int) -> torch.nn.Module:
+    """The configured network with a checkpoint's weights; refuses a checkpoint made for another
+    architecture or class count with a line that says which."""
+    ckpt = load_checkpoint(ckpt_path)
+    hp = ckpt.get("hyper_parameters", {}) or {}
+    refuse_other_model(cfg, ckpt, f"checkpoint {ckpt_path}")
+    if hp.get("num_classes") not in (None, num_classes):
+        raise UserError(
+            f"checkpoint {ckpt_path} predicts {hp['num_classes']} classes, the data has "
+            f"{num_classes}; use a checkpoint trained on this dataset (or stage=finetune)"
+        )
+    net = build_net(cfg, num_classes)
+    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "mismatch"
+        raise UserError(
+            f"checkpoint {ckpt_path} does not fit model={cfg.model.name} ({first[:150]})"
+        ) from None
+    return net
+
+
+def model_checkpoint(net: torch.nn.Module, hparams: dict[str, Any], extra: dict) -> dict:
+    """A round's final weights as a checkpoint: Lightning-compatible keys, tensors and plain
+    containers only (loadable with weights_only=True)."""
+    return {
+        "state_dict": {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()},
+        "hyper_parameters": hparams,
+        "pytorch-lightning_version": L.__version__,
+        "pipeline": extra,
+    }
+
+
+def init_from_pretrained(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path) -> list[str]:
+    """Start `net` from pretrained weights for fine-tuning: every backbone layer loads (a clear
+    error names those that cannot), the head is new. A new head also when the class count
+    matches: the source's classes are not the target's (Zoph et al. fine-tune a new head)."""
+    ckpt = load_checkpoint(ckpt_path)
+    refuse_other_model(
+        cfg, ckpt, f"pretrained checkpoint {ckpt_path}", f" or pretrain with model={cfg.model.name}"
+    )
+    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
+    try:
+        recreated = load_pretrained(net, state, name=str(cfg.model.name))
+    except UserError as e:
+        raise UserError(f"pretrained {e} ({ckpt_path})") from None
+    reset_head(net)
+    source = (ckpt.get("pipeline") or {}).get("pretrain_source") or ckpt_path
+    log.info(
+        "starting from %s: backbone loaded, new head (%d classes)%s",
+        source,
+        net.head.out_features,
+        " re-created for another class count" if recreated else "",
+    )
+    return sorted(set(recreated) | {k for k in net.state_dict() if k.startswith("head.")})
+
+
+def finetune_setup(cfg: DictConfig, net: torch.nn.Module) -> tuple[float, list[torch.nn.Module]]:
+    """The transfer mode of the fine-tuning: backbone lr factor and the modules kept frozen."""
+    frozen = freeze_for_finetune(net, cfg.finetune.mode, cfg.finetune.trainable_blocks)
+    return cfg.finetune.lr_scale, frozen

@@ -1,0 +1,221 @@
+"""The run directory and the protocol every stage follows in it.
+
+A piece of work (a round, a pretraining, a fine-tuning) is a *step*: a folder whose
+`metrics.json` is written last, so its presence means the step is finished and a resumed run
+reads it instead of redoing the work. Shared files are written by rank 0 only, atomically (a
+temporary name, then a rename), and every rank meets at a barrier after each write. When a step
+finishes, its resume state (last.ckpt, prediction shards) is removed. Stage recipes say only
+what is computed; the rank checks of the pipeline live here and in the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config.keys import differing_keys
+from pipeline.errors import UserError
+from pipeline.runtime import dist, io
+
+log = logging.getLogger("pipeline")
+T = TypeVar("T")
+
+DONE = "metrics.json"  # the last file a step writes: its presence means the step is finished
+RESUME_STATE = ("checkpoints", "predict_shards")  # what a step keeps only while it runs
+CONFIG = "config.yaml"
+OVERRIDES = ".hydra/overrides.yaml"  # the command's overrides, where Hydra itself keeps them
+
+
+class RunDir:
+    """A run's directory: its config check, its steps, rank-0 writes and phase timings."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+        self.phases: dict[str, float] = defaultdict(float)  # where this job's time went
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # --- starting a run -------------------------------------------------------------------
+
+    def check_config(self, cfg: DictConfig, requeued: bool = False) -> None:
+        """Refuse a run_dir made by another config (naming the keys), or clear it on
+        overwrite=true (not for a requeued job: it must resume). Writes nothing else."""
+        saved = self.path / CONFIG
+        if not saved.exists():
+            return
+        try:
+            old = OmegaConf.load(saved)
+        except Exception:
+            raise UserError(
+                f"{saved} is unreadable; move the run_dir away or pass overwrite=true"
+            ) from None
+        if cfg.overwrite and requeued:
+            log.info("overwrite=true, but this is a requeued job: resuming %s", self.path)
+        elif cfg.overwrite:
+            log.warning("overwrite=true: clearing %s and starting over", self.path)
+            for child in self.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            return
+        diff = differing_keys(_plain(old), _plain(cfg))
+        if not diff:
+            return
+        # What a run is (stage, data, model, seed) first: a different dataset differs in many keys.
+        leading = ("stage", "data.name", "model.name", "seed")
+        diff.sort(key=lambda k: leading.index(k) if k in leading else len(leading))
+        shown = ", ".join(f"{k} ({_value(old, k)} -> {_value(cfg, k)})" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise UserError(
+            f"run_dir {self.path} was made by another config: {shown}{more}; use another "
+            "run_dir=, or overwrite=true to start it over"
+        )
+
+    def begin(self, cfg: DictConfig, overrides: list[str] | None = None) -> None:
+        """Create the folder, remove temporaries a killed run left, record the config (and the
+        command's overrides, which the report's reproduce commands use) if not there yet."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission, a read-only disk
+            raise UserError(
+                f"run_dir={self.path} cannot be created ({e.strerror or type(e).__name__}); "
+                "pass run_dir= a folder you can write to"
+            ) from None
+        io.remove_stale_temporaries(self.path)
+        if not (self.path / CONFIG).exists() or cfg.overwrite:
+            io.write_text(self.path / CONFIG, OmegaConf.to_yaml(cfg))
+            if overrides is not None:
+                io.write_text(self.path / OVERRIDES, OmegaConf.to_yaml(list(overrides)))
+
+    def entries_before(self) -> set[str] | None:
+        """What a run_dir without config.yaml holds before this command (None: it has a
+        config.yaml, so it is a run's and bad input leaves it exactly as it is)."""
+        if (self.path / CONFIG).exists():
+            return None
+        return set(os.listdir(self.path)) if self.path.is_dir() else {"<absent>"}
+
+    def undo_new(self, before: set[str] | None) -> None:
+        """Bad input found after this command began a new run_dir (e.g. in the data): remove
+        what it wrote (config, splits, empty folders), so that the fixed command is not refused
+        as "another config" and the folder is as it was. Work already done is never removed."""
+        if before is None or not self.path.is_dir():
+            return
+        new = [self.path / n for n in os.listdir(self.path) if n not in before]
+        recorded = {CONFIG, "splits.npz", OVERRIDES}
+        files = [f for p in new for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+        if any(f.relative_to(self.path).as_posix() not in recorded for f in files):
+            return
+        for p in new:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if before == {"<absent>"} and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+    # --- steps and shared writes ------------------------------------------------------------
+
+    def step(self, name: str = "") -> Step:
+        """The step in folder `name` ("" : the run_dir itself)."""
+        return Step(self, self.path / name if name else self.path)
+
+    def exists(self, *paths: Path) -> bool:
+        """Whether every path exists, as rank 0 sees it (every rank takes the same branch)."""
+        found = all(Path(p).exists() for p in paths) if dist.is_rank_zero() else None
+        return bool(dist.broadcast_object(found))
+
+    def on_rank_zero(self, work: Callable[[], T]) -> T:
+        """Run `work` on rank 0 only; every rank gets its result, or its UserError."""
+        result: Any = None
+        if dist.is_rank_zero():
+            try:
+                result = work()
+            except UserError as e:
+                result = e
+        result = dist.broadcast_object(result)
+        if isinstance(result, UserError):
+            raise result
+        return result
+
+    def write_json(self, path: Path, data: Any) -> None:
+        self._rank_zero_write(io.write_json, path, data)
+
+    def write_npz(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        self._rank_zero_write(io.write_npz, path, arrays)
+
+    def save_checkpoint(self, path: Path, checkpoint: dict[str, Any]) -> None:
+        self._rank_zero_write(io.save_checkpoint, path, checkpoint)
+
+    def copy_files(self, src: Path, dst: Path, names: tuple[str, ...]) -> None:
+        """Copy files from one folder to another, each atomically, in the order given."""
+
+        def copy() -> None:
+            for name in names:
+                with io.atomic_path(dst / name) as tmp:
+                    shutil.copyfile(src / name, tmp)
+
+        self._rank_zero_write(copy)
+
+    def _rank_zero_write(self, write: Callable[..., None], *args: Any) -> None:
+        if dist.is_rank_zero():
+            write(*args)
+        dist.barrier()
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the time spent in the block to `phases[phase]` (summary.json's phase_seconds)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] += time.perf_counter() - start
+
+
+@dataclass
+class Step:
+    """One resumable piece of work of a run: finished when its metrics.json exists."""
+
+    run: RunDir
+    path: Path
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def done(self) -> bool:
+        return self.run.exists(self.path / DONE)
+
+    def result(self) -> dict[str, Any]:
+        """The finished step's metrics (and its resume state removed: a kill right after
+        metrics.json may have left it)."""
+        self.clean()
+        return io.read_json(self.path / DONE)
+
+    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Write metrics.json (the step is then finished) and remove the resume state."""
+        self.run.write_json(self.path / DONE, metrics)
+        self.clean()
+        return metrics
+
+    def clean(self) -> None:
+        """Remove what the step keeps only while it runs: last.ckpt (a copy of model.ckpt plus
+        the optimizer, once finished) and stale prediction shards."""
+        if dist.is_rank_zero():
+            for leftover in RESUME_STATE:
+                shutil.rmtree(self.path / leftover, ignore_errors=True)
+        dist.barrier()
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default="<unset>")

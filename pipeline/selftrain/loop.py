@@ -1,0 +1,81 @@
+"""Self-training, the whole loop (`stage=selftrain`, the default):
+
+1. train a teacher on the labelled set (round 0);
+2. pseudo-label the unlabelled set with it;
+3. select the confident pseudo-labels and merge them with the labelled set;
+4. train a noised student on the merge and evaluate it on the test set;
+5. iterate: the student is the next round's teacher.
+
+Each round is a step of the run dir (round_K/): a finished round is read back, never redone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.data.task import Task, prepare_task
+from pipeline.runtime.rundir import RunDir
+from pipeline.selftrain.label import label_unlabelled
+from pipeline.selftrain.student import train_student
+from pipeline.selftrain.teacher import train_teacher
+
+
+def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    start = time.time()
+    with run.timed("data"):
+        task = prepare_task(cfg.data, cfg.seed, run)
+    pretrained = None
+    if cfg.init == "pretrained":
+        from pipeline.baseline.pretrain import pretrained_checkpoint
+
+        pretrained = pretrained_checkpoint(cfg, run)
+    rounds = []
+    for k in range(cfg.selftrain.rounds + 1):
+        step = run.step(f"round_{k}")
+        if step.done:
+            rounds.append(step.result())
+            continue
+        seed = cfg.seed * 1000 + k
+        metrics: dict[str, Any] = {"round": k, "num_pseudo": 0, "pseudo_accuracy": None}
+        if k == 0:
+            _, test = train_teacher(cfg, task, step, seed, pretrained)
+        else:
+            teacher = run / f"round_{k - 1}" / "model.ckpt"
+            pseudo, diagnostics = label_unlabelled(cfg, task, teacher, step)
+            metrics.update(diagnostics)
+            _, test = train_student(cfg, task, step, seed, pseudo, pretrained)
+        metrics.update(test)
+        metrics.update({"num_labelled": len(task.labelled), "num_unlabelled": len(task.unlabelled)})
+        rounds.append(step.finish(metrics))
+    return summary(cfg, run, "selftrain", task, rounds, start)
+
+
+def summary(
+    cfg: DictConfig,
+    run: RunDir,
+    stage: str,
+    task: Task,
+    rounds: list[dict],
+    start: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """summary.json: the run's result in the design contract's shape."""
+    keep = ("round", "test_accuracy", "num_pseudo", "pseudo_accuracy", "per_class_coverage")
+    return {
+        "stage": stage,
+        "dataset": str(cfg.data.name),
+        "model": str(cfg.model.name),
+        "seed": int(cfg.seed),
+        "num_labelled": len(task.labelled),
+        "num_unlabelled": len(task.unlabelled),
+        "num_test": len(task.test),
+        "rounds": [{k: r.get(k) for k in keep if k in r} for r in rounds],
+        "final_test_accuracy": rounds[-1]["test_accuracy"],
+        "teacher_test_accuracy": rounds[0]["test_accuracy"],
+        "wall_time_s": round(time.time() - start, 2),
+        "phase_seconds": {k: round(v, 2) for k, v in run.phases.items()},
+        **extra,
+    }

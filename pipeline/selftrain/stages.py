@@ -1,0 +1,89 @@
+"""The steps of self-training as stages of their own (`stage=train|pseudolabel|merge|evaluate`),
+so that a cluster can run each as a separate job on the artifacts of the others."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.data.task import prepare_task
+from pipeline.engine.fit import evaluate
+from pipeline.errors import UserError
+from pipeline.models.checkpoint import load_net
+from pipeline.runtime.rundir import RunDir
+from pipeline.selftrain.label import pseudo_label, read_pseudo_labels
+from pipeline.selftrain.loop import summary
+from pipeline.selftrain.merge import merge_labelled_and_pseudo
+from pipeline.selftrain.student import train_student
+from pipeline.selftrain.teacher import train_teacher
+
+
+def run_train(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Train one model on the labelled split (plus `pseudo_in` pseudo-labels if given), evaluate."""
+    start = time.time()
+    task = prepare_task(cfg.data, cfg.seed, run)
+    pretrained = None
+    if cfg.init == "pretrained":
+        from pipeline.baseline.pretrain import pretrained_checkpoint
+
+        pretrained = pretrained_checkpoint(cfg, run)
+    step, seed = run.step(), cfg.seed * 1000
+    if cfg.pseudo_in:
+        pseudo = read_pseudo_labels(Path(cfg.pseudo_in), len(task.unlabelled), task.num_classes)
+        _, metrics = train_student(cfg, task, step, seed, pseudo, pretrained)
+    else:
+        pseudo = None
+        _, metrics = train_teacher(cfg, task, step, seed, pretrained)
+    metrics.update({"round": 0, "num_pseudo": len(pseudo) if pseudo is not None else 0})
+    return summary(cfg, run, "train", task, [step.finish(metrics)], start)
+
+
+def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Label the configured unlabelled set with any checkpoint; write `out` (.npz)."""
+    task = prepare_task(cfg.data, cfg.seed, run)
+    out = Path(cfg.out) if cfg.out else run / "pseudo_labels.npz"
+    if out.suffix != ".npz":
+        raise UserError(f"out={out} must end in .npz")
+    net = load_net(cfg, cfg.ckpt, task.num_classes)
+    pseudo, diagnostics = pseudo_label(
+        cfg, cfg.data, net, task.unlabelled, out, run, task.unlabelled_truth()
+    )
+    return {
+        "stage": "pseudolabel",
+        "out": str(out),
+        "num_pseudo": len(pseudo),
+        "num_unlabelled": len(task.unlabelled),
+        "pseudo_accuracy": diagnostics["pseudo_accuracy"],
+    }
+
+
+def run_merge(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Merge the labelled split with `pseudo_in`; write run_dir/train_set.npz (what a student
+    trains on: source 0/1 = labelled/unlabelled set, position in it, target, weight)."""
+    if not cfg.pseudo_in:
+        raise UserError("stage=merge needs pseudo_in=PATH/pseudo_labels.npz")
+    task = prepare_task(cfg.data, cfg.seed, run)
+    pseudo = read_pseudo_labels(Path(cfg.pseudo_in), len(task.unlabelled), task.num_classes)
+    merged = merge_labelled_and_pseudo(
+        task.labelled.labels.numpy(), pseudo, task.num_classes, cfg.pseudo_label.weight
+    )
+    run.write_npz(run / "train_set.npz", merged.arrays())
+    return {
+        "stage": "merge",
+        "num_labelled": merged.num_labelled,
+        "num_pseudo": len(pseudo),
+        "num_rows": len(merged),
+    }
+
+
+def run_evaluate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Test accuracy of any checkpoint on the configured test set; writes run_dir/metrics.json."""
+    task = prepare_task(cfg.data, cfg.seed, None)
+    net = load_net(cfg, cfg.ckpt, task.num_classes)
+    metrics = evaluate(cfg, cfg.data, net, task.test)
+    metrics.update({"ckpt": str(cfg.ckpt), "dataset": str(cfg.data.name)})
+    run.step().finish(metrics)
+    return {"stage": "evaluate", **metrics}

@@ -1,0 +1,33 @@
+"""Step 4, the student: a fresh network trained, with noise, on the labelled set merged with the
+kept pseudo-labels (each batch keeps `pseudo_label.labelled_fraction` true labels), then
+evaluated on the test set. The noise is the data's augmentation and the network's dropout and
+stochastic depth (noise.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.data.task import Task
+from pipeline.runtime.rundir import Step
+from pipeline.selftrain.merge import merge_labelled_and_pseudo
+from pipeline.selftrain.select import PseudoLabels
+from pipeline.selftrain.teacher import train_model
+
+
+def train_student(
+    cfg: DictConfig,
+    task: Task,
+    step: Step,
+    seed: int,
+    pseudo: PseudoLabels | None,
+    pretrained: Path | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Merge the labelled set with the pseudo-labels, train a student on it, evaluate it."""
+    train_set = merge_labelled_and_pseudo(
+        task.labelled.labels.numpy(), pseudo, task.num_classes, cfg.pseudo_label.weight
+    )
+    return train_model(cfg, task, step, seed, train_set, pretrained, phase="students")

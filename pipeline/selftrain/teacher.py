@@ -1,0 +1,96 @@
+"""Step 1, the teacher: a network trained on the labelled set alone.
+
+`train_model` is the one way the pipeline trains a network (teacher, students, the supervised
+arm, fine-tuning): a fresh network (or one started from pretrained weights), trained with the
+data's noise on a TrainingSet, saved as the step's model.ckpt, evaluated on the test set. A step
+that already has its model.ckpt only evaluates it; an interrupted training resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data.task import Task
+from pipeline.engine.fit import evaluate, fit
+from pipeline.models.checkpoint import (
+    build_net,
+    finetune_setup,
+    hparams_for,
+    init_from_pretrained,
+    load_net,
+    model_checkpoint,
+)
+from pipeline.runtime.rundir import Step
+from pipeline.selftrain import noise
+from pipeline.selftrain.merge import TrainingSet, merge_labelled_and_pseudo
+
+
+def train_teacher(
+    cfg: DictConfig, task: Task, step: Step, seed: int, pretrained: Path | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the teacher on the labelled set and evaluate it on the test set."""
+    labelled_only = merge_labelled_and_pseudo(task.labelled.labels.numpy(), None, task.num_classes)
+    return train_model(cfg, task, step, seed, labelled_only, pretrained, phase="teacher")
+
+
+def train_model(
+    cfg: DictConfig,
+    task: Task,
+    step: Step,
+    seed: int,
+    train_set: TrainingSet,
+    pretrained: Path | None = None,
+    phase: str = "teacher",
+    data_cfg: DictConfig | None = None,
+    epochs: int | None = None,
+    record: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a fresh network on `train_set` of `data_cfg` (default: cfg.data) for `epochs`
+    (default: train.epochs), time counted as `phase`; save it as the step's model.ckpt (with
+    `record` in its "pipeline" entry) and evaluate it on the task's test set."""
+    run = step.run
+    data_cfg = cfg.data if data_cfg is None else data_cfg
+    model_path = step / "model.ckpt"
+    hparams = hparams_for(cfg, data_cfg, task.num_classes)
+    if run.exists(model_path):  # trained before a kill: evaluate it
+        net = load_net(cfg, model_path, task.num_classes)
+    else:
+        torch.manual_seed(seed)  # the init depends on the seed only, also when a run resumes
+        net = build_net(cfg, task.num_classes)
+        lr_scale, frozen = 1.0, []
+        if pretrained is not None:
+            init_from_pretrained(cfg, net, pretrained)
+        if pretrained is not None or cfg.model.get("weights"):
+            lr_scale, frozen = finetune_setup(cfg, net)
+        with run.timed(phase):
+            images = training_images(task, train_set)
+            augment = noise.from_config(data_augment(data_cfg))
+            epochs = cfg.train.epochs if epochs is None else epochs
+            fit(cfg, data_cfg, net, images, train_set, step.path, seed, epochs,
+                hparams, augment, lr_scale, frozen)  # fmt: skip
+            checkpoint = model_checkpoint(net, hparams, record or {"seed": seed})
+            run.save_checkpoint(model_path, checkpoint)
+    with run.timed("evaluation"):
+        metrics = evaluate(cfg, data_cfg, net, task.test)
+    return net, metrics
+
+
+def data_augment(data_cfg: DictConfig) -> dict[str, Any] | None:
+    """`data.augment` as plain values (None: no augmentation)."""
+    aug = data_cfg.get("augment")
+    return OmegaConf.to_container(aug, resolve=True) if aug else None  # type: ignore[return-value]
+
+
+def training_images(task: Task, train_set: TrainingSet) -> torch.Tensor:
+    """The images of a TrainingSet, in its row order (labelled rows, then pseudo-labelled)."""
+    lab = train_set.source == 0
+    return torch.cat(
+        [
+            task.labelled.images[torch.from_numpy(train_set.position[lab])],
+            task.unlabelled.images[torch.from_numpy(train_set.position[~lab])],
+        ]
+    )
