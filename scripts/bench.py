@@ -16,6 +16,9 @@
   generated on the fly (never all in memory).
 - default_run_wall_s and default_run_phases_s: `python -m pipeline` as a whole process, and
   where its time went (start-up = wall time minus the timed phases).
+- stream_*: JPEG folders streamed from disk (scripts/bench_stream.py): peak RSS over 20k vs
+  160k images, time to the first labelled shard, labelling vs a bare decode-and-forward loop,
+  training from disk vs from memory.
 Each timing is the median of --repeats runs after a warm-up; A and B alternate.
 """
 
@@ -38,6 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 def compose(*overrides: str):
@@ -71,6 +75,7 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
     """Our Lightning training path vs a raw loop: same net init, batches, augmentation, optim."""
     from hydra.utils import instantiate
 
+    from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
     from pipeline.engine.fit import fit, training_batches
     from pipeline.engine.module import soft_cross_entropy
@@ -84,7 +89,7 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
     rows = np.arange(len(task.unlabelled))
     pseudo = PseudoLabels(rows, task.unlabelled.labels.numpy(), np.ones(len(rows), np.float32))
     train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), pseudo, task.num_classes)
-    images = torch.cat([task.labelled.images, task.unlabelled.images])
+    images = ImageArrays(torch.cat([task.labelled.images, task.unlabelled.images]), None)
     cfg.train.min_steps = 0  # before the batches are made: both paths then train the same steps
     make = training_batches(train_set, cfg, 1)
     per_epoch = len(make(np.random.default_rng(0)))
@@ -115,7 +120,7 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
             for i, b in enumerate(make(np.random.default_rng([0, epoch]))):
                 r = torch.as_tensor(b)
                 gen = torch.Generator().manual_seed(epoch * 100_000 + i)
-                x = (augment(images[r], gen) - mean) / std
+                x = (augment(images.images[r], gen) - mean) / std
                 loss = soft_cross_entropy(net(x), targets[r], weight[r])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -186,37 +191,39 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     }
 
 
-class SyntheticImages(torch.utils.data.Dataset):
-    """`n` 8x8 images made from their index on demand: nothing is held in memory."""
-
-    def __init__(self, n: int, size: int = 8) -> None:
-        self.n, self.size = n, size
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
-        grid = torch.arange(self.size * self.size).view(1, 1, self.size, self.size)
-        images = ((rows_t.view(-1, 1, 1, 1) * 2654435761 + grid * 40503) % 256).to(torch.uint8)
-        return {"image": images, "index": rows_t}
-
-
 def rss_child(n: int) -> None:
-    """Run in a child process: pseudo-label `n` synthetic images through our stage."""
-    from pipeline.engine.predict import predict
+    """Run in a child process: pseudo-label `n` synthetic images through our sharded stage
+    (shard files, streaming selection and diagnostics)."""
+    from pipeline.data.arrays import ImageSet
     from pipeline.models.checkpoint import build_net
-    from pipeline.runtime.io import write_npz
-    from pipeline.selftrain.select import select_pseudo_labels
+    from pipeline.runtime.rundir import RunDir
+    from pipeline.selftrain.label import pseudo_label
+
+    class SyntheticImages(ImageSet):
+        """`n` 8x8 images made from their index on demand: nothing is held in memory."""
+
+        labels = None
+
+        def __len__(self) -> int:
+            return n
+
+        def load(self, rows):
+            rows_t = torch.as_tensor(rows, dtype=torch.long)
+            grid = torch.arange(64).view(1, 1, 8, 8)
+            return ((rows_t.view(-1, 1, 1, 1) * 2654435761 + grid * 40503) % 256).to(
+                torch.uint8
+            ), []
+
+        def keys(self, rows):
+            return np.asarray(rows).astype(str)
 
     # Memory per batch does not grow with the views; without them the 1M images take 1/9 the time.
-    cfg = compose("pseudo_label.tta_views=0")
+    cfg = compose("pseudo_label.tta_views=0", "pseudo_label.threshold=0.5")
     net = build_net(cfg, 10).eval()
     work = Path(tempfile.mkdtemp(prefix="bench-rss-"))
-    index, probs = predict(cfg, cfg.data, net, SyntheticImages(n), work)
-    kept = select_pseudo_labels(torch.from_numpy(index), torch.from_numpy(probs), 0.5)
-    write_npz(work / "pseudo_labels.npz", kept.arrays())
-    print(json.dumps({"labelled": int(len(index))}))
+    kept, _ = pseudo_label(cfg, cfg.data, net, SyntheticImages(), work / "pseudo_labels.npz",
+                           RunDir(work), None)  # fmt: skip
+    print(json.dumps({"kept": len(kept)}))
 
 
 def bench_rss(n: int) -> dict:
@@ -271,6 +278,16 @@ def main() -> None:
     p.add_argument("--default-runs", type=int, default=1)
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--skip-default", action="store_true")
+    p.add_argument("--skip-stream", action="store_true")
+    p.add_argument("--stream-small", type=int, default=20_000)
+    p.add_argument("--stream-large", type=int, default=160_000)
+    p.add_argument("--stream-train-images", type=int, default=5_000)
+    p.add_argument(
+        "--stream-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pipeline-bench-stream",
+        help="where the generated JPEG folders are kept between runs",
+    )
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child is not None:
@@ -294,6 +311,21 @@ def main() -> None:
         result.update(bench_pseudolabel(cfg, args.pseudolabel_images // 4, args.repeats, views))
     if not args.skip_rss:
         result.update(bench_rss(args.rss_images))
+    if not args.skip_stream:
+        import bench_stream as stream
+
+        work = args.stream_dir
+        result.update(stream.bench_folder_rss(work, args.stream_small, args.stream_large))
+        result.update(
+            stream.bench_folder_labelling(
+                work, args.stream_small, args.repeats, compose, alternating_medians
+            )
+        )
+        result.update(
+            stream.bench_stream_training(
+                work, args.stream_train_images, args.repeats, compose, alternating_medians
+            )
+        )
     if not args.skip_default:
         result.update(bench_default_run(args.default_runs))
     width = max(len(k) for k in result)

@@ -16,6 +16,7 @@ FAST = [
     "train.min_steps=40",
     "selftrain.rounds=1",
     "trainer.accelerator=cpu",
+    "train.checkpoint_every_s=null",  # last.ckpt every epoch: the resume tests wait for it
 ]
 
 

@@ -273,13 +273,16 @@ def test_bad_data_in_a_resumed_run_changes_nothing(finished, trees, tmp_path):
     proc = cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir / "summary.json").unlink()
-    shutil.copy(trees / "corrupt" / "class1" / "broken.png", trees / "good" / "class1")
+    victim = sorted((trees / "good" / "class1").iterdir())[0]
+    saved = victim.read_bytes()
+    # The same file, now unreadable (its folder's listing is unchanged).
+    victim.write_bytes((trees / "corrupt" / "class1" / "broken.png").read_bytes())
     try:
         before = snapshot(run_dir)
-        assert_bad_input(cli(*args, cwd=tmp_path), "broken.png")
+        assert_bad_input(cli(*args, cwd=tmp_path), victim.name, "data.on_bad_image=skip")
         assert snapshot(run_dir) == before
     finally:
-        (trees / "good" / "class1" / "broken.png").unlink()
+        victim.write_bytes(saved)
 
 
 def test_on_bad_image_skip_goes_on_without_the_bad_file(trees, tmp_path):

@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline import config
 from pipeline.cli import CONF_DIR, resolve
+from pipeline.data import ImageArrays
 from pipeline.engine import fit as engine_fit
 from pipeline.errors import UserError
 from pipeline.models import checkpoint as models
@@ -94,7 +95,7 @@ def _finetune(tmp_path: Path, *overrides: str):
     start = {k: v.clone() for k, v in net.state_dict().items()}
     lr_scale, frozen = models.finetune_setup(cfg, net)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8)
+    images = ImageArrays(torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8), None)
     train_set = merge_labelled_and_pseudo(np.arange(24) % 3, None, 3)
     recorder = RecordTraining()
     build = engine_fit.build_trainer

@@ -91,6 +91,48 @@ def test_ddp_pseudo_labels_equal_one_process(sweep, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_pseudo_labels_of_a_streamed_folder_equal_one_process(tmp_path):
+    """A JPEG folder streamed from disk (DataLoader workers decoding), 1 vs 2 processes: every
+    image labelled exactly once, the same labels, the same keys."""
+    from streaming_data import class_tree, flat_folder
+
+    class_tree(tmp_path / "labelled", per_class=4, seed=0)
+    flat_folder(tmp_path / "pool", 37, seed=1)
+    data = [
+        "data=image_folder", "data.num_classes=3", "data.image_size=16", "data.channels=1",
+        "data.mean=[0.3]", "data.std=[0.3]", f"data.labelled_dir={tmp_path / 'labelled'}",
+        f"data.unlabelled_dir={tmp_path / 'pool'}", "data.in_memory=false",
+        "data.test_fraction=0.25", f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    ok(cli(*TINY, *data, "stage=train", f"run_dir={tmp_path / 'teacher'}"))
+    common = [*TINY, *data, "stage=pseudolabel", f"ckpt={tmp_path / 'teacher' / 'model.ckpt'}"]
+    common += ["pseudo_label.threshold=0.0", "pseudo_label.shard_size=8", "data.num_workers=1"]
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    ok(cli(*common, f"out={one}", f"run_dir={tmp_path / 'run1'}"))
+    ok(cli(*common, *DDP, f"out={two}", f"run_dir={tmp_path / 'run2'}"))
+    a, b = np.load(one), np.load(two)
+    assert np.array_equal(a["index"], np.arange(37)) and np.array_equal(b["index"], a["index"])
+    assert np.array_equal(a["key"], b["key"]) and np.array_equal(a["label"], b["label"])
+    np.testing.assert_allclose(a["confidence"], b["confidence"], atol=1e-5)
+    assert len(list((tmp_path / "two.shards").glob("shard-*-of-00005.npz"))) == 5
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_take_the_same_optimizer_steps(tmp_path):
+    """train.batch_size is the global batch: 2 processes take the steps 1 process takes."""
+    steps = {}
+    for name, extra in (("one", []), ("two", DDP)):
+        run_dir = tmp_path / name
+        ok(cli(*TINY, *extra, "stage=train", "train.batch_size=32", f"run_dir={run_dir}"))
+        log = run_dir / "model.ckpt"
+        assert log.is_file()
+        steps[name] = json.loads((run_dir / "metrics.json").read_text())["train_steps"]
+    assert steps["one"] == steps["two"] > 0
+    bad = cli(*TINY, *DDP, "stage=train", "train.batch_size=33", f"run_dir={tmp_path / 'odd'}")
+    assert bad.returncode == 2 and "train.batch_size=33" in bad.stderr
+
+
+@pytest.mark.slow
 def test_ddp_evaluation_counts_each_test_sample_once(sweep, tmp_path):
     """A test split of odd size (361) in uneven batches on 2 ranks (181 + 180, batches of 64):
     each test sample counted exactly once."""

@@ -37,6 +37,7 @@ ARGS = [
     "train.epochs=4",
     "train.min_steps=64",
     "selftrain.rounds=1",
+    "train.checkpoint_every_s=null",  # last.ckpt every epoch
 ]
 FINISHED_LAYOUT = {
     "config.yaml",

@@ -84,7 +84,7 @@ def test_merge_hard_labels():
     ts = merge_labelled_and_pseudo(np.array([1, 0]), pl, num_classes=3, pseudo_weight=0.5)
     assert ts.source.tolist() == [0, 0, 1, 1]
     assert ts.position.tolist() == [0, 1, 3, 7]
-    assert ts.targets.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0]]
+    assert ts.arrays()["targets"].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0]]
     assert ts.weight.tolist() == [1.0, 1.0, 0.5, 0.5]
     assert ts.num_labelled == 2
 
@@ -93,7 +93,7 @@ def test_merge_soft_labels_uses_teacher_probs():
     probs = np.array([[0.2, 0.7, 0.1]], np.float32)
     pl = PseudoLabels(np.array([4]), np.array([1]), np.array([0.7], np.float32), probs)
     ts = merge_labelled_and_pseudo(np.array([0]), pl, num_classes=3)
-    np.testing.assert_allclose(ts.targets[1], probs[0])
+    np.testing.assert_allclose(ts.target_rows(np.array([1])).numpy()[0], probs[0])
 
 
 def test_merge_without_pseudo_is_labelled_only():

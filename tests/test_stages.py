@@ -63,8 +63,11 @@ def test_pseudo_labels_file(selftrain_run):
     run_dir, _ = selftrain_run
     summary = json.loads((run_dir / "summary.json").read_text())
     with np.load(run_dir / "round_1" / "pseudo_labels.npz", allow_pickle=False) as z:
-        assert set(z.files) == {"index", "label", "confidence"}
+        assert set(z.files) == {"index", "label", "confidence", "key"}
         index, label, conf = z["index"], z["label"], z["confidence"]
+        # every sample is named by its key: digits/<its position in scikit-learn's digits>
+        keys = z["key"]
+        assert all(k.startswith("digits/") for k in keys) and len(set(keys)) == len(index)
     assert index.dtype == np.int64 and label.dtype == np.int64 and conf.dtype == np.float32
     assert len(np.unique(index)) == len(index)  # no duplicate pseudo-label index
     assert index.min() >= 0 and index.max() < summary["num_unlabelled"]

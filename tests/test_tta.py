@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from test_config import compose_cfg
 
 from pipeline.cli import resolve
+from pipeline.data import ImageArrays
 from pipeline.engine.datamodule import Batches
 from pipeline.engine.predict import predict
 from pipeline.models.checkpoint import build_net
@@ -19,7 +20,7 @@ from pipeline.selftrain.teacher import data_augment
 def label(cfg, net, images, tmp_path):
     """The teacher's probabilities as pseudo-labelling computes them (with its views)."""
     views = teacher_views(cfg, cfg.data)
-    return predict(cfg, cfg.data, net, Batches(images), tmp_path, views)
+    return predict(cfg, cfg.data, net, Batches(ImageArrays(images, None)), views)
 
 
 def setup(*overrides: str):

@@ -119,6 +119,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"pseudo_label.max_per_class={pl.max_per_class} must be >= 1 or null")
     if cfg.selftrain.rounds < 0:
         raise UserError(f"selftrain.rounds={cfg.selftrain.rounds} must be >= 0 (0: teacher only)")
+    if cfg.data.get("decode_on", "workers") not in ("workers", "device"):
+        raise UserError(f"data.decode_on={cfg.data.decode_on}; choose workers or device")
     lpc = cfg.data.get("labels_per_class")
     if lpc is not None and lpc < 1:
         raise UserError(f"data.labels_per_class={lpc} must be >= 1")

@@ -24,6 +24,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     min_steps: int = 300
     label_smoothing: float = 0.0
+    checkpoint_every_s: float | None = 60.0
 
 
 @dataclass
@@ -35,6 +36,10 @@ class PseudoLabelConfig:
     temperature: float = 1.0
     weight: float = 1.0
     labelled_fraction: float = 0.25
+    soft_topk: int | None = None
+    shard: int | None = None
+    num_shards: int | None = None
+    shard_size: int = 4096
 
 
 @dataclass

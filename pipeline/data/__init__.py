@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -47,8 +48,9 @@ LOADERS: dict[str, Callable[[dict[str, Any]], DataBundle]] = {
 }
 
 
-def load_data(cfg: Mapping) -> DataBundle:
-    """Load the dataset named by ``cfg["name"]`` (the ``data`` config node) into memory."""
+def load_data(cfg: Mapping, manifest_dir: Path | None = None) -> DataBundle:
+    """Load the dataset named by ``cfg["name"]`` (the ``data`` config node): in memory, or
+    listed into manifests in `manifest_dir` and streamed (image_folder)."""
     cfg = _plain(cfg)
     name = cfg.get("name")
     if name not in LOADERS:
@@ -60,7 +62,10 @@ def load_data(cfg: Mapping) -> DataBundle:
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise UserError(f"data.image_size must be a positive integer, got {size!r}")
 
-    bundle = LOADERS[name](cfg)
+    if name == "image_folder":
+        bundle = image_folder.load_image_folder(cfg, manifest_dir)
+    else:
+        bundle = LOADERS[name](cfg)
 
     # One place that makes every set match the configured input shape, so that e.g. digits (8x8)
     # and mnist5k (28x28) can share one model for pretraining / fine-tuning.
@@ -82,7 +87,7 @@ def load_data(cfg: Mapping) -> DataBundle:
         len(bundle.test),
         len(bundle.extra_unlabelled) if bundle.extra_unlabelled is not None else 0,
         len(bundle.val) if bundle.val is not None else "-",
-        tuple(bundle.train.images.shape[1:]),
+        (channels, size, size),
     )
     return bundle
 

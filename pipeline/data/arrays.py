@@ -17,12 +17,39 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 _CHUNK = 4096
 
 
+class ImageSet:
+    """A set of images addressable by row: the pipeline's data interface. `load(rows)` gives
+    the images of a batch of rows, decoded and shaped (uint8 (B, C, S, S)); `keys(rows)` their
+    stable names; `labels` the known labels (int64, -1 unknown) or None. `ImageArrays` holds
+    its images in memory; `StreamedImages` (streamed.py) decodes them from disk on demand."""
+
+    labels: torch.Tensor | None
+    in_memory = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, rows: np.ndarray) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        """uint8 images of `rows`, and [(position in rows, "key: why")] of those that could not
+        be read (their images are zeros)."""
+        raise NotImplementedError
+
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def subset(self, rows: np.ndarray) -> ImageSet:
+        raise NotImplementedError
+
+
 @dataclass
-class ImageArrays:
-    """Images as a uint8 (N, C, H, W) tensor with optional int64 labels (None = unknown)."""
+class ImageArrays(ImageSet):
+    """Images as a uint8 (N, C, H, W) tensor with optional int64 labels (None = unknown) and
+    optional keys (default: the row number)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
+    names: np.ndarray | None = None  # a key per image (str), when the images have names
+    in_memory = True
 
     def __post_init__(self) -> None:
         # Catch shape/dtype mistakes at construction instead of deep inside training.
@@ -37,9 +64,30 @@ class ImageArrays:
                 raise ValueError(
                     f"labels must have shape ({len(self.images)},), got {tuple(self.labels.shape)}"
                 )
+        if self.names is not None and len(self.names) != len(self.images):
+            raise ValueError(f"{len(self.names)} names for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def load(self, rows: np.ndarray) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        return self.images[torch.as_tensor(rows, dtype=torch.long)], []
+
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.names[rows] if self.names is not None else rows.astype(str)
+
+    def subset(self, rows: np.ndarray) -> ImageArrays:
+        """The images (and labels, names) at `rows`, as a new contiguous ImageArrays."""
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        labels = self.labels[idx] if self.labels is not None else None
+        names = self.names[idx.numpy()] if self.names is not None else None
+        return ImageArrays(self.images[idx], labels, names)
+
+
+def named(prefix: str, n: int) -> np.ndarray:
+    """Keys for images that have no file names: `PREFIX/ROW`."""
+    return np.char.add(f"{prefix}/", np.arange(n).astype(str))
 
 
 @dataclass
@@ -48,22 +96,23 @@ class DataBundle:
 
     name: str
     classes: list[str]  # class names, index = label
-    train: ImageArrays  # the pool the labelled / val / unlabelled splits are carved from
-    test: ImageArrays  # held-out test set (labels known)
-    extra_unlabelled: ImageArrays | None  # unlabelled images that are not in `train`
-    val: ImageArrays | None = None  # an explicit val set (image_folder's val_dir), else None
+    train: ImageSet  # the pool the labelled / val / unlabelled splits are carved from
+    test: ImageSet  # held-out test set (labels known)
+    extra_unlabelled: ImageSet | None  # unlabelled images that are not in `train`
+    val: ImageSet | None = None  # an explicit val set (image_folder's val_dir), else None
     num_bad_images: int = 0  # corrupt / unreadable files skipped (image_folder)
 
 
-def subset(arrays: ImageArrays, index: np.ndarray) -> ImageArrays:
-    """The images (and labels) at ``index``, as a new contiguous ImageArrays."""
-    idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
-    labels = arrays.labels[idx] if arrays.labels is not None else None
-    return ImageArrays(arrays.images[idx], labels)
+def subset(images: ImageSet, index: np.ndarray) -> ImageSet:
+    """The images (and labels, keys) at ``index``."""
+    return images.subset(index)
 
 
-def conform_arrays(arrays: ImageArrays, channels: int | None, size: int | None) -> ImageArrays:
-    """Chunked ``conform`` of a whole set; returns ``arrays`` itself when nothing changes."""
+def conform_arrays(arrays: ImageSet, channels: int | None, size: int | None) -> ImageSet:
+    """Chunked ``conform`` of an in-memory set; returns ``arrays`` itself when nothing changes
+    (a streamed set is shaped as it is read)."""
+    if not isinstance(arrays, ImageArrays):
+        return arrays
     _, have_channels, height, width = arrays.images.shape
     channels_ok = channels is None or channels == have_channels
     size_ok = size is None or height == width == size
@@ -74,7 +123,7 @@ def conform_arrays(arrays: ImageArrays, channels: int | None, size: int | None) 
         for i in range(0, len(arrays), _CHUNK)
     ]
     images = torch.cat(chunks) if chunks else conform(arrays.images, channels, size)
-    return ImageArrays(images, arrays.labels)
+    return ImageArrays(images, arrays.labels, arrays.names)
 
 
 def conform(images: torch.Tensor, channels: int | None, size: int | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.arrays import DataBundle, ImageArrays, subset
+from pipeline.data.arrays import DataBundle, ImageArrays, ImageSet, named, subset
 from pipeline.errors import UserError
 
 # The test holdout of datasets without an official test split uses this seed, never the run
@@ -22,7 +22,9 @@ def load_digits(cfg: dict[str, Any]) -> DataBundle:
 
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    full = ImageArrays(torch.from_numpy(images), torch.from_numpy(digits.target))
+    full = ImageArrays(
+        torch.from_numpy(images), torch.from_numpy(digits.target), named("digits", len(images))
+    )
     train, test = holdout(full, cfg.get("test_fraction", 0.2))
     return DataBundle("digits", [str(i) for i in range(10)], train, test, None)
 
@@ -36,14 +38,14 @@ def load_mnist5k(cfg: dict[str, Any]) -> DataBundle:
     table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)
     images = np.rint(table[:, :-1]).astype(np.uint8).reshape(-1, 1, 28, 28)
     labels = table[:, -1].astype(np.int64)
-    full = ImageArrays(torch.from_numpy(images), torch.from_numpy(labels))
+    full = ImageArrays(torch.from_numpy(images), torch.from_numpy(labels), named("mnist5k", 5000))
     train, test = holdout(full, cfg.get("test_fraction", 0.2))
     return DataBundle("mnist5k", [str(i) for i in range(10)], train, test, None)
 
 
 def holdout(
-    arrays: ImageArrays, test_fraction: float, hint: str = "change data.test_fraction"
-) -> tuple[ImageArrays, ImageArrays]:
+    arrays: ImageSet, test_fraction: float, hint: str = "change data.test_fraction"
+) -> tuple[ImageSet, ImageSet]:
     """Split into (train, test), stratified by label, always with HOLDOUT_SEED."""
     from sklearn.model_selection import train_test_split
 

@@ -1,78 +1,146 @@
-"""`data=image_folder`: the user's own images, one subfolder per class (labelled, test and val
-trees) and a flat or nested unlabelled tree, decoded in a thread pool and resized as read."""
+"""`data=image_folder`: the user's own images. Each set is a folder or WebDataset tar shards:
+labelled, test and val as one subfolder per class (or shards with KEY.cls labels), unlabelled
+as a flat or nested folder (or shards). Every set is listed once into a manifest; a small set
+is decoded into memory, a large one streams from disk (`data.in_memory=auto|true|false`).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import re
-import sys
-import tempfile
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from pipeline.data.arrays import DataBundle, ImageArrays, conform, convert_channels
+from pipeline.data.arrays import DataBundle, ImageSet
 from pipeline.data.bundled import holdout
+from pipeline.data.manifest import (
+    IMAGE_EXTENSIONS,
+    Listing,
+    Manifest,
+    cached,
+    changes,
+    expand_shards,
+    is_shard_spec,
+    list_folder,
+    list_shards,
+    snapshot,
+)
+from pipeline.data.streamed import StreamedImages, decode_all, memory_bytes
 from pipeline.errors import UserError
+from pipeline.runtime import dist
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+IN_MEMORY_CHOICES = ("auto", "true", "false")
 
 
-def load_image_folder(cfg: dict[str, Any]) -> DataBundle:
-    """Labelled tree (required) plus optional unlabelled, test and val trees."""
+def load_image_folder(cfg: dict[str, Any], manifest_dir: Path | None = None) -> DataBundle:
+    """Labelled set (required) plus optional unlabelled, test and val sets; their manifests in
+    `manifest_dir` (checked against the disk when they are there already)."""
     on_bad = cfg.get("on_bad_image") or "fail"
     if on_bad not in ("fail", "skip"):
         raise UserError(f"data.on_bad_image must be 'fail' or 'skip', got {on_bad!r}")
-    # Images come in any size; each is resized as it is decoded so they can be stacked.
-    reader = _ImageReader(
-        cfg.get("channels") or 3, cfg.get("image_size"), skip_bad=on_bad == "skip"
-    )
+    opener = SetOpener(cfg, manifest_dir)
 
-    labelled_dir = _directory(cfg, "labelled_dir", required=True)
-    classes = _class_names(labelled_dir, "data.labelled_dir")
-    labelled = reader.read_labelled(labelled_dir, classes, "data.labelled_dir")
+    labelled_spec = _spec(cfg, "labelled_dir", required=True)
+    if is_shard_spec(labelled_spec):
+        classes = [str(i) for i in range(int(cfg.get("num_classes") or 0))]
+    else:
+        classes = _class_names(labelled_spec, "data.labelled_dir")
+    labelled = opener.open("labelled", labelled_spec, classes)
 
-    test_dir = _directory(cfg, "test_dir")
-    if test_dir is None:
+    test_spec = _spec(cfg, "test_dir")
+    if test_spec is None:
         hint = "change data.test_fraction or give a data.test_dir"
         train, test = holdout(labelled, cfg.get("test_fraction", 0.2), hint)
     else:
-        _check_same_classes(test_dir, classes, "data.test_dir")
-        train, test = labelled, reader.read_labelled(test_dir, classes, "data.test_dir")
+        train, test = labelled, opener.open("test", test_spec, classes)
 
-    val = None
-    val_dir = _directory(cfg, "val_dir")
-    if val_dir is not None:
-        _check_same_classes(val_dir, classes, "data.val_dir")
-        val = reader.read_labelled(val_dir, classes, "data.val_dir")
+    val_spec = _spec(cfg, "val_dir")
+    val = opener.open("val", val_spec, classes) if val_spec is not None else None
 
-    extra = None
-    unlabelled_dir = _directory(cfg, "unlabelled_dir")
-    if unlabelled_dir is not None:
-        files = image_files(unlabelled_dir)
-        if not files:
+    unlabelled_spec = _spec(cfg, "unlabelled_dir")
+    extra = opener.open("unlabelled", unlabelled_spec, None) if unlabelled_spec else None
+    return DataBundle("image_folder", classes, train, test, extra, val, opener.num_bad)
+
+
+class SetOpener:
+    """Lists each set into its manifest and opens it in memory or streamed."""
+
+    def __init__(self, cfg: dict[str, Any], manifest_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.channels = cfg.get("channels") or 3
+        self.size = cfg.get("image_size")
+        self.skip_bad = (cfg.get("on_bad_image") or "fail") == "skip"
+        self.in_memory = str(cfg.get("in_memory", "auto")).lower()
+        if self.in_memory not in IN_MEMORY_CHOICES:
+            raise UserError(f"data.in_memory={self.in_memory}; choose auto, true or false")
+        if self.size is None and self.in_memory != "true":
+            raise UserError("data.image_size is not set; give one (images are resized to it)")
+        self.limit = float(cfg.get("in_memory_limit_mb") or 1024) * 2**20
+        self.manifest_dir = manifest_dir
+        self.cache_dir = Path(cfg.get("cache_dir") or "~/.cache/pipeline").expanduser()
+        self.num_bad = 0
+
+    def open(self, name: str, spec: Any, classes: list[str] | None) -> ImageSet:
+        key = f"data.{name}_dir"
+        manifest = self._manifest(name, spec, classes, key)
+        if len(manifest) == 0:
             raise UserError(
-                f"data.unlabelled_dir={unlabelled_dir} contains no images "
-                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or unset data.unlabelled_dir"
+                f"{key}={spec} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                f"add images or unset {key}"
             )
-        images, _ = reader.read(files)
-        if len(images) == 0:
-            raise UserError(f"no readable image in data.unlabelled_dir={unlabelled_dir}")
-        extra = ImageArrays(images, None)
+        labels = manifest.labels
+        if classes is not None:
+            _check_classes(labels, classes, spec, key)
+        images = StreamedImages(manifest, self.channels, self.size or 0)
+        decoded = memory_bytes(len(manifest), self.channels, self.size or 0)
+        if self.in_memory == "true" or (self.in_memory == "auto" and decoded <= self.limit):
+            arrays = decode_all(images, self.skip_bad, key)
+            self.num_bad += len(images) - len(arrays)
+            if classes is not None:
+                _check_classes(arrays.labels.numpy(), classes, spec, key, "readable ")
+            if len(arrays) == 0:
+                raise UserError(f"no readable image in {key}={spec}")
+            return arrays
+        log.info("%s streams from disk: %d images", key, len(images))
+        return images
 
-    return DataBundle("image_folder", classes, train, test, extra, val, reader.num_bad)
+    def _manifest(self, name: str, spec: Any, classes: list[str] | None, key: str) -> Manifest:
+        """The set's manifest in the run: the one made when the run started (refused if the
+        disk changed since), or a snapshot of the cached listing (rank 0 makes it, every rank
+        reads it). Without a run dir, the cached listing itself."""
+        own = self.manifest_dir / name if self.manifest_dir is not None else None
+        if own is not None and (own / "meta.json").exists():
+            manifest = Manifest(own)
+            changed = changes(manifest)
+            if changed:
+                raise UserError(
+                    f"{key} changed since this run started ({changed}); restore it, or start a "
+                    "new run (another run_dir=, or overwrite=true)"
+                )
+            return manifest
+
+        def make() -> Listing:
+            if is_shard_spec(spec):
+                listing = list_shards(expand_shards(spec, f"{name}_dir"))
+                if classes is not None and listing.labels is None:
+                    raise UserError(f"{key}={spec} has no KEY.cls labels; it must be labelled")
+                return listing
+            return list_folder(Path(spec), classes)
+
+        if dist.is_rank_zero():
+            manifest = cached(spec, classes, self.cache_dir, make)
+            if own is not None:
+                own.parent.mkdir(parents=True, exist_ok=True)
+                snapshot(manifest, own)
+        dist.barrier()
+        return Manifest(own) if own is not None else cached(spec, classes, self.cache_dir, make)
 
 
-def _directory(cfg: dict[str, Any], key: str, required: bool = False) -> Path | None:
-    """The directory under data.<key>, or None when the optional key is unset."""
+def _spec(cfg: dict[str, Any], key: str, required: bool = False) -> Any:
+    """The folder or shard spec under data.<key>, or None when the optional key is unset."""
     value = cfg.get(key)
     if not value:
         if required:
@@ -80,6 +148,8 @@ def _directory(cfg: dict[str, Any], key: str, required: bool = False) -> Path | 
                 f"data.{key} is not set; set it to a folder with one subfolder per class"
             )
         return None
+    if is_shard_spec(value):
+        return value
     path = Path(value).expanduser()
     if not path.exists():
         raise UserError(f"data.{key}={path} does not exist; fix the path")
@@ -100,145 +170,29 @@ def _class_names(root: Path, key: str) -> list[str]:
     return names
 
 
-def _check_same_classes(root: Path, classes: list[str], key: str) -> None:
-    names = {p.name for p in _subfolders(root)}
-    missing, extra = sorted(set(classes) - names), sorted(names - set(classes))
-    if missing or extra:
-        raise UserError(
-            f"{key}={root} must have the same class folders as data.labelled_dir; "
-            f"missing: {missing or 'none'}, unexpected: {extra or 'none'}"
-        )
-
-
-def image_files(root: Path) -> list[Path]:
-    """All image files under root (recursively), sorted so the order is the same everywhere."""
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
-
-
-class _ImageReader:
-    """Decodes image files to uint8 (C, size, size) tensors in a small thread pool."""
-
-    def __init__(self, channels: int, size: int | None, skip_bad: bool) -> None:
-        self.channels = channels
-        self.size = size
-        self.skip_bad = skip_bad
-        self.num_bad = 0
-
-    def read_labelled(self, root: Path, classes: list[str], key: str) -> ImageArrays:
-        """Read a class-per-subfolder tree; labels are indices into ``classes``."""
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            class_files = image_files(root / name)
-            if not class_files:
-                raise UserError(
-                    f"class folder {root / name} ({key}) contains no images; add some or remove it"
-                )
-            files += class_files
-            labels += [label] * len(class_files)
-        images, ok = self.read(files)
-        labels_t = torch.tensor(labels, dtype=torch.int64)[ok]
-        for label, name in enumerate(classes):  # every file of a class may have been skipped
-            if not (labels_t == label).any():
-                raise UserError(f"class folder {root / name} ({key}) has no readable image")
-        return ImageArrays(images, labels_t)
-
-    def read(self, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode files; returns (uint8 (N, C, H, W) of the good ones, bool mask of good files)."""
-        # Decoding runs in C++ and releases the GIL, so threads give real parallelism.
-        workers = min(8, os.cpu_count() or 1)
-        with held_native_stderr() as native, ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(self._decode, files))
-        if native and not any(isinstance(r, str) for r in results):
-            sys.stderr.write("".join(native))  # not about a bad file: let it through
-        images, ok = [], []
-        for path, result in zip(files, results, strict=True):
-            if isinstance(result, str):  # an error message
-                if not self.skip_bad:
-                    raise UserError(
-                        f"cannot read image {path}: {result}; fix or delete it, "
-                        f"or set data.on_bad_image=skip"
-                    )
-                log.warning("skipping unreadable image %s: %s", path, result)
-                self.num_bad += 1
-                ok.append(False)
-            else:
-                images.append(result)
-                ok.append(True)
-        if not images:
-            empty = (0, self.channels, self.size or 1, self.size or 1)
-            return torch.empty(empty, dtype=torch.uint8), torch.tensor(ok, dtype=torch.bool)
-        shapes = {tuple(im.shape) for im in images}
-        if len(shapes) > 1:  # only possible when image_size is unset
+def _check_classes(
+    labels: np.ndarray | None, classes: list[str], spec: Any, key: str, what: str = ""
+) -> None:
+    """Every class has images, and (class trees) the folders are the labelled tree's."""
+    if not is_shard_spec(spec) and key != "data.labelled_dir":
+        names = {p.name for p in _subfolders(Path(spec))}
+        missing, extra = sorted(set(classes) - names), sorted(names - set(classes))
+        if missing or extra:
             raise UserError(
-                f"images have different sizes {sorted(shapes)[:3]}...; set data.image_size"
+                f"{key}={spec} must have the same class folders as data.labelled_dir; "
+                f"missing: {missing or 'none'}, unexpected: {extra or 'none'}"
             )
-        return torch.stack(images), torch.tensor(ok, dtype=torch.bool)
-
-    def _decode(self, path: Path) -> torch.Tensor | str:
-        """One image as uint8 (C, H, W) in the target shape, or an error message."""
-        try:
-            image = decode_file(path, self.channels)
-        except Exception as err:  # any decoder failure means a bad file
-            return short_error(err)
-        return conform(image[None], self.channels, self.size)[0]
-
-
-def decode_file(path: Path, channels: int) -> torch.Tensor:
-    """Decode one file to uint8 (C, H, W) with C == channels."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    if path.suffix.lower() == ".bmp":
-        # torchvision's decoder does not read BMP; PIL (a torchvision dependency) does.
-        from PIL import Image
-
-        with Image.open(path) as pil:
-            array = np.asarray(pil.convert("L" if channels == 1 else "RGB"))
-        image = torch.from_numpy(array.copy())
-        return image[None] if image.ndim == 2 else image.permute(2, 0, 1)
-
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    image = decode_image(str(path), mode=mode)
-    if image.ndim == 4:  # an animated GIF: keep the first frame
-        image = image[0]
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = (image.to(torch.float32) * (255.0 / 65535.0)).round().to(torch.uint8)
-    # GIF and WebP decoders ignore the GRAY mode, so convert here.
-    return convert_channels(image[None], channels)[0]
-
-
-@contextlib.contextmanager
-def held_native_stderr() -> Iterator[list[str]]:
-    """Hold back what C decoders print straight to the process's stderr (libpng prints its own
-    complaint about a corrupt file): bad input must give one line, ours, naming the file.
-    Yields a list that holds the text afterwards."""
-    held: list[str] = []
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (e.g. embedded): nothing to hold
-        yield held
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield held
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode(errors="replace")
-            if text:
-                held.append(text)
-
-
-def short_error(err: Exception) -> str:
-    # torchvision prefixes messages with "function, /path/to/file.cpp:123, "; keep the rest.
-    lines = str(err).strip().splitlines() or [type(err).__name__]
-    message = re.sub(r"^\w+, \S+:\d+, ", "", lines[0])
-    if message.startswith(("Unsupported image file", "Internal error")):  # garbage bytes
-        return "not a valid image (corrupt, or its content is not the format its name says)"
-    return message
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes)) if labels is not None else []
+    for c, name in enumerate(classes):
+        if len(counts) and counts[c] == 0:
+            where = Path(spec) / name if not is_shard_spec(spec) else f"{spec} (class {c})"
+            if what:
+                raise UserError(f"class folder {where} ({key}) has no {what}image")
+            raise UserError(
+                f"class folder {where} ({key}) contains no images; add some or remove it"
+            )
+    if labels is not None and len(labels) and labels.max() >= len(classes):
+        raise UserError(
+            f"{key}={spec} has labels up to {labels.max()}, data.num_classes={len(classes)}; "
+            f"set data.num_classes={int(labels.max()) + 1}"
+        )

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pipeline.data.arrays import DataBundle, ImageArrays, subset
+from pipeline.data.arrays import DataBundle, ImageSet, subset
+from pipeline.data.streamed import concat
 from pipeline.errors import UserError
 from pipeline.runtime.io import write_npz
 
@@ -115,19 +115,14 @@ def check_disjoint(**index_sets: np.ndarray) -> None:
                 )
 
 
-def unlabelled_pool(bundle: DataBundle, splits: Splits) -> ImageArrays:
+def unlabelled_pool(bundle: DataBundle, splits: Splits) -> ImageSet:
     """The unlabelled set: ``train[splits.unlabelled]`` followed by ``extra_unlabelled``.
 
     Positions in the result are the "unlabelled index" used in pseudo_labels.npz. Its labels are
     the true labels where known (-1 for extra_unlabelled images), or None if none are known; they
     are only for reporting pseudo-label accuracy, never for training.
     """
-    part = subset(bundle.train, splits.unlabelled)
-    extra = bundle.extra_unlabelled
-    if extra is None or len(extra) == 0:
-        return part
-    images = torch.cat([part.images, extra.images])
-    if part.labels is None or len(part) == 0:
-        return ImageArrays(images, None)
-    unknown = torch.full((len(extra),), -1, dtype=torch.int64)
-    return ImageArrays(images, torch.cat([part.labels, unknown]))
+    parts = [subset(bundle.train, splits.unlabelled)]
+    if bundle.extra_unlabelled is not None and len(bundle.extra_unlabelled):
+        parts.append(bundle.extra_unlabelled)
+    return concat(parts)

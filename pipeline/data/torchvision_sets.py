@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pipeline.data.arrays import DataBundle, ImageArrays
+from pipeline.data.arrays import DataBundle, ImageArrays, named
 from pipeline.errors import UserError
 
 
@@ -41,7 +41,8 @@ def load_cifar(cfg: dict[str, Any], cls: Callable[..., Any]) -> DataBundle:
 
     def arrays(ds: Any) -> ImageArrays:
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
-        return ImageArrays(images, torch.as_tensor(ds.targets))
+        split = "train" if ds.train else "test"
+        return ImageArrays(images, torch.as_tensor(ds.targets), named(split, len(images)))
 
     train = _torchvision(cls, cfg, train=True)
     test = _torchvision(cls, cfg, train=False)
@@ -69,8 +70,16 @@ def load_svhn(cfg: dict[str, Any]) -> DataBundle:
     return DataBundle(
         "svhn",
         [str(i) for i in range(10)],
-        ImageArrays(torch.from_numpy(train.data), torch.from_numpy(train.labels)),
-        ImageArrays(torch.from_numpy(test.data), torch.from_numpy(test.labels)),
+        ImageArrays(
+            torch.from_numpy(train.data),
+            torch.from_numpy(train.labels),
+            named("train", len(train.data)),
+        ),
+        ImageArrays(
+            torch.from_numpy(test.data),
+            torch.from_numpy(test.labels),
+            named("test", len(test.data)),
+        ),
         None,
     )
 
@@ -85,9 +94,20 @@ def load_stl10(cfg: dict[str, Any]) -> DataBundle:
     return DataBundle(
         "stl10",
         list(train.classes),
-        ImageArrays(torch.from_numpy(train.data), torch.from_numpy(train.labels)),
-        ImageArrays(torch.from_numpy(test.data), torch.from_numpy(test.labels)),
-        ImageArrays(torch.from_numpy(unlabeled.data), None),  # its .labels are all -1
+        ImageArrays(
+            torch.from_numpy(train.data),
+            torch.from_numpy(train.labels),
+            named("train", len(train.data)),
+        ),
+        ImageArrays(
+            torch.from_numpy(test.data),
+            torch.from_numpy(test.labels),
+            named("test", len(test.data)),
+        ),
+        # its .labels are all -1
+        ImageArrays(
+            torch.from_numpy(unlabeled.data), None, named("unlabeled", len(unlabeled.data))
+        ),
     )
 
 
@@ -98,8 +118,8 @@ def load_mnist_like(cfg: dict[str, Any], cls: Callable[..., Any]) -> DataBundle:
     return DataBundle(
         cfg["name"],
         list(train.classes),
-        ImageArrays(train.data.unsqueeze(1), train.targets),
-        ImageArrays(test.data.unsqueeze(1), test.targets),
+        ImageArrays(train.data.unsqueeze(1), train.targets, named("train", len(train.data))),
+        ImageArrays(test.data.unsqueeze(1), test.targets, named("test", len(test.data))),
         None,
     )
 

@@ -2,12 +2,14 @@
 samplers, and the DataModule that turns uint8 batches into normalised (and, when training,
 augmented) float tensors on the device.
 
-Images live in memory as uint8 tensors; a batch is one fancy-indexing op, then it is moved to the
-device, augmented per sample in one batched op and normalised there (no per-sample PIL).
+A batch is one fancy-indexing op for images in memory, or read and decoded in DataLoader
+workers for a streamed set; then it is moved to the device, augmented per sample in one batched
+op and normalised there (no per-sample PIL).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.arrays import ImageSet
+from pipeline.data.decode import decode_batch
+from pipeline.errors import UserError
 from pipeline.runtime import dist
 
 # Test-time views: a float batch -> its augmented copies (the clean batch not included).
@@ -23,43 +28,70 @@ ViewsFn = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 class Batches(torch.utils.data.Dataset):
-    """Indexable by an array of rows: returns the whole batch in one indexing op."""
+    """Indexable by an array of rows: returns the whole batch (one indexing op for images in
+    memory; one read and decode per image for a streamed set, in a DataLoader worker).
+
+    `labels` are the rows' true labels (evaluation); `targets(rows)` the training targets
+    (distributions, one-hot for hard labels) with a `weight` per row; `index` what a row is
+    called in the predictions (default: the row)."""
 
     def __init__(
         self,
-        images: torch.Tensor,
-        targets: torch.Tensor | None = None,
+        images: ImageSet,
+        labels: torch.Tensor | None = None,
+        targets: Callable[[np.ndarray], torch.Tensor] | None = None,
         weight: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
+        encoded: bool = False,
     ) -> None:
-        self.images, self.targets, self.weight = images, targets, weight
+        self.images, self.labels, self.targets, self.weight = images, labels, targets, weight
         self.index = index if index is not None else torch.arange(len(images))
+        # Undecoded files, for decoding on the device (only sets read from disk have them).
+        self.encoded = encoded and hasattr(images, "encoded")
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
-        batch = {"image": self.images[rows_t], "index": self.index[rows_t]}
+    def __getitem__(self, rows: np.ndarray) -> dict[str, Any]:
+        rows = np.asarray(rows, dtype=np.int64)
+        rows_t = torch.from_numpy(rows)
+        if self.encoded:
+            data, exts, keys = self.images.encoded(rows)
+            batch: dict[str, Any] = {"encoded": data, "ext": exts, "keys": keys}
+            bad = []
+        else:
+            images, bad = self.images.load(rows)
+            batch = {"image": images}
+        batch["index"] = self.index[rows_t]
+        if self.labels is not None:
+            batch["label"] = self.labels[rows_t]
         if self.targets is not None:
-            batch["target"] = self.targets[rows_t]
+            batch["target"] = self.targets(rows)
             batch["weight"] = self.weight[rows_t]
+        if bad:  # unreadable images: the data module fails or drops them (data.on_bad_image)
+            batch["bad"] = torch.tensor([pos for pos, _ in bad])
+            batch["why"] = [why for _, why in bad]
         return batch
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Yields this rank's share of an epoch's batches (lists of rows).
+    """Yields this rank's share of an epoch's global batches (arrays of rows).
 
-    `make(rng)` builds the whole epoch's batches from a generator seeded by (seed, epoch), the
-    same on every rank; rank r takes batches r, r + W, ... and every rank the same count, so DDP
-    ranks never wait on each other and no sample is seen twice in a step. Lightning calls
-    set_epoch each epoch, and a resumed run replays the same epochs.
+    `make(rng)` builds the whole epoch's batches (each of `train.batch_size` rows, the global
+    batch) from a generator seeded by (seed, epoch), the same on every rank; rank r takes rows
+    r, r + W, ... of every batch, so W ranks take the same optimizer steps on the same samples as
+    one process would, each with 1/W of the batch. Lightning calls set_epoch each epoch, and a
+    resumed run replays the same epochs.
     """
 
     def __init__(self, make: Callable[[np.random.Generator], list[np.ndarray]], seed: int) -> None:
         self.make, self.seed, self.epoch = make, seed, 0
         self.rank, self.world = dist.rank(), dist.world_size()
-        self._len = len(make(np.random.default_rng(0))) // self.world
+        self._len = len(self._mine(make(np.random.default_rng(0))))
+
+    def _mine(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        # A last batch smaller than the world (a tiny set's remainder) would leave a rank empty.
+        return [b[self.rank :: self.world] for b in batches if len(b) >= self.world]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -69,7 +101,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         batches = self.make(np.random.default_rng([self.seed, self.epoch]))
-        return iter(batches[self.rank :: self.world][: self._len])
+        return iter(self._mine(batches)[: self._len])
 
 
 def shard_batches(n: int, batch_size: int) -> list[np.ndarray]:
@@ -79,9 +111,24 @@ def shard_batches(n: int, batch_size: int) -> list[np.ndarray]:
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def resolve_workers(num_workers: Any, images: list[ImageSet | None]) -> int:
+    """data.num_workers: a number, or "auto": none for sets in memory (indexing a tensor is
+    faster than a worker's round trip), the cores of this rank for streamed sets (decoding)."""
+    if num_workers not in (None, "auto"):
+        return int(num_workers)
+    if all(i is None or i.in_memory for i in images):
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
 class ImageDataModule(L.LightningDataModule):
-    """Serves in-memory batches and turns them into normalised (and, when training, augmented)
-    float tensors on the device."""
+    """Serves batches and turns them into normalised (and, when training, augmented) float
+    tensors on the device. Unreadable images met in a streamed set stop the run naming the
+    file (`on_bad_image="fail"`) or are dropped from the batch and counted (`"skip"`)."""
 
     def __init__(
         self,
@@ -95,10 +142,15 @@ class ImageDataModule(L.LightningDataModule):
         train_batches: Callable[[np.random.Generator], list[np.ndarray]] | None = None,
         test: Batches | None = None,
         predict: Batches | None = None,
+        predict_batches: list[np.ndarray] | None = None,
         eval_batch_size: int = 1024,
         predict_views: ViewsFn | None = None,
+        on_bad_image: str = "fail",
+        channels: int = 3,
+        size: int = 32,
     ) -> None:
         super().__init__()
+        self.channels, self.size = channels, size  # what images decoded on the device become
         self.predict_views = predict_views
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
@@ -106,16 +158,20 @@ class ImageDataModule(L.LightningDataModule):
         self.channels_last = channels_last
         self.train_set, self.train_batches = train, train_batches
         self.test_set, self.predict_set, self.eval_batch_size = test, predict, eval_batch_size
+        self.predict_batches = predict_batches
+        self.on_bad_image, self.num_bad = on_bad_image, 0
         self._step = 0
 
     def _loader(self, dataset: Batches, sampler: Any) -> torch.utils.data.DataLoader:
+        gpu = torch.cuda.is_available()
         return torch.utils.data.DataLoader(
             dataset,
             sampler=sampler,
             batch_size=None,  # the sampler yields whole batches
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=gpu,
+            prefetch_factor=4 if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -125,8 +181,10 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shard_batches(len(self.test_set), self.eval_batch_size))
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        n = len(self.predict_set)
-        return self._loader(self.predict_set, shard_batches(n, self.eval_batch_size))
+        batches = self.predict_batches
+        if batches is None:
+            batches = shard_batches(len(self.predict_set), self.eval_batch_size)
+        return self._loader(self.predict_set, batches)
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
@@ -143,6 +201,10 @@ class ImageDataModule(L.LightningDataModule):
         }
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if "encoded" in batch:
+            batch = self._decode(batch)
+        if "bad" in batch:
+            batch = self._drop_bad(batch)
         images = batch["image"]
         if self.trainer is not None and self.trainer.training and self.augment is not None:
             # A generator per (seed, step, rank): augmentation is reproducible, also on resume.
@@ -164,3 +226,36 @@ class ImageDataModule(L.LightningDataModule):
         if len(views) > 1:
             batch["views"] = views
         return batch
+
+    def _decode(self, batch: dict) -> dict:
+        """Decode a batch of files on the device (nvJPEG on a GPU)."""
+        device = batch["index"].device
+        images, bad = decode_batch(
+            batch.pop("encoded"), batch.pop("ext"), self.channels, self.size, device
+        )
+        keys = batch.pop("keys")
+        batch["image"] = images
+        if bad:
+            batch["bad"] = torch.tensor([pos for pos, _ in bad])
+            batch["why"] = [f"{keys[pos]}: {why}" for pos, why in bad]
+        return batch
+
+    def _drop_bad(self, batch: dict) -> dict:
+        """Stop on an unreadable image, or take it out of the batch (training: weight 0)."""
+        if self.on_bad_image != "skip":
+            raise UserError(
+                f"cannot read image {batch['why'][0]}; fix or delete it, "
+                "or set data.on_bad_image=skip"
+            )
+        self.num_bad += len(batch["bad"])
+        keep = torch.ones(len(batch["image"]), dtype=torch.bool)
+        keep[batch["bad"].cpu()] = False
+        if "weight" in batch:  # a training step keeps its shape: the images weigh nothing
+            return {**batch, "weight": batch["weight"] * keep.to(batch["weight"])}
+        keep = keep.to(batch["image"].device)
+        kept = {
+            k: v[keep] if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if k not in ("bad", "why")
+        }
+        return {**kept, "num_bad": len(batch["bad"])}

@@ -91,7 +91,8 @@ class LitClassifier(L.LightningModule):
         self._loss_sum, self._loss_steps = 0.0, 0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_acc.update(self(batch["image"]), batch["target"].argmax(1))
+        if len(batch["image"]):  # (a batch of unreadable images only is empty)
+            self.test_acc.update(self(batch["image"]), batch["label"])
         self.test_count.update(torch.tensor(float(len(batch["image"])), device=self.device))
         self.log(TEST_ACC, self.test_acc, on_step=False, on_epoch=True)
         self.log(TEST_COUNT, self.test_count, on_step=False, on_epoch=True)
@@ -100,7 +101,7 @@ class LitClassifier(L.LightningModule):
         # With test-time augmentation: the mean of the views' probabilities.
         views = batch.get("views", [batch["image"]])
         probs = sum(self(v).float().softmax(1) for v in views) / len(views)
-        return {"index": batch["index"], "probs": probs}
+        return {"index": batch["index"], "probs": probs, "bad": batch.get("num_bad", 0)}
 
     def configure_optimizers(self) -> Any:
         head = [

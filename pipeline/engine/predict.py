@@ -1,12 +1,12 @@
-"""Predictions of a network over a dataset, keyed by sample index: each rank predicts its shard
-and writes it to a file; rank 0 merges the files by index (never by order) and checks that every
-index appears exactly once."""
+"""A network's predictions over a set, as a map over shards: each rank predicts the shards it is
+given, in order, and hands each finished shard to a writer (one file per shard, written
+atomically by that rank), so memory holds one shard at a time and a killed pass redoes only the
+shards without a file."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,81 +14,93 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 
-from pipeline.engine.datamodule import ImageDataModule, ViewsFn
+from pipeline.engine.datamodule import Batches, ViewsFn
+from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
 from pipeline.engine.trainer import build_trainer
-from pipeline.runtime import dist
-from pipeline.runtime.io import atomic_path, read_npz
+
+# (shard number, index of its readable rows, their probabilities, its unreadable rows' count)
+WriteShard = Callable[[int, np.ndarray, np.ndarray, int], None]
 
 
-class IndexedPredictionWriter(BasePredictionWriter):
-    """Keeps this rank's predictions keyed by index and writes them to one file per rank."""
+@dataclass(frozen=True)
+class ShardPlan:
+    """Rows 0..n-1 cut into `num_shards` contiguous shards of nearly equal size."""
 
-    def __init__(self, out_dir: Path) -> None:
+    n: int
+    num_shards: int
+
+    def rows(self, shard: int) -> np.ndarray:
+        size, extra = divmod(self.n, self.num_shards)
+        start = shard * size + min(shard, extra)
+        return np.arange(start, start + size + (shard < extra))
+
+
+class ShardWriter(BasePredictionWriter):
+    """Collects this rank's predictions of the current shard; when its last batch is in,
+    calls `write` with them."""
+
+    def __init__(self, shard_of_batch: list[int], write: WriteShard) -> None:
         super().__init__(write_interval="batch")
-        self.out_dir = Path(out_dir)
+        self.shard_of_batch, self.write = shard_of_batch, write
         self.index: list[np.ndarray] = []
         self.probs: list[np.ndarray] = []
+        self.bad = 0
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
         self.index.append(prediction["index"].cpu().numpy().astype(np.int64))
-        self.probs.append(prediction["probs"].cpu().numpy().astype(np.float32))
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        num_classes = pl_module.hparams.get("num_classes", 0)
-        index = np.concatenate(self.index) if self.index else np.zeros(0, np.int64)
-        probs = np.concatenate(self.probs) if self.probs else np.zeros((0, num_classes), np.float32)
-        with atomic_path(self.out_dir / f"rank{dist.rank()}.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, index=index, probs=probs)
-        self.index, self.probs = [], []
+        self.probs.append(prediction["probs"].float().cpu().numpy())
+        self.bad += int(prediction["bad"])
+        shard = self.shard_of_batch[batch_idx]
+        last = batch_idx + 1 == len(self.shard_of_batch)
+        if last or self.shard_of_batch[batch_idx + 1] != shard:
+            self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), self.bad)
+            self.index, self.probs, self.bad = [], [], 0
 
 
-def predict(
+def predict_shards(
     cfg: DictConfig,
     data_cfg: DictConfig,
     net: torch.nn.Module,
-    dataset: Any,
-    work_dir: Path,
+    dataset: Batches,
+    shards: dict[int, np.ndarray],
+    write: WriteShard,
     views: ViewsFn | None = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The network's probabilities for every row of `dataset` (averaged over the clean image
-    and `views`, when given). Returns (index, probs) on rank 0, None on the other ranks."""
-    shard_dir = work_dir / "predict_shards"
-    if dist.is_rank_zero() and shard_dir.exists():
-        shutil.rmtree(shard_dir)  # left by a killed pass (maybe with other ranks): redo them all
-    dist.barrier()
-    writer = IndexedPredictionWriter(shard_dir)
-    dm = ImageDataModule(
-        mean=list(data_cfg.mean),
-        std=list(data_cfg.std),
-        augment=None,
-        seed=0,
-        num_workers=data_cfg.get("num_workers", 0),
-        channels_last=cfg.trainer.get("channels_last", False),
-        eval_batch_size=cfg.train.eval_batch_size,
-        predict_views=views,
-        predict=dataset,
-    )
+) -> None:
+    """Predict `shards` ({shard number: its rows}, this rank's) with `net`, averaging the clean
+    image and `views` when given; `write` receives each shard as soon as it is done. Every rank
+    calls it (with its own shards, maybe none)."""
+    bs = int(cfg.train.eval_batch_size)
+    batches, shard_of_batch = [], []
+    for shard, rows in shards.items():
+        for i in range(0, len(rows), bs):
+            batches.append(rows[i : i + bs])
+            shard_of_batch.append(shard)
+    dm = datamodule(cfg, data_cfg, 0, None, predict=dataset, predict_batches=batches)
+    dm.predict_views = views
     module = LitClassifier(
         net,
         num_classes=int(data_cfg.num_classes),
         optimizer=instantiate(cfg.optimizer),
         hparams={"num_classes": int(data_cfg.num_classes)},
     )
+    writer = ShardWriter(shard_of_batch, write)
     trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])
     trainer.predict(module, datamodule=dm, return_predictions=False)
-    dist.barrier()
-    result = None
-    if dist.is_rank_zero():
-        parts = [read_npz(shard_dir / f"rank{r}.npz") for r in range(dist.world_size())]
-        index = np.concatenate([p["index"] for p in parts])
-        probs = np.concatenate([p["probs"] for p in parts])
-        n = len(dataset)
-        if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
-            raise RuntimeError(f"predictions cover {len(np.unique(index))} of {n} samples once")
-        shutil.rmtree(shard_dir)
-        result = index, probs
-    dist.barrier()
-    return result
+
+
+def predict(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    net: torch.nn.Module,
+    dataset: Batches,
+    views: ViewsFn | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's probabilities, in one process: (index, probs) in memory. For tests and
+    small sets; pseudo-labelling uses predict_shards."""
+    out = [(np.zeros(0, np.int64), np.zeros((0, int(data_cfg.num_classes)), np.float32))]
+    plan = {0: np.arange(len(dataset))}
+    predict_shards(cfg, data_cfg, net, dataset, plan, lambda s, i, p, b: out.append((i, p)), views)
+    return out[-1]

@@ -47,6 +47,13 @@ def all_gather_object(obj: object) -> list[object]:
     return out
 
 
+def all_reduce_sum(value: float) -> float:
+    """The sum of `value` over the ranks (every rank gets it)."""
+    if not torch_dist.is_initialized():
+        return value
+    return float(sum(all_gather_object(value)))  # type: ignore[arg-type]
+
+
 def init_from_environment(accelerator: str) -> None:
     """Join the process group described by the environment, if there is one and not yet joined.
 

@@ -32,9 +32,10 @@ log = logging.getLogger("pipeline")
 T = TypeVar("T")
 
 DONE = "metrics.json"  # the last file a step writes: its presence means the step is finished
-RESUME_STATE = ("checkpoints", "predict_shards")  # what a step keeps only while it runs
+RESUME_STATE = ("checkpoints", "pseudo_shards")  # what a step keeps only while it runs
 CONFIG = "config.yaml"
 OVERRIDES = ".hydra/overrides.yaml"  # the command's overrides, where Hydra itself keeps them
+MANIFESTS = "manifest/"  # the listings of the run's image sets (data/manifest.py)
 
 
 class RunDir:
@@ -106,14 +107,15 @@ class RunDir:
 
     def undo_new(self, before: set[str] | None) -> None:
         """Bad input found after this command began a new run_dir (e.g. in the data): remove
-        what it wrote (config, splits, empty folders), so that the fixed command is not refused
+        what it wrote (config, splits, manifests, empty folders), so that the fixed command is not refused
         as "another config" and the folder is as it was. Work already done is never removed."""
         if before is None or not self.path.is_dir():
             return
         new = [self.path / n for n in os.listdir(self.path) if n not in before]
         recorded = {CONFIG, "splits.npz", OVERRIDES}
         files = [f for p in new for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
-        if any(f.relative_to(self.path).as_posix() not in recorded for f in files):
+        names = [f.relative_to(self.path).as_posix() for f in files]
+        if any(n not in recorded and not n.startswith(MANIFESTS) for n in names):
             return
         for p in new:
             shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -1,11 +1,18 @@
-"""Step 2, pseudo-labelling: the teacher labels the whole unlabelled set (averaging the clean
-image and fixed test-time views), the confident predictions are selected (select.py) and written
-to pseudo_labels.npz, with diagnostics of what was kept (precision and coverage per class, the
-teacher's confidence histogram and calibration)."""
+"""Step 2, pseudo-labelling, as a resumable map over shards of the unlabelled pool.
+
+The pool is cut into shards (`pseudo_label.num_shards`, or one per `pseudo_label.shard_size`
+images). Each rank of a job, or each job of an array (`pseudo_label.shard=I`), labels its shards
+with the teacher (the mean over the clean image and fixed test-time views) and writes one file
+per shard, atomically: a killed pass redoes only the shards without a file. Selection
+(select.py) and the diagnostics (per-class precision and coverage, confidence histogram, the
+teacher's calibration) then stream over the shard files: memory grows with what is kept, never
+with the pool times the classes.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +20,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from pipeline.data import ImageArrays
+from pipeline.data.arrays import ImageSet
+from pipeline.data.streamed import check_unchanged
 from pipeline.data.task import Task
-from pipeline.engine.datamodule import Batches, ViewsFn
-from pipeline.engine.predict import predict
+from pipeline.engine.datamodule import ViewsFn
+from pipeline.engine.fit import batches
+from pipeline.engine.predict import ShardPlan, predict_shards
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
-from pipeline.runtime import io
+from pipeline.runtime import dist, io
 from pipeline.runtime.rundir import RunDir, Step
 from pipeline.selftrain import noise
-from pipeline.selftrain.select import PseudoLabels, per_class_stats, select_pseudo_labels
+from pipeline.selftrain.select import PseudoLabels, per_class_stats, select_from_shards
 from pipeline.selftrain.teacher import data_augment
 
 PSEUDO_LABELS = "pseudo_labels.npz"
 DIAGNOSTICS = "pseudo_diagnostics.json"
+SHARDS = "pseudo_shards"  # the shard files of a round: resume state until the round is done
 
 
 def label_unlabelled(
@@ -39,6 +49,7 @@ def label_unlabelled(
     if run.exists(out, diagnostics_path):
         pseudo = read_pseudo_labels(out, len(task.unlabelled), task.num_classes)
         return pseudo, io.read_json(diagnostics_path)
+    check_unchanged(task.unlabelled, "the unlabelled pool")
     with run.timed("labelling"):
         teacher = load_net(cfg, teacher_ckpt, task.num_classes)
         pseudo, diagnostics = pseudo_label(
@@ -46,6 +57,131 @@ def label_unlabelled(
         )
     run.write_json(diagnostics_path, diagnostics)
     return pseudo, diagnostics
+
+
+def pseudo_label(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    net: torch.nn.Module,
+    pool: ImageSet,
+    out: Path,
+    run: RunDir,
+    truth: np.ndarray | None,
+) -> tuple[PseudoLabels, dict[str, Any]]:
+    """Label every shard of the pool (those not labelled yet), select, write `out`
+    (pseudo_labels.npz) atomically. The kept pseudo-labels and their diagnostics."""
+    shard_dir = out.parent / SHARDS if out.name == PSEUDO_LABELS else out.with_suffix(".shards")
+    plan = label_shards(cfg, data_cfg, net, pool, shard_dir, run)
+    return select_and_write(cfg, plan, shard_dir, out, run, truth, int(data_cfg.num_classes))
+
+
+def shard_plan(cfg: DictConfig, n: int) -> ShardPlan:
+    """The pool's shards: pseudo_label.num_shards, or one per pseudo_label.shard_size images."""
+    pl = cfg.pseudo_label
+    num = pl.get("num_shards") or max(1, math.ceil(n / int(pl.get("shard_size") or 4096)))
+    return ShardPlan(n, int(num))
+
+
+def shard_file(shard_dir: Path, shard: int, plan: ShardPlan) -> Path:
+    return shard_dir / f"shard-{shard:05d}-of-{plan.num_shards:05d}.npz"
+
+
+def label_shards(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    net: torch.nn.Module,
+    pool: ImageSet,
+    shard_dir: Path,
+    run: RunDir,
+    only: int | None = None,
+) -> ShardPlan:
+    """Label the shards of the pool that have no file yet (`only`: just that one); the ranks
+    of this job take them in turn, each writing its own shard files."""
+    plan = shard_plan(cfg, len(pool))
+    wanted = range(plan.num_shards) if only is None else [only]
+    if only is not None and not 0 <= only < plan.num_shards:
+        raise UserError(
+            f"pseudo_label.shard={only} is out of range: the pool has {plan.num_shards} shards "
+            f"(pseudo_label.num_shards); pass 0..{plan.num_shards - 1}"
+        )
+    todo = run.on_rank_zero(
+        lambda: [s for s in wanted if not shard_file(shard_dir, s, plan).exists()]
+    )
+    if not todo:
+        return plan
+    mine = {s: plan.rows(s) for s in todo[dist.rank() :: dist.world_size()]}
+    soft_topk = cfg.pseudo_label.get("soft_topk") if cfg.pseudo_label.soft else None
+
+    def write(shard: int, index: np.ndarray, probs: np.ndarray, bad: int) -> None:
+        io.write_npz(
+            shard_file(shard_dir, shard, plan),
+            shard_arrays(pool, index, probs, bad, cfg.pseudo_label.soft, soft_topk),
+        )
+
+    views = teacher_views(cfg, data_cfg)
+    predict_shards(cfg, data_cfg, net, batches(data_cfg, pool), mine, write, views)
+    dist.barrier()
+    return plan
+
+
+def shard_arrays(
+    pool: ImageSet,
+    index: np.ndarray,
+    probs: np.ndarray,
+    bad: int,
+    soft: bool,
+    soft_topk: int | None,
+) -> dict[str, np.ndarray]:
+    """A shard file: each labelled row's index, key, predicted class and confidence (and its
+    probabilities when soft targets are kept: all of them, or the top-k); the count of rows
+    that could not be read."""
+    confidence, label = torch.from_numpy(probs).max(dim=1)
+    arrays = {
+        "index": index,
+        "key": pool.keys(index),
+        "label": label.numpy().astype(np.int64),
+        "confidence": confidence.numpy().astype(np.float32),
+        "num_bad": np.array(bad, np.int64),
+    }
+    if soft and soft_topk:
+        top = torch.from_numpy(probs).topk(min(int(soft_topk), probs.shape[1]), dim=1)
+        arrays.update(topk_probs=top.values.numpy(), topk_classes=top.indices.numpy())
+    elif soft:
+        arrays["probs"] = probs.astype(np.float32)
+    return arrays
+
+
+def select_and_write(
+    cfg: DictConfig,
+    plan: ShardPlan,
+    shard_dir: Path,
+    out: Path,
+    run: RunDir,
+    truth: np.ndarray | None,
+    num_classes: int,
+) -> tuple[PseudoLabels, dict[str, Any]]:
+    """Rank 0 selects over the shard files and writes `out`; every rank gets the result."""
+    files = [shard_file(shard_dir, s, plan) for s in range(plan.num_shards)]
+
+    def select() -> dict[str, Any]:
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise UserError(
+                f"{len(missing)} of {plan.num_shards} shards are not labelled yet in {shard_dir} "
+                f"(e.g. {missing[0]}); run the jobs of pseudo_label.shard=... first"
+            )
+        pl = cfg.pseudo_label
+        kept, stats = select_from_shards(
+            files, plan, pl.threshold, pl.max_per_class, pl.soft, pl.temperature, truth
+        )
+        io.write_npz(out, kept.arrays())
+        diagnostics: dict[str, Any] = {"num_pseudo": len(kept)}
+        diagnostics.update(per_class_stats(kept, truth, num_classes, plan.n))
+        diagnostics.update(stats)
+        return diagnostics
+
+    diagnostics = run.on_rank_zero(select)
+    return read_pseudo_labels(out, plan.n, num_classes), diagnostics
 
 
 def teacher_views(cfg: DictConfig, data_cfg: DictConfig) -> ViewsFn | None:
@@ -56,67 +192,6 @@ def teacher_views(cfg: DictConfig, data_cfg: DictConfig) -> ViewsFn | None:
     if not views or augment is None:
         return None
     return functools.partial(noise.fixed_views, views=views, augment=augment, seed=0)
-
-
-def pseudo_label(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
-    net: torch.nn.Module,
-    unlabelled: ImageArrays,
-    out: Path,
-    run: RunDir,
-    truth: np.ndarray | None,
-) -> tuple[PseudoLabels, dict[str, Any]]:
-    """Label the unlabelled set, select, and write `out` (pseudo_labels.npz) atomically.
-    Returns the kept pseudo-labels and their diagnostics (on every rank)."""
-    views = teacher_views(cfg, data_cfg)
-    predictions = predict(cfg, data_cfg, net, Batches(unlabelled.images), out.parent, views)
-    num_classes = int(data_cfg.num_classes)
-
-    def select_and_write() -> dict[str, Any]:
-        index, probs = predictions
-        pl = cfg.pseudo_label
-        kept = select_pseudo_labels(
-            torch.from_numpy(index),
-            torch.from_numpy(probs),
-            threshold=pl.threshold,
-            max_per_class=pl.max_per_class,
-            soft=pl.soft,
-            temperature=pl.temperature,
-        )
-        io.write_npz(out, kept.arrays())
-        diagnostics: dict[str, Any] = {"num_pseudo": len(kept)}
-        diagnostics.update(per_class_stats(kept, truth, num_classes, len(unlabelled)))
-        diagnostics.update(teacher_diagnostics(probs[np.argsort(index)], truth, num_classes))
-        return diagnostics
-
-    diagnostics = run.on_rank_zero(select_and_write)
-    return read_pseudo_labels(out, len(unlabelled), num_classes), diagnostics
-
-
-def teacher_diagnostics(
-    probs: np.ndarray, truth: np.ndarray | None, num_classes: int
-) -> dict[str, Any]:
-    """Calibration of the teacher on the unlabelled set, and its confidence histogram."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
-    confidence = probs.max(1)
-    counts, edges = np.histogram(confidence, bins=20, range=(0.0, 1.0))
-    out: dict[str, Any] = {
-        "confidence_hist": {"edges": edges.round(4).tolist(), "counts": counts.tolist()},
-        "teacher_ece": None,
-    }
-    if truth is not None and (truth >= 0).any():
-        known = truth >= 0
-        out["teacher_ece"] = float(
-            multiclass_calibration_error(
-                torch.from_numpy(probs[known]),
-                torch.from_numpy(truth[known]),
-                num_classes=num_classes,
-                n_bins=15,
-            )
-        )
-    return out
 
 
 def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:
@@ -135,4 +210,9 @@ def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> Pse
         raise UserError(f"{path} lists an unlabelled index more than once")
     if len(label) and (label.min() < 0 or label.max() >= num_classes):
         raise UserError(f"{path} has labels outside 0..{num_classes - 1}")
-    return PseudoLabels(index, label, z["confidence"].astype(np.float32), z.get("probs"))
+    probs, classes = z.get("probs"), None
+    if "topk_probs" in z:
+        probs, classes = z["topk_probs"], z["topk_classes"].astype(np.int64)
+    return PseudoLabels(
+        index, label, z["confidence"].astype(np.float32), probs, classes, z.get("key")
+    )

@@ -9,38 +9,59 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.selftrain.select import PseudoLabels
 
 
 @dataclass
 class TrainingSet:
-    """What a student trains on: images by reference, a target distribution and a weight each.
+    """What a student trains on: images by reference, a target and a weight each.
 
     `source` says where each row's image comes from (0: labelled set, 1: unlabelled set) and
-    `position` where in that set. Hard labels are one-hot rows of `targets`.
+    `position` where in that set; labelled rows come first. Targets are one-hot rows of
+    `label`, or for pseudo-labelled rows with soft targets the teacher's probabilities
+    (`soft_probs`, over every class or over `soft_classes`): built per batch, so memory grows
+    with the rows, not rows x classes.
     """
 
     source: np.ndarray  # int8 (N,)
     position: np.ndarray  # int64 (N,)
-    targets: np.ndarray  # float32 (N, C)
+    label: np.ndarray  # int64 (N,)
     weight: np.ndarray  # float32 (N,)
+    num_classes: int
+    soft_probs: np.ndarray | None = None  # float32 (N_pseudo, C or k)
+    soft_classes: np.ndarray | None = None  # int64 (N_pseudo, k) for top-k soft targets
 
     def __len__(self) -> int:
         return len(self.position)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """What train_set.npz holds."""
-        return {
-            "source": self.source,
-            "position": self.position,
-            "targets": self.targets,
-            "weight": self.weight,
-        }
-
     @property
     def num_labelled(self) -> int:
         return int((self.source == 0).sum())
+
+    def target_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """The target distributions of `rows` (float32, rows x classes)."""
+        rows = np.asarray(rows, np.int64)
+        out = one_hot(self.label[rows], self.num_classes)
+        if self.soft_probs is not None:
+            soft = np.flatnonzero(rows >= self.num_labelled)
+            j = rows[soft] - self.num_labelled
+            out[soft] = 0.0
+            if self.soft_classes is None:
+                out[soft] = self.soft_probs[j]
+            else:
+                out[soft[:, None], self.soft_classes[j]] = self.soft_probs[j]
+        return torch.from_numpy(out)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What train_set.npz holds (targets as one row per sample)."""
+        return {
+            "source": self.source,
+            "position": self.position,
+            "targets": self.target_rows(np.arange(len(self))).numpy(),
+            "weight": self.weight,
+        }
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -61,25 +82,19 @@ def merge_labelled_and_pseudo(
     one-hot. Only the teacher's outputs enter here, never the unlabelled set's true labels.
     """
     n_lab = len(labelled_labels)
-    parts_source = [np.zeros(n_lab, np.int8)]
-    parts_position = [np.arange(n_lab, dtype=np.int64)]
-    parts_targets = [one_hot(labelled_labels, num_classes)]
-    parts_weight = [np.ones(n_lab, np.float32)]
-    if pseudo is not None and len(pseudo):
-        n = len(pseudo)
-        parts_source.append(np.ones(n, np.int8))
-        parts_position.append(pseudo.index.astype(np.int64))
-        parts_targets.append(
-            pseudo.probs.astype(np.float32)
-            if pseudo.probs is not None
-            else one_hot(pseudo.label, num_classes)
-        )
-        parts_weight.append(np.full(n, pseudo_weight, np.float32))
+    n = len(pseudo) if pseudo is not None else 0
     return TrainingSet(
-        source=np.concatenate(parts_source),
-        position=np.concatenate(parts_position),
-        targets=np.concatenate(parts_targets),
-        weight=np.concatenate(parts_weight),
+        source=np.concatenate([np.zeros(n_lab, np.int8), np.ones(n, np.int8)]),
+        position=np.concatenate(
+            [np.arange(n_lab, dtype=np.int64), pseudo.index.astype(np.int64) if n else []]
+        ).astype(np.int64),
+        label=np.concatenate(
+            [np.asarray(labelled_labels, np.int64), pseudo.label if n else []]
+        ).astype(np.int64),
+        weight=np.concatenate([np.ones(n_lab, np.float32), np.full(n, pseudo_weight, np.float32)]),
+        num_classes=num_classes,
+        soft_probs=pseudo.probs.astype(np.float32) if n and pseudo.probs is not None else None,
+        soft_classes=pseudo.classes if n and pseudo.probs is not None else None,
     )
 
 

@@ -8,6 +8,8 @@ Nothing here knows about Lightning, files or configs, so each piece is tested on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,15 +22,23 @@ class PseudoLabels:
     index: np.ndarray  # int64, position in the unlabelled set, each at most once, sorted
     label: np.ndarray  # int64
     confidence: np.ndarray  # float32
-    probs: np.ndarray | None = None  # float32 (N, C), only for soft targets
+    probs: np.ndarray | None = None  # float32 soft targets: (N, C), or (N, k) with `classes`
+    classes: np.ndarray | None = None  # int64 (N, k): the classes of top-k soft targets
+    key: np.ndarray | None = None  # str: each sample's key (its file, or shard/key)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """What pseudo_labels.npz holds: index, label, confidence, key, and soft targets as
+        `probs` (N x C) or, top-k, `topk_probs` and `topk_classes` (N x k)."""
         out = {"index": self.index, "label": self.label, "confidence": self.confidence}
-        if self.probs is not None:
+        if self.key is not None:
+            out["key"] = self.key
+        if self.probs is not None and self.classes is None:
             out["probs"] = self.probs
+        elif self.probs is not None:
+            out.update(topk_probs=self.probs, topk_classes=self.classes)
         return out
 
 
@@ -90,6 +100,73 @@ def select_pseudo_labels(
         confidence=confidence[kept].numpy().astype(np.float32),
         probs=sharpen(probs[kept], temperature).numpy().astype(np.float32) if soft else None,
     )
+
+
+def select_from_shards(
+    files: list[Path],
+    plan: Any,
+    threshold: float,
+    max_per_class: int | None,
+    soft: bool,
+    temperature: float,
+    truth: np.ndarray | None,
+) -> tuple[PseudoLabels, dict[str, Any]]:
+    """select_pseudo_labels over the shard files of a labelling pass, one file at a time: the
+    same pseudo-labels as over all predictions at once, with memory for what passes the
+    threshold only. Also the teacher's confidence histogram and calibration error (ECE, 15
+    bins: torchmetrics' stateful metric on the predicted class's confidence and correctness),
+    and the count of unreadable images. Checks that every row of every shard is there once."""
+    from torchmetrics.classification import BinaryCalibrationError
+
+    from pipeline.runtime.io import read_npz
+
+    kept: list[dict[str, np.ndarray]] = []
+    counts = np.zeros(20, np.int64)
+    ece, calibrated, bad = BinaryCalibrationError(n_bins=15), False, 0
+    for shard, file in enumerate(files):
+        z = read_npz(file)
+        expected = plan.rows(shard)
+        order = np.argsort(z["index"], kind="stable")
+        rows = {k: v[order] for k, v in z.items() if v.ndim and len(v) == len(order)}
+        index, confidence, label = rows["index"], rows["confidence"], rows["label"]
+        bad += int(z.get("num_bad", 0))
+        covered = len(np.unique(index)) == len(index) and np.isin(index, expected).all()
+        if not covered or len(index) + int(z.get("num_bad", 0)) != len(expected):
+            raise RuntimeError(f"{file} does not hold its shard's rows once each")
+        counts += np.histogram(confidence, bins=20, range=(0.0, 1.0))[0]
+        if truth is not None and (truth[index] >= 0).any():
+            known = truth[index] >= 0
+            correct = torch.from_numpy((label[known] == truth[index][known]).astype(np.int64))
+            ece.update(torch.from_numpy(confidence[known]), correct)
+            calibrated = True
+        mask = select_confident(torch.from_numpy(confidence), threshold).numpy()
+        kept.append({k: v[mask] for k, v in rows.items()})
+    c = {k: np.concatenate([part[k] for part in kept]) for k in kept[0]} if kept else {}
+    label, confidence = torch.from_numpy(c["label"]), torch.from_numpy(c["confidence"])
+    keep = cap_per_class(label, confidence, torch.ones_like(label, dtype=torch.bool), max_per_class)
+    keep_np = keep.numpy()
+    probs, classes = None, None
+    if soft and "probs" in c:
+        probs = sharpen(torch.from_numpy(c["probs"][keep_np]).float(), temperature).numpy()
+    elif soft and "topk_probs" in c:
+        probs = sharpen(torch.from_numpy(c["topk_probs"][keep_np]).float(), temperature).numpy()
+        classes = c["topk_classes"][keep_np].astype(np.int64)
+    pseudo = PseudoLabels(
+        index=c["index"][keep_np].astype(np.int64),
+        label=c["label"][keep_np].astype(np.int64),
+        confidence=c["confidence"][keep_np].astype(np.float32),
+        probs=probs.astype(np.float32) if probs is not None else None,
+        classes=classes,
+        key=c["key"][keep_np],
+    )
+    edges = np.linspace(0.0, 1.0, 21)
+    stats: dict[str, Any] = {
+        "confidence_hist": {"edges": edges.round(4).tolist(), "counts": counts.tolist()},
+        "teacher_ece": float(ece.compute()) if calibrated else None,
+    }
+    if bad:
+        stats["num_bad_images"] = bad
+    return pseudo, stats
 
 
 def per_class_stats(

@@ -14,7 +14,7 @@ from pipeline.engine.fit import evaluate
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
 from pipeline.runtime.rundir import RunDir
-from pipeline.selftrain.label import pseudo_label, read_pseudo_labels
+from pipeline.selftrain.label import label_shards, pseudo_label, read_pseudo_labels
 from pipeline.selftrain.loop import summary
 from pipeline.selftrain.merge import merge_labelled_and_pseudo
 from pipeline.selftrain.student import train_student
@@ -42,12 +42,27 @@ def run_train(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 
 
 def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
-    """Label the configured unlabelled set with any checkpoint; write `out` (.npz)."""
+    """Label the configured unlabelled set with any checkpoint and write `out` (.npz); with
+    `pseudo_label.shard=I`, label only shard I (one job of an array) into `out`'s shard folder:
+    the run without `shard` then selects over all the shard files."""
     task = prepare_task(cfg.data, cfg.seed, run)
     out = Path(cfg.out) if cfg.out else run / "pseudo_labels.npz"
     if out.suffix != ".npz":
         raise UserError(f"out={out} must end in .npz")
     net = load_net(cfg, cfg.ckpt, task.num_classes)
+    shard = cfg.pseudo_label.get("shard")
+    if shard is not None:
+        shard_dir = out.with_suffix(".shards")
+        plan = label_shards(cfg, cfg.data, net, task.unlabelled, shard_dir, run, only=int(shard))
+        done = len(list(shard_dir.glob(f"shard-*-of-{plan.num_shards:05d}.npz")))
+        return {
+            "stage": "pseudolabel",
+            "shard": int(shard),
+            "num_shards": plan.num_shards,
+            "shards_done": done,
+            "shards_dir": str(shard_dir),
+            "num_unlabelled": len(task.unlabelled),
+        }
     pseudo, diagnostics = pseudo_label(
         cfg, cfg.data, net, task.unlabelled, out, run, task.unlabelled_truth()
     )
@@ -57,6 +72,11 @@ def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "num_pseudo": len(pseudo),
         "num_unlabelled": len(task.unlabelled),
         "pseudo_accuracy": diagnostics["pseudo_accuracy"],
+        **(
+            {"num_bad_images": diagnostics["num_bad_images"]}
+            if "num_bad_images" in diagnostics
+            else {}
+        ),
     }
 
 

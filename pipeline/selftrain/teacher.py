@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.data.arrays import ImageSet, subset
+from pipeline.data.streamed import concat
 from pipeline.data.task import Task
 from pipeline.engine.fit import evaluate, fit
 from pipeline.models.checkpoint import (
@@ -56,6 +58,7 @@ def train_model(
     data_cfg = cfg.data if data_cfg is None else data_cfg
     model_path = step / "model.ckpt"
     hparams = hparams_for(cfg, data_cfg, task.num_classes)
+    steps = None
     if run.exists(model_path):  # trained before a kill: evaluate it
         net = load_net(cfg, model_path, task.num_classes)
     else:
@@ -70,12 +73,14 @@ def train_model(
             images = training_images(task, train_set)
             augment = noise.from_config(data_augment(data_cfg))
             epochs = cfg.train.epochs if epochs is None else epochs
-            fit(cfg, data_cfg, net, images, train_set, step.path, seed, epochs,
-                hparams, augment, lr_scale, frozen)  # fmt: skip
+            steps = fit(cfg, data_cfg, net, images, train_set, step.path, seed, epochs,
+                        hparams, augment, lr_scale, frozen)  # fmt: skip
             checkpoint = model_checkpoint(net, hparams, record or {"seed": seed})
             run.save_checkpoint(model_path, checkpoint)
     with run.timed("evaluation"):
         metrics = evaluate(cfg, data_cfg, net, task.test)
+    if steps is not None:
+        metrics["train_steps"] = steps
     return net, metrics
 
 
@@ -85,12 +90,13 @@ def data_augment(data_cfg: DictConfig) -> dict[str, Any] | None:
     return OmegaConf.to_container(aug, resolve=True) if aug else None  # type: ignore[return-value]
 
 
-def training_images(task: Task, train_set: TrainingSet) -> torch.Tensor:
-    """The images of a TrainingSet, in its row order (labelled rows, then pseudo-labelled)."""
+def training_images(task: Task, train_set: TrainingSet) -> ImageSet:
+    """The images of a TrainingSet, in its row order (labelled rows, then pseudo-labelled):
+    one tensor when the sets are in memory, else read from disk as batches ask for them."""
     lab = train_set.source == 0
-    return torch.cat(
+    return concat(
         [
-            task.labelled.images[torch.from_numpy(train_set.position[lab])],
-            task.unlabelled.images[torch.from_numpy(train_set.position[~lab])],
+            subset(task.labelled, train_set.position[lab]),
+            subset(task.unlabelled, train_set.position[~lab]),
         ]
     )

@@ -1,0 +1,246 @@
+"""The streaming figures of scripts/bench.py: JPEG folders read from disk.
+
+- stream_peak_rss_mb_{small,large} and their ratio: peak RSS of `stage=pseudolabel` (the whole
+  CLI process) over a folder of 20k vs 160k JPEGs (48 px files, labelled at 16 px).
+- stream_first_shard_s: from starting that command on the large folder to its first shard file.
+- stream_pseudolabel_ratio_vs_bare_loop: images/s of our labelling of the small folder
+  (selftrain.label.pseudo_label: manifest, DataLoader workers decoding, Trainer.predict, shard
+  files, selection) over a bare loop decoding the same files with the same number of workers
+  and running the same forward pass.
+- stream_train_images_per_s vs memory_train_images_per_s: our training path on the same 5k
+  images streamed from disk and decoded in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+FILE_SIZE, INPUT_SIZE = 48, 16
+
+
+def _write_jpegs(job: tuple[Path, int, int]) -> None:
+    from torchvision.io import encode_jpeg
+
+    folder, start, stop = job
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
+        image = torch.from_numpy(rng.integers(0, 256, (3, FILE_SIZE, FILE_SIZE), dtype=np.uint8))
+        (folder / f"{i:07d}.jpg").write_bytes(bytes(encode_jpeg(image, quality=90).numpy()))
+
+
+def jpeg_folder(root: Path, n: int) -> Path:
+    """n random 48 px JPEGs in folders of 1000 (made once, kept for later runs)."""
+    done = root / f".complete-{n}"
+    if not done.exists():
+        jobs = [(root / f"{s // 1000:04d}", s, min(n, s + 1000)) for s in range(0, n, 1000)]
+        with Pool(os.cpu_count() or 1) as pool:
+            pool.map(_write_jpegs, jobs)
+        done.write_text("")
+    return root
+
+
+def labelled_tree(root: Path, per_class: int = 20) -> Path:
+    for c in range(3):
+        jpeg_folder(root / f"class{c}", per_class)
+    return root
+
+
+def data_args(work: Path, pool: Path) -> list[str]:
+    return [
+        "data=image_folder",
+        "data.num_classes=3",
+        f"data.image_size={INPUT_SIZE}",
+        f"data.labelled_dir={labelled_tree(work / 'labelled')}",
+        f"data.test_dir={labelled_tree(work / 'test')}",
+        f"data.unlabelled_dir={pool}",
+        f"data.cache_dir={work / 'cache'}",
+        "progress=false",
+    ]
+
+
+def teacher(work: Path, pool: Path) -> Path:
+    run_dir = work / "teacher"
+    if not (run_dir / "model.ckpt").exists():
+        cmd = [*data_args(work, pool), "stage=train", "train.epochs=1", f"run_dir={run_dir}"]
+        subprocess.run([sys.executable, "-m", "pipeline", *cmd], cwd=REPO, check=True,
+                       capture_output=True)  # fmt: skip
+    return run_dir / "model.ckpt"
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (MB), from /proc."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(x.split()[1]) for x in f if x.startswith("VmRSS"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+def labelling_run(work: Path, pool: Path, name: str) -> dict:
+    """stage=pseudolabel over `pool` as a CLI process: its peak RSS (the largest process, and
+    the sampled sum over the process and its DataLoader workers) and its first shard's time."""
+    run_dir = work / f"run-{name}"
+    subprocess.run(["rm", "-rf", str(run_dir), str(work / f"{name}.shards")], check=True)
+    cmd = [*data_args(work, pool), "stage=pseudolabel", f"ckpt={teacher(work, pool)}",
+           f"out={work / name}.npz", "pseudo_label.tta_views=0", "data.in_memory=false",
+           f"run_dir={run_dir}"]  # fmt: skip
+    peak_file = work / f"{name}.maxrss"
+    start = time.perf_counter()
+    # A wrapper reports the largest resident size of the command's processes (ru_maxrss of its
+    # children: the CLI process and its DataLoader workers).
+    wrapper = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss));"
+        " sys.exit(code)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wrapper, str(peak_file), sys.executable, "-m", "pipeline", *cmd],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    peak_tree, first = 0.0, None
+    shards = work / f"{name}.shards"
+    while proc.poll() is None:
+        peak_tree = max(peak_tree, _tree_rss_mb(proc.pid))
+        if first is None and shards.is_dir() and any(shards.glob("shard-*.npz")):
+            first = time.perf_counter() - start
+        time.sleep(0.1)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.read()[-2000:])
+    peak = int(peak_file.read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "images": summary["num_unlabelled"],
+        "peak_rss_mb": round(peak / 1024, 1),
+        "peak_tree_rss_mb": round(peak_tree, 1),
+        "first_shard_s": round(first, 1) if first is not None else None,
+        "wall_s": round(wall, 1),
+    }
+
+
+def bench_folder_rss(work: Path, small: int, large: int) -> dict:
+    little = labelling_run(work, jpeg_folder(work / f"pool{small}", small), "small")
+    big = labelling_run(work, jpeg_folder(work / f"pool{large}", large), "large")
+    return {
+        "stream_rss_images_small": little["images"],
+        "stream_rss_images_large": big["images"],
+        "stream_peak_rss_mb_small": little["peak_rss_mb"],
+        "stream_peak_rss_mb_large": big["peak_rss_mb"],
+        "stream_peak_rss_ratio": round(big["peak_rss_mb"] / little["peak_rss_mb"], 3),
+        "stream_peak_tree_rss_mb_small": little["peak_tree_rss_mb"],
+        "stream_peak_tree_rss_mb_large": big["peak_tree_rss_mb"],
+        "stream_first_shard_s": big["first_shard_s"],
+        "stream_wall_s_small": little["wall_s"],
+        "stream_wall_s_large": big["wall_s"],
+    }
+
+
+def bench_folder_labelling(work: Path, n: int, repeats: int, compose, medians) -> dict:
+    """Our labelling of a JPEG folder vs a bare decode + forward loop, same workers."""
+    from pipeline.data.decode import decode_to_shape
+    from pipeline.data.image_folder import load_image_folder
+    from pipeline.engine.datamodule import resolve_workers
+    from pipeline.models.checkpoint import build_net
+    from pipeline.runtime.rundir import RunDir
+    from pipeline.selftrain.label import pseudo_label
+
+    pool_dir = jpeg_folder(work / f"pool{n}", n)
+    cfg = compose(
+        *data_args(work, pool_dir)[:-1], "data.in_memory=false", "pseudo_label.tta_views=0"
+    )
+    pool = load_image_folder(cfg.data).extra_unlabelled
+    net = build_net(cfg, 3).eval()
+    workers = resolve_workers(cfg.data.num_workers, [pool])
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
+    std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
+    files = sorted(str(p) for p in pool_dir.rglob("*.jpg"))
+    bs = int(cfg.train.eval_batch_size)
+
+    def ours() -> None:
+        subprocess.run(["rm", "-rf", str(out_dir)], check=True)
+        pseudo_label(cfg, cfg.data, net, pool, out_dir / "pl.npz", RunDir(out_dir), None)
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(files)
+
+        def __getitem__(self, rows):
+            out = []
+            for r in rows:
+                with open(files[r], "rb") as f:
+                    out.append(decode_to_shape(f.read(), "jpg", 3, INPUT_SIZE))
+            return torch.stack(out)
+
+    batches = [list(range(i, min(len(files), i + bs))) for i in range(0, len(files), bs)]
+
+    def bare() -> None:
+        loader = torch.utils.data.DataLoader(
+            Files(), sampler=batches, batch_size=None, num_workers=workers
+        )
+        with torch.inference_mode():
+            for x in loader:
+                net((x.float() / 255 - mean) / std).softmax(1)
+
+    t_ours, t_bare = medians(ours, bare, repeats)
+    return {
+        "stream_pseudolabel_images": len(files),
+        "stream_pseudolabel_workers": workers,
+        "stream_pseudolabel_ours_images_per_s": round(len(files) / t_ours, 1),
+        "stream_pseudolabel_bare_images_per_s": round(len(files) / t_bare, 1),
+        "stream_pseudolabel_ratio_vs_bare_loop": round(t_bare / t_ours, 3),
+    }
+
+
+def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) -> dict:
+    """Our training path on n JPEGs streamed from disk vs the same images decoded in memory."""
+    from pipeline.data.image_folder import load_image_folder
+    from pipeline.data.streamed import decode_all
+    from pipeline.engine.fit import fit, training_batches
+    from pipeline.models.checkpoint import build_net
+    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+    from pipeline.selftrain.noise import BatchAugment
+    from pipeline.selftrain.teacher import data_augment
+
+    pool_dir = jpeg_folder(work / f"pool{n}", n)
+    cfg = compose(*data_args(work, pool_dir)[:-1], "data.in_memory=false", "train.min_steps=0",
+                  "train.checkpoint_every_s=60")  # fmt: skip
+    streamed = load_image_folder(cfg.data).extra_unlabelled
+    memory = decode_all(streamed, False, "pool")
+    labels = np.arange(len(streamed)) % 3
+    train_set = merge_labelled_and_pseudo(labels, None, 3)
+    augment = BatchAugment(**data_augment(cfg.data))
+    per_epoch = len(training_batches(train_set, cfg, 1)(np.random.default_rng(0)))
+    images_per_run = per_epoch * int(cfg.train.batch_size)
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-stream-train-"))
+
+    def run(images) -> None:
+        subprocess.run(["rm", "-rf", str(work_dir)], check=True)
+        net = build_net(cfg, 3)
+        fit(cfg, cfg.data, net, images, train_set, work_dir, 0, 1, {"num_classes": 3}, augment)
+
+    t_stream, t_memory = medians(lambda: run(streamed), lambda: run(memory), repeats)
+    return {
+        "stream_train_images": images_per_run,
+        "stream_train_images_per_s": round(images_per_run / t_stream, 1),
+        "memory_train_images_per_s": round(images_per_run / t_memory, 1),
+        "stream_train_ratio_vs_memory": round(t_memory / t_stream, 3),
+    }
