@@ -97,11 +97,9 @@ def run_resolved(
                 return code
         dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
         if external and not started_ranks:
-            check_run_dir_on_rank_zero(cfg, run)
+            run.check_config_on_every_rank(cfg, preemption.requeued_job())
         preemption.install()
-        if dist.is_rank_zero():
-            run.begin(cfg, overrides)
-        dist.barrier()
+        run.begin(cfg, overrides)
         return run_stage(cfg, run)
     except UserError as e:
         if dist.is_rank_zero():
@@ -112,37 +110,15 @@ def run_resolved(
         return preemption.stopped(e.signum, started_ranks, dist.is_rank_zero())
 
 
-def check_run_dir_on_rank_zero(cfg: DictConfig, run: RunDir) -> None:
-    """Under srun / torchrun every rank composed the config itself. Rank 0 checks that all
-    resolved the same run_dir (a clock in hydra.sweep.dir or hydra.run.dir reads differently in
-    each rank) and checks the run_dir once; every rank gets the verdict."""
-    from pipeline.runtime import dist, preemption
-
-    dirs = sorted({str(d) for d in dist.all_gather_object(str(run.path))})
-
-    def check() -> None:
-        if len(dirs) > 1:
-            raise UserError(
-                f"the ranks resolved different run dirs ({dirs[0]} and {dirs[-1]}), e.g. "
-                "from a timestamp in hydra.sweep.dir; pass a fixed one: "
-                "hydra.sweep.dir=multirun/NAME (with -m) or run_dir=PATH"
-            )
-        run.check_config(cfg, preemption.requeued_job())
-
-    run.on_rank_zero(check)
-
-
 def run_stage(cfg: DictConfig, run: RunDir) -> int:
     from pipeline.console import print_summary
-    from pipeline.runtime import dist
-    from pipeline.runtime.io import read_json, write_json
+    from pipeline.runtime.io import read_json
     from pipeline.stages import recipe
 
     done = run / "summary.json"
     if cfg.stage != "report" and run.exists(done):
-        if dist.is_rank_zero():
-            log.info("%s is complete; nothing to redo", run.path)
-            print_summary(read_json(done), run.path)
+        log.info("%s is complete; nothing to redo", run.path)
+        run.on_rank_zero(lambda: print_summary(read_json(done), run.path))
         return 0
     threads = cfg.trainer.get("num_threads")
     if threads:
@@ -150,10 +126,8 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
 
         torch.set_num_threads(int(threads))
     result = recipe(cfg.stage)(cfg, run)
-    if dist.is_rank_zero():
-        write_json(done, result)
-        print_summary(result, run.path)
-    dist.barrier()
+    run.write_json(done, result)  # written last: the run is finished
+    run.on_rank_zero(lambda: print_summary(result, run.path))
     return 0
 
 

@@ -98,7 +98,7 @@ def work(tmp_path_factory) -> Path:
 def finished(work) -> tuple[Path, list[str]]:
     """A finished selftrain run on the bundled digits, and the command that made it."""
     run_dir = work / "finished"
-    args = [*FAST, f"run_dir={run_dir}"]
+    args = [*TINY, "selftrain.rounds=0", f"run_dir={run_dir}"]
     proc = cli(*args, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "summary.json").exists()
@@ -153,7 +153,14 @@ OTHER_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("overrides, keys", OTHER_CONFIGS, ids=[o[0] for o, _ in OTHER_CONFIGS])
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        pytest.param(*c, marks=() if i == 0 else pytest.mark.slow)
+        for i, c in enumerate(OTHER_CONFIGS)
+    ],
+    ids=[o[0] for o, _ in OTHER_CONFIGS],
+)
 def test_run_dir_of_another_config_is_refused_naming_the_keys(finished, work, overrides, keys):
     run_dir, args = finished
     before = snapshot(run_dir)
@@ -163,6 +170,7 @@ def test_run_dir_of_another_config_is_refused_naming_the_keys(finished, work, ov
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_runtime_settings_may_change_on_a_rerun(finished, work):
     run_dir, args = finished
     before = snapshot(run_dir)
@@ -173,6 +181,7 @@ def test_runtime_settings_may_change_on_a_rerun(finished, work):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_overwrite_true_starts_a_run_dir_over(finished, work, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(finished[0], run_dir)
@@ -240,7 +249,16 @@ DATA_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(DATA_CASES))
+QUICK_DATA_CASES = ("missing_labelled_dir", "corrupt_image", "labels_per_class_above_digits_class")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=() if c in QUICK_DATA_CASES else pytest.mark.slow)
+        for c in sorted(DATA_CASES)
+    ],
+)
 def test_bad_data_exits_2_and_leaves_the_folder_as_it_was(trees, user_dir, case):
     make_args, needles = DATA_CASES[case]
     before = snapshot(user_dir)
@@ -249,6 +267,7 @@ def test_bad_data_exits_2_and_leaves_the_folder_as_it_was(trees, user_dir, case)
     assert snapshot(user_dir) == before  # no config.yaml or splits.npz left behind
 
 
+@pytest.mark.slow
 def test_bad_data_in_a_new_run_dir_leaves_no_run_dir(trees, tmp_path):
     run_dir = tmp_path / "new" / "run"
     proc = cli(*TINY, *image_args(trees / "corrupt"), f"run_dir={run_dir}", cwd=tmp_path)
@@ -261,6 +280,7 @@ def test_bad_data_in_a_new_run_dir_leaves_no_run_dir(trees, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_bad_data_in_a_resumed_run_changes_nothing(finished, trees, tmp_path):
     """A run killed before its summary, whose data became unreadable since: nothing is lost."""
     run_dir = tmp_path / "run"
@@ -285,6 +305,7 @@ def test_bad_data_in_a_resumed_run_changes_nothing(finished, trees, tmp_path):
         victim.write_bytes(saved)
 
 
+@pytest.mark.slow
 def test_on_bad_image_skip_goes_on_without_the_bad_file(trees, tmp_path):
     run_dir = tmp_path / "run"
     args = image_args(trees / "corrupt", test_dir=trees / "test")
@@ -350,6 +371,7 @@ def marker_of(work: Path) -> Path:
     return work / "PAYLOAD_RAN"
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_class_count(finished, trees, user_dir):
     ckpt = finished[0] / "round_0" / "model.ckpt"
     before, before_run = snapshot(user_dir), snapshot(finished[0])
@@ -361,6 +383,7 @@ def test_checkpoint_of_another_class_count(finished, trees, user_dir):
     assert snapshot(user_dir) == before and snapshot(finished[0]) == before_run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["evaluate", "finetune"])  # load_net, init_from_pretrained
 def test_checkpoint_of_another_architecture(finished, work, user_dir, stage):
     ckpt = finished[0] / "round_0" / "model.ckpt"
@@ -384,7 +407,16 @@ UNUSABLE_CASES = [("ckpt", kind) for kind in UNUSABLE] + [
 ]
 
 
-@pytest.mark.parametrize("use, kind", UNUSABLE_CASES, ids=["-".join(c) for c in UNUSABLE_CASES])
+@pytest.mark.parametrize(
+    "use, kind",
+    [
+        pytest.param(
+            *c, marks=() if c in (("ckpt", "payload"), ("ckpt", "mismatch")) else pytest.mark.slow
+        )
+        for c in UNUSABLE_CASES
+    ],
+    ids=["-".join(c) for c in UNUSABLE_CASES],
+)
 def test_unusable_checkpoint_is_refused(bad_checkpoints, work, user_dir, use, kind):
     needles = UNUSABLE[kind]
     ckpt = bad_checkpoints.get(kind, work / "nope.ckpt")
@@ -419,6 +451,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_teacher_then_resume(tmp_path):
     run_dir = tmp_path / "run"
     args = [*FAST, "selftrain.rounds=0", f"run_dir={run_dir}"]
@@ -438,6 +471,7 @@ def test_disk_full_while_writing_the_teacher_then_resume(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_run_dir_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder\n")

@@ -278,6 +278,7 @@ def baseline_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_baseline_end_to_end(baseline_run):
     run_dir = baseline_run
     for name in ("pretrain/model.ckpt", "pretrain/metrics.json", "finetune/model.ckpt",
@@ -297,6 +298,7 @@ def test_baseline_end_to_end(baseline_run):
     assert (entry / "model.ckpt").read_bytes() == (run_dir / "pretrain/model.ckpt").read_bytes()
 
 
+@pytest.mark.slow
 def test_finetune_stage_from_the_pretrained_checkpoint(baseline_run, tmp_path):
     from conftest import FAST, run_cli
 
@@ -309,6 +311,7 @@ def test_finetune_stage_from_the_pretrained_checkpoint(baseline_run, tmp_path):
     assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["finetune_mode"] == "linear"
 
 
+@pytest.mark.slow
 def test_selftrain_from_pretrained(baseline_run, tmp_path):
     """init=pretrained: the pretraining comes first inside the run; here it is the baseline's,
     taken from the shared cache (its settings differ only in what pretraining does not read)."""

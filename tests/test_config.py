@@ -126,6 +126,17 @@ def test_run_name_is_safe_bounded_and_order_free():
     assert run_name(["b=1", "a=2"]) == run_name(["a=2", "b=1"]) == "a=2,b=1"
 
 
+def test_the_listed_trainer_arguments_are_the_installed_lightnings():
+    import inspect
+
+    import lightning as L
+
+    from pipeline.config.checks import TRAINER_ARGUMENTS
+
+    live = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    assert set(TRAINER_ARGUMENTS) == live
+
+
 def test_trainer_arguments_pass_through_and_unknown_ones_are_refused():
     cfg = resolve(compose_cfg("+trainer.gradient_clip_val=1.0", "trainer.accelerator=cpu"))
     trainer = build_trainer(cfg.trainer, progress=False)

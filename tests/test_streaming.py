@@ -14,6 +14,7 @@ from conftest import run_cli
 from streaming_data import CLASSES, class_tree, flat_folder, shards
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # every test here trains or labels through the CLI
 TRAIN = [
     "progress=false",
     "trainer.accelerator=cpu",
@@ -73,7 +74,6 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-@pytest.mark.slow
 def test_streamed_folder_gives_the_same_run_as_in_memory(folders, tmp_path):
     runs = {}
     for mode in ("true", "false"):

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +18,9 @@ from pipeline.data import bundled, image_folder, torchvision_sets
 from pipeline.data.arrays import DataBundle, ImageArrays, conform_arrays, subset
 from pipeline.data.splits import Splits, check_disjoint, make_splits, unlabelled_pool
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.runtime.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,9 @@ LOADERS: dict[str, Callable[[dict[str, Any]], DataBundle]] = {
 }
 
 
-def load_data(cfg: Mapping, manifest_dir: Path | None = None) -> DataBundle:
+def load_data(cfg: Mapping, run: RunDir | None = None) -> DataBundle:
     """Load the dataset named by ``cfg["name"]`` (the ``data`` config node): in memory, or
-    listed into manifests in `manifest_dir` and streamed (image_folder)."""
+    listed into manifests in the run dir and streamed (image_folder)."""
     cfg = _plain(cfg)
     name = cfg.get("name")
     if name not in LOADERS:
@@ -63,7 +65,7 @@ def load_data(cfg: Mapping, manifest_dir: Path | None = None) -> DataBundle:
         raise UserError(f"data.image_size must be a positive integer, got {size!r}")
 
     if name == "image_folder":
-        bundle = image_folder.load_image_folder(cfg, manifest_dir)
+        bundle = image_folder.load_image_folder(cfg, run)
     else:
         bundle = LOADERS[name](cfg)
 

@@ -28,20 +28,20 @@ from pipeline.data.manifest import (
 )
 from pipeline.data.streamed import StreamedImages, decode_all, memory_bytes
 from pipeline.errors import UserError
-from pipeline.runtime import dist
+from pipeline.runtime.rundir import MANIFESTS, RunDir
 
 log = logging.getLogger(__name__)
 
 IN_MEMORY_CHOICES = ("auto", "true", "false")
 
 
-def load_image_folder(cfg: dict[str, Any], manifest_dir: Path | None = None) -> DataBundle:
+def load_image_folder(cfg: dict[str, Any], run: RunDir | None = None) -> DataBundle:
     """Labelled set (required) plus optional unlabelled, test and val sets; their manifests in
-    `manifest_dir` (checked against the disk when they are there already)."""
+    the run dir (checked against the disk when they are there already)."""
     on_bad = cfg.get("on_bad_image") or "fail"
     if on_bad not in ("fail", "skip"):
         raise UserError(f"data.on_bad_image must be 'fail' or 'skip', got {on_bad!r}")
-    opener = SetOpener(cfg, manifest_dir)
+    opener = SetOpener(cfg, run)
 
     labelled_spec = _spec(cfg, "labelled_dir", required=True)
     if is_shard_spec(labelled_spec):
@@ -68,7 +68,7 @@ def load_image_folder(cfg: dict[str, Any], manifest_dir: Path | None = None) -> 
 class SetOpener:
     """Lists each set into its manifest and opens it in memory or streamed."""
 
-    def __init__(self, cfg: dict[str, Any], manifest_dir: Path | None) -> None:
+    def __init__(self, cfg: dict[str, Any], run: RunDir | None) -> None:
         self.cfg = cfg
         self.channels = cfg.get("channels") or 3
         self.size = cfg.get("image_size")
@@ -79,7 +79,8 @@ class SetOpener:
         if self.size is None and self.in_memory != "true":
             raise UserError("data.image_size is not set; give one (images are resized to it)")
         self.limit = float(cfg.get("in_memory_limit_mb") or 1024) * 2**20
-        self.manifest_dir = manifest_dir
+        self.run = run
+        self.manifest_dir = run / MANIFESTS.rstrip("/") if run is not None else None
         self.cache_dir = Path(cfg.get("cache_dir") or "~/.cache/pipeline").expanduser()
         self.num_bad = 0
 
@@ -130,13 +131,15 @@ class SetOpener:
                 return listing
             return list_folder(Path(spec), classes)
 
-        if dist.is_rank_zero():
-            manifest = cached(spec, classes, self.cache_dir, make)
-            if own is not None:
-                own.parent.mkdir(parents=True, exist_ok=True)
-                snapshot(manifest, own)
-        dist.barrier()
-        return Manifest(own) if own is not None else cached(spec, classes, self.cache_dir, make)
+        if own is None:  # no run dir: every process reads the cache (the first one makes it)
+            return cached(spec, classes, self.cache_dir, make)
+
+        def make_own() -> None:
+            own.parent.mkdir(parents=True, exist_ok=True)
+            snapshot(cached(spec, classes, self.cache_dir, make), own)
+
+        self.run.on_rank_zero(make_own)  # every rank gets the manifest, or rank 0's error
+        return Manifest(own)
 
 
 def _spec(cfg: dict[str, Any], key: str, required: bool = False) -> Any:

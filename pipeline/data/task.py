@@ -35,7 +35,7 @@ class Task:
 def prepare_task(data_cfg: DictConfig, seed: int, run: RunDir | None) -> Task:
     """Load the data, split it by `labels_per_class` and `seed`, check the splits do not overlap,
     and record them in run_dir/splits.npz."""
-    bundle = load_data(data_cfg, run / "manifest" if run is not None else None)
+    bundle = load_data(data_cfg, run)
     assert bundle.train.labels is not None
     splits = make_splits(
         bundle.train.labels.numpy(),

@@ -18,6 +18,7 @@ from pipeline.engine.datamodule import Batches, ViewsFn
 from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
 from pipeline.engine.trainer import build_trainer
+from pipeline.runtime import dist
 
 # (shard number, index of its readable rows, their probabilities, its unreadable rows' count)
 WriteShard = Callable[[int, np.ndarray, np.ndarray, int], None]
@@ -69,12 +70,14 @@ def predict_shards(
     write: WriteShard,
     views: ViewsFn | None = None,
 ) -> None:
-    """Predict `shards` ({shard number: its rows}, this rank's) with `net`, averaging the clean
-    image and `views` when given; `write` receives each shard as soon as it is done. Every rank
-    calls it (with its own shards, maybe none)."""
+    """Predict `shards` ({shard number: its rows}) with `net`, averaging the clean image and
+    `views` when given: every rank calls it with the same shards and takes shards r, r + W, ...;
+    `write` receives each of this rank's shards as soon as it is done (and writes it from this
+    rank). Returns when every rank is done."""
     bs = int(cfg.train.eval_batch_size)
     batches, shard_of_batch = [], []
-    for shard, rows in shards.items():
+    mine = list(shards)[dist.rank() :: dist.world_size()]
+    for shard, rows in ((s, shards[s]) for s in mine):
         for i in range(0, len(rows), bs):
             batches.append(rows[i : i + bs])
             shard_of_batch.append(shard)
@@ -89,6 +92,7 @@ def predict_shards(
     writer = ShardWriter(shard_of_batch, write)
     trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])
     trainer.predict(module, datamodule=dm, return_predictions=False)
+    dist.barrier()
 
 
 def predict(
@@ -98,8 +102,8 @@ def predict(
     dataset: Batches,
     views: ViewsFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's probabilities, in one process: (index, probs) in memory. For tests and
-    small sets; pseudo-labelling uses predict_shards."""
+    """Every row's probabilities in memory: (index, probs). For tests and small sets in one
+    process; pseudo-labelling uses predict_shards."""
     out = [(np.zeros(0, np.int64), np.zeros((0, int(data_cfg.num_classes)), np.float32))]
     plan = {0: np.arange(len(dataset))}
     predict_shards(cfg, data_cfg, net, dataset, plan, lambda s, i, p, b: out.append((i, p)), views)

@@ -4,7 +4,6 @@ pipeline's atomic checkpoint writer."""
 from __future__ import annotations
 
 import datetime
-import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-from pipeline.errors import UserError
+from pipeline.config.checks import PIPELINE_TRAINER_KEYS, check_trainer_keys
 from pipeline.runtime.io import atomic_path
 from pipeline.runtime.launch import lightning_settings
 
@@ -36,40 +35,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
-# trainer.* keys the pipeline reads itself; every other key is a Lightning Trainer argument.
-PIPELINE_KEYS = ("num_threads", "compile", "channels_last")
-# Trainer arguments the pipeline sets itself, and the setting to use instead.
-SET_BY_PIPELINE = {
-    "max_epochs": "train.epochs",
-    "min_epochs": "train.epochs",
-    "max_steps": "train.epochs and train.min_steps",
-    "min_steps": "train.min_steps",
-    "callbacks": "the pipeline's own callbacks",
-    "plugins": "trainer.precision and the cluster settings",
-    "logger": "the pipeline's own logging",
-    "enable_checkpointing": "the pipeline's resume checkpoints",
-    "enable_progress_bar": "progress=",
-    "use_distributed_sampler": "the pipeline's rank-aware samplers",
-    "default_root_dir": "run_dir=",
-}
-
-
 def trainer_arguments(trainer_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The `trainer` node as Lightning Trainer arguments, checked: an argument Lightning does
-    not know, or one the pipeline sets itself, is refused (UserError) and never ignored."""
-    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    args = {k: v for k, v in trainer_cfg.items() if k not in PIPELINE_KEYS}
-    for key in args:
-        if key in SET_BY_PIPELINE:
-            raise UserError(
-                f"trainer.{key} is set by the pipeline; use {SET_BY_PIPELINE[key]} instead"
-            )
-        if key not in known:
-            raise UserError(
-                f"trainer.{key} is not a Lightning Trainer argument; check the spelling "
-                "(see the arguments of lightning.Trainer)"
-            )
-    return args
+    """The `trainer` node as Lightning Trainer arguments (checked in config/checks.py)."""
+    check_trainer_keys(trainer_cfg)
+    return {k: v for k, v in trainer_cfg.items() if k not in PIPELINE_TRAINER_KEYS}
 
 
 def build_trainer(

@@ -82,9 +82,30 @@ class RunDir:
             "run_dir=, or overwrite=true to start it over"
         )
 
+    def check_config_on_every_rank(self, cfg: DictConfig, requeued: bool = False) -> None:
+        """Under srun / torchrun every rank composed the config itself: rank 0 checks that all
+        resolved the same run_dir (a clock in hydra.sweep.dir reads differently in each rank)
+        and checks the run_dir once; every rank gets the verdict."""
+        dirs = sorted({str(d) for d in dist.all_gather_object(str(self.path))})
+
+        def check() -> None:
+            if len(dirs) > 1:
+                raise UserError(
+                    f"the ranks resolved different run dirs ({dirs[0]} and {dirs[-1]}), e.g. "
+                    "from a timestamp in hydra.sweep.dir; pass a fixed one: "
+                    "hydra.sweep.dir=multirun/NAME (with -m) or run_dir=PATH"
+                )
+            self.check_config(cfg, requeued)
+
+        self.on_rank_zero(check)
+
     def begin(self, cfg: DictConfig, overrides: list[str] | None = None) -> None:
         """Create the folder, remove temporaries a killed run left, record the config (and the
-        command's overrides, which the report's reproduce commands use) if not there yet."""
+        command's overrides, which the report's reproduce commands use) if not there yet.
+        Rank 0 does it; every rank waits for it."""
+        self._rank_zero_write(self._begin, cfg, overrides)
+
+    def _begin(self, cfg: DictConfig, overrides: list[str] | None) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a file in the way, no permission, a read-only disk

@@ -28,7 +28,7 @@ from pipeline.engine.fit import batches
 from pipeline.engine.predict import ShardPlan, predict_shards
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
-from pipeline.runtime import dist, io
+from pipeline.runtime import io
 from pipeline.runtime.rundir import RunDir, Step
 from pipeline.selftrain import noise
 from pipeline.selftrain.select import PseudoLabels, per_class_stats, select_from_shards
@@ -96,7 +96,7 @@ def label_shards(
     only: int | None = None,
 ) -> ShardPlan:
     """Label the shards of the pool that have no file yet (`only`: just that one); the ranks
-    of this job take them in turn, each writing its own shard files."""
+    of this job take them in turn, each writing the files of its shards."""
     plan = shard_plan(cfg, len(pool))
     wanted = range(plan.num_shards) if only is None else [only]
     if only is not None and not 0 <= only < plan.num_shards:
@@ -109,7 +109,6 @@ def label_shards(
     )
     if not todo:
         return plan
-    mine = {s: plan.rows(s) for s in todo[dist.rank() :: dist.world_size()]}
     soft_topk = cfg.pseudo_label.get("soft_topk") if cfg.pseudo_label.soft else None
 
     def write(shard: int, index: np.ndarray, probs: np.ndarray, bad: int) -> None:
@@ -119,8 +118,8 @@ def label_shards(
         )
 
     views = teacher_views(cfg, data_cfg)
-    predict_shards(cfg, data_cfg, net, batches(data_cfg, pool), mine, write, views)
-    dist.barrier()
+    todo_rows = {s: plan.rows(s) for s in todo}
+    predict_shards(cfg, data_cfg, net, batches(data_cfg, pool), todo_rows, write, views)
     return plan
 
 
