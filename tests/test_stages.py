@@ -65,7 +65,10 @@ def test_students_beat_their_teachers_over_seeds(tmp_path):
     from conftest import FAST, run_cli
 
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "seed=0,1,2", *FAST, *SELFTRAIN, f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m", "seed=0,1,2", *FAST, *SELFTRAIN, f"hydra.sweep.dir={sweep}",
+        env={"OMP_NUM_THREADS": "1"}, timeout=1800,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     gains = []
     for job in sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()):

@@ -22,6 +22,7 @@ from pipeline.runtime import dist
 
 # (shard number, index of its readable rows, their probabilities, its unreadable rows' count)
 WriteShard = Callable[[int, np.ndarray, np.ndarray, int], None]
+NO_SHARD = -1  # the batch of a rank that has no shard to predict
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ShardWriter(BasePredictionWriter):
         self.probs.append(prediction["probs"].float().cpu().numpy())
         self.bad += int(prediction["bad"])
         shard = self.shard_of_batch[batch_idx]
+        if shard == NO_SHARD:
+            self.index, self.probs, self.bad = [], [], 0
+            return
         last = batch_idx + 1 == len(self.shard_of_batch)
         if last or self.shard_of_batch[batch_idx + 1] != shard:
             self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), self.bad)
@@ -81,6 +85,10 @@ def predict_shards(
         for i in range(0, len(rows), bs):
             batches.append(rows[i : i + bs])
             shard_of_batch.append(shard)
+    if not batches and len(dataset):
+        # A rank without a shard still takes part (Lightning refuses an empty loader): it
+        # predicts one row that no writer receives.
+        batches, shard_of_batch = [np.arange(1)], [NO_SHARD]
     dm = datamodule(cfg, data_cfg, 0, None, predict=dataset, predict_batches=batches)
     dm.predict_views = views
     module = LitClassifier(
