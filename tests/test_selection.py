@@ -141,3 +141,71 @@ def test_per_class_stats_without_truth():
     pl = PseudoLabels(np.array([0, 1]), np.array([1, 1]), np.ones(2, np.float32))
     s = per_class_stats(pl, None, num_classes=2, num_unlabelled=4)
     assert s["pseudo_accuracy"] is None and s["per_class_coverage"] == [0.0, 0.5]
+
+
+# --- selection streamed over shard files ------------------------------------------------------
+
+
+def write_shards(tmp_path, probs: np.ndarray, num_shards: int, soft: bool, topk: int | None):
+    """A labelling pass's shard files for `probs` (rows in shuffled order inside each shard)."""
+    from pipeline.data.arrays import ImageArrays
+    from pipeline.engine.predict import ShardPlan
+    from pipeline.runtime.io import write_npz
+    from pipeline.selftrain.label import shard_arrays, shard_file
+
+    pool = ImageArrays(torch.zeros((len(probs), 1, 2, 2), dtype=torch.uint8), None)
+    plan = ShardPlan(len(probs), num_shards)
+    rng = np.random.default_rng(0)
+    for s in range(num_shards):
+        rows = rng.permutation(plan.rows(s))
+        write_npz(
+            shard_file(tmp_path, s, plan), shard_arrays(pool, rows, probs[rows], 0, soft, topk)
+        )
+    return plan, [shard_file(tmp_path, s, plan) for s in range(num_shards)]
+
+
+def test_selection_over_shard_files_equals_selection_over_all_predictions(tmp_path):
+    from pipeline.selftrain.select import select_from_shards
+
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(97, 4, generator=g) * 2, 1).numpy()
+    truth = np.random.default_rng(1).integers(0, 4, 97)
+    for cap in (None, 5):
+        whole = select_pseudo_labels(
+            torch.arange(97), torch.from_numpy(probs), 0.5, cap, soft=True, temperature=0.5
+        )
+        plan, files = write_shards(tmp_path / str(cap), probs, 4, soft=True, topk=None)
+        streamed, stats = select_from_shards(files, plan, 0.5, cap, True, 0.5, truth)
+        for name in ("index", "label", "confidence", "probs"):
+            np.testing.assert_array_equal(getattr(whole, name), getattr(streamed, name))
+        assert streamed.key.tolist() == [str(i) for i in whole.index]
+        assert sum(stats["confidence_hist"]["counts"]) == 97 and 0 <= stats["teacher_ece"] <= 1
+
+
+def test_soft_labels_kept_as_top_k(tmp_path):
+    from pipeline.selftrain.select import select_from_shards
+
+    probs = np.array([[0.6, 0.3, 0.05, 0.05], [0.1, 0.15, 0.7, 0.05]], np.float32)
+    plan, files = write_shards(tmp_path, probs, 1, soft=True, topk=2)
+    kept, _ = select_from_shards(files, plan, 0.0, None, True, 1.0, None)
+    assert kept.classes.tolist() == [[0, 1], [2, 1]] and kept.probs.shape == (2, 2)
+    np.testing.assert_allclose(kept.probs[0], [0.6 / 0.9, 0.3 / 0.9], rtol=1e-6)  # renormalised
+    arrays = kept.arrays()
+    assert "probs" not in arrays and arrays["topk_classes"].shape == (2, 2)
+    ts = merge_labelled_and_pseudo(np.array([3]), kept, 4)
+    dense = ts.target_rows(np.array([0, 1, 2])).numpy()
+    np.testing.assert_allclose(dense[0], [0, 0, 0, 1])  # the labelled row: one-hot
+    np.testing.assert_allclose(dense[1], [0.6 / 0.9, 0.3 / 0.9, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(dense.sum(1), 1.0, rtol=1e-6)
+
+
+def test_a_shard_missing_rows_is_refused(tmp_path):
+    from pipeline.runtime.io import read_npz, write_npz
+    from pipeline.selftrain.select import select_from_shards
+
+    probs = np.full((10, 2), 0.5, np.float32)
+    plan, files = write_shards(tmp_path, probs, 2, soft=False, topk=None)
+    z = read_npz(files[1])
+    write_npz(files[1], {k: (v[1:] if v.ndim else v) for k, v in z.items()})
+    with pytest.raises(RuntimeError, match="does not hold its shard's rows once each"):
+        select_from_shards(files, plan, 0.0, None, False, 1.0, None)

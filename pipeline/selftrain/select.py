@@ -148,8 +148,9 @@ def select_from_shards(
     probs, classes = None, None
     if soft and "probs" in c:
         probs = sharpen(torch.from_numpy(c["probs"][keep_np]).float(), temperature).numpy()
-    elif soft and "topk_probs" in c:
-        probs = sharpen(torch.from_numpy(c["topk_probs"][keep_np]).float(), temperature).numpy()
+    elif soft and "topk_probs" in c:  # the top-k, renormalised: a distribution over k classes
+        top = torch.from_numpy(c["topk_probs"][keep_np]).float()
+        probs = sharpen(top / top.sum(dim=1, keepdim=True).clamp_min(1e-12), temperature).numpy()
         classes = c["topk_classes"][keep_np].astype(np.int64)
     pseudo = PseudoLabels(
         index=c["index"][keep_np].astype(np.int64),
