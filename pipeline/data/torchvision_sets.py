@@ -67,20 +67,14 @@ def load_svhn(cfg: dict[str, Any]) -> DataBundle:
 
     train = _torchvision(SVHN, cfg, split="train")
     test = _torchvision(SVHN, cfg, split="test")
-    return DataBundle(
-        "svhn",
-        [str(i) for i in range(10)],
-        ImageArrays(
-            torch.from_numpy(train.data),
-            torch.from_numpy(train.labels),
-            named("train", len(train.data)),
-        ),
-        ImageArrays(
-            torch.from_numpy(test.data),
-            torch.from_numpy(test.labels),
-            named("test", len(test.data)),
-        ),
-        None,
+    classes = [str(i) for i in range(10)]
+    return DataBundle("svhn", classes, _split(train, "train"), _split(test, "test"), None)
+
+
+def _split(ds: Any, name: str) -> ImageArrays:
+    """A torchvision set whose .data is NCHW uint8 and .labels its labels (SVHN, STL-10)."""
+    return ImageArrays(
+        torch.from_numpy(ds.data), torch.from_numpy(ds.labels), named(name, len(ds.data))
     )
 
 
@@ -94,16 +88,8 @@ def load_stl10(cfg: dict[str, Any]) -> DataBundle:
     return DataBundle(
         "stl10",
         list(train.classes),
-        ImageArrays(
-            torch.from_numpy(train.data),
-            torch.from_numpy(train.labels),
-            named("train", len(train.data)),
-        ),
-        ImageArrays(
-            torch.from_numpy(test.data),
-            torch.from_numpy(test.labels),
-            named("test", len(test.data)),
-        ),
+        _split(train, "train"),
+        _split(test, "test"),
         # its .labels are all -1
         ImageArrays(
             torch.from_numpy(unlabeled.data), None, named("unlabeled", len(unlabeled.data))
