@@ -113,15 +113,19 @@ class SetOpener:
         disk changed since), or a snapshot of the cached listing (rank 0 makes it, every rank
         reads it). Without a run dir, the cached listing itself."""
         own = self.manifest_dir / name if self.manifest_dir is not None else None
-        if own is not None and (own / "meta.json").exists():
-            manifest = Manifest(own)
-            changed = changes(manifest)
-            if changed:
-                raise UserError(
-                    f"{key} changed since this run started ({changed}); restore it, or start a "
-                    "new run (another run_dir=, or overwrite=true)"
-                )
-            return manifest
+        # Rank 0 decides whether the run has it (every rank then takes the same branch).
+        if own is not None and self.run.exists(own / "meta.json"):
+
+            def check() -> None:
+                changed = changes(Manifest(own))
+                if changed:
+                    raise UserError(
+                        f"{key} changed since this run started ({changed}); restore it, or "
+                        "start a new run (another run_dir=, or overwrite=true)"
+                    )
+
+            self.run.on_rank_zero(check)
+            return Manifest(own)
 
         def make() -> Listing:
             if is_shard_spec(spec):

@@ -49,7 +49,7 @@ def label_unlabelled(
     if run.exists(out, diagnostics_path):
         pseudo = read_pseudo_labels(out, len(task.unlabelled), task.num_classes)
         return pseudo, io.read_json(diagnostics_path)
-    check_unchanged(task.unlabelled, "the unlabelled pool")
+    run.on_rank_zero(lambda: check_unchanged(task.unlabelled, "the unlabelled pool"))
     with run.timed("labelling"):
         teacher = load_net(cfg, teacher_ckpt, task.num_classes)
         pseudo, diagnostics = pseudo_label(
