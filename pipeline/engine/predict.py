@@ -19,8 +19,21 @@ from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
 from pipeline.engine.trainer import build_trainer
 
-# (shard number, index of its readable rows, their probabilities, its unreadable rows' count)
-WriteShard = Callable[[int, np.ndarray, np.ndarray, int], None]
+
+@dataclass
+class Unreadable:
+    """A shard's rows that could not be read (data.on_bad_image=skip): their index and why
+    ("KEY (WHERE): reason"). len() is their count."""
+
+    index: np.ndarray
+    why: list[str]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+# (shard number, index of its readable rows, their probabilities, its unreadable rows)
+WriteShard = Callable[[int, np.ndarray, np.ndarray, Unreadable], None]
 
 
 @dataclass(frozen=True)
@@ -43,21 +56,29 @@ class ShardWriter(BasePredictionWriter):
     def __init__(self, shard_of_batch: list[int], write: WriteShard) -> None:
         super().__init__(write_interval="batch")
         self.shard_of_batch, self.write = shard_of_batch, write
+        self._reset()
+
+    def _reset(self) -> None:
         self.index: list[np.ndarray] = []
         self.probs: list[np.ndarray] = []
-        self.bad = 0
+        self.bad_index: list[np.ndarray] = []
+        self.bad_why: list[str] = []
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
         self.index.append(prediction["index"].cpu().numpy().astype(np.int64))
         self.probs.append(prediction["probs"].float().cpu().numpy())
-        self.bad += int(prediction["bad"])
+        bad_index = prediction.get("bad_index")
+        if bad_index is not None and len(bad_index):
+            self.bad_index.append(bad_index.cpu().numpy().astype(np.int64))
+            self.bad_why += list(prediction["bad_why"])
         shard = self.shard_of_batch[batch_idx]
         last = batch_idx + 1 == len(self.shard_of_batch)
         if last or self.shard_of_batch[batch_idx + 1] != shard:
-            self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), self.bad)
-            self.index, self.probs, self.bad = [], [], 0
+            bad = Unreadable(np.concatenate([np.zeros(0, np.int64), *self.bad_index]), self.bad_why)
+            self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), bad)
+            self._reset()
 
 
 def predict_shards(
