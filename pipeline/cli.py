@@ -136,10 +136,10 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
     from pipeline.console import print_summary
     from pipeline.runtime import dist
     from pipeline.runtime.io import read_json, write_json
-    from pipeline.stages import recipe
+    from pipeline.stages import RERUN, recipe
 
     done = run / "summary.json"
-    if cfg.stage != "report" and run.exists(done):
+    if cfg.stage not in RERUN and run.exists(done):
         if dist.is_rank_zero():
             log.info("%s is complete; nothing to redo", run.path)
             print_summary(read_json(done), run.path)

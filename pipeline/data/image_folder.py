@@ -124,7 +124,7 @@ class SetOpener:
 
         def make() -> Listing:
             if is_shard_spec(spec):
-                listing = list_shards(expand_shards(spec, f"{name}_dir"))
+                listing = list_shards(expand_shards(spec, key))
                 if classes is not None and listing.labels is None:
                     raise UserError(f"{key}={spec} has no KEY.cls labels; it must be labelled")
                 return listing
