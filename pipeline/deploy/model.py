@@ -136,10 +136,10 @@ def read_card(
     data = dict(data or {})
     missing = [k for k in ("mean", "std") if hp.get(k) is None and data.get(k) is None]
     if missing:
-        how = hint or f"pass the dataset it was trained on (data={dataset or 'NAME'})"
         raise UserError(
             f"checkpoint {path} does not record {' and '.join(missing)} (it was written before "
-            f"checkpoints described themselves); {how}"
+            f"checkpoints described themselves, trained on data={dataset}); "
+            f"{hint or 'pass the data config it was trained with'}"
         )
     num_classes = hp.get("num_classes") or _head_size(ckpt["state_dict"])
     classes = hp.get("classes") or _class_names(data, num_classes, path)

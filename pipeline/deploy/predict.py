@@ -139,8 +139,9 @@ def finished(run: RunDir, out: Path, ckpt: Path) -> dict[str, Any] | None:
 
 def old_checkpoint_hint(cfg: DictConfig) -> str:
     return (
-        "pass the data config it was trained with (data=NAME and its data.mean, data.std; "
-        f"data.labelled_dir for image_folder's class names); this command has data={cfg.data.name}"
+        "pass the data config it was trained with (data=NAME with its data.mean and data.std; "
+        f"for image_folder, data.labelled_dir gives the class names); this command has "
+        f"data={cfg.data.name}"
     )
 
 
