@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.deploy.model import ModelCard, read_card
-from pipeline.deploy.predict import old_checkpoint_hint
+from pipeline.deploy.predict import old_checkpoint_hint, writable
 from pipeline.errors import UserError
 from pipeline.runtime import io
 from pipeline.runtime.rundir import RunDir
@@ -55,7 +55,7 @@ def run_export(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     card = read_card(cfg.ckpt, cfg.data, old_checkpoint_hint(cfg))
     target = export_path(Path(str(cfg.ckpt)), fmt, cfg.out)
     info = preprocess_path(target)
-    diff = run.on_rank_zero(lambda: export(card, fmt, target, info))
+    diff = run.on_rank_zero(lambda: writable(target, lambda: export(card, fmt, target, info)))
     return {
         "stage": "export",
         "ckpt": str(Path(str(cfg.ckpt)).resolve()),

@@ -68,7 +68,7 @@ def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         shards=plan.num_shards, topk=topk, tta_views=int(cfg.predict.tta_views),
         on_bad_image=data_cfg.on_bad_image,
     )  # fmt: skip
-    todo = run.on_rank_zero(lambda: table.parts_to_do(parts, plan, made_by))
+    todo = run.on_rank_zero(lambda: writable(out, lambda: table.parts_to_do(parts, plan, made_by)))
     log.info("predicting %d images in %d parts (%d to do) with %s", plan.n, plan.num_shards,
              len(todo), ckpt)  # fmt: skip
     if todo:
@@ -87,6 +87,17 @@ def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "tta_views": int(cfg.predict.tta_views),
         "wall_time_s": round(time.time() - start, 2),
     }
+
+
+def writable(out: Path, work: Any) -> Any:
+    """`work()`, with a folder that cannot be written to as bad input (exit 2)."""
+    try:
+        return work()
+    except PermissionError as e:
+        raise UserError(
+            f"cannot write {e.filename or out} (permission denied); pass out= a path in a "
+            "folder you can write to"
+        ) from None
 
 
 def predict_parts(
