@@ -451,6 +451,12 @@ def test_one_and_two_ddp_processes_write_the_same_rows(trained, tmp_path):
     a, b = pd.read_csv(one), pd.read_csv(two)
     assert len(b) == 23 and b.path.is_unique
     pd.testing.assert_frame_equal(a, b)
+    # a corrupt file met by rank 1 (in the second of 3 parts): every rank stops with exit 2,
+    # one line on stderr
+    broken = tmp_path / "broken"
+    flat_folder(broken, 9, seed=8)
+    (broken / "part1" / "img00003.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    bad(predict(ckpt, root, broken, tmp_path / "b.csv", "ddp3", *ddp), "part1/img00003.jpg")
 
 
 @pytest.mark.slow

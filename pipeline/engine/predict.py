@@ -18,6 +18,8 @@ from pipeline.engine.datamodule import Batches, ViewsFn
 from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
 from pipeline.engine.trainer import build_trainer
+from pipeline.errors import UserError
+from pipeline.runtime import dist
 
 
 @dataclass
@@ -92,7 +94,8 @@ def predict_shards(
 ) -> None:
     """Predict `shards` ({shard number: its rows}, this rank's) with `net`, averaging the clean
     image and `views` when given; `write` receives each shard as soon as it is done. Every rank
-    calls it (with its own shards, maybe none)."""
+    calls it (with its own shards, maybe none); bad input met by any rank (UserError) is raised
+    on every rank."""
     bs = int(cfg.train.eval_batch_size)
     batches, shard_of_batch = [], []
     for shard, rows in shards.items():
@@ -109,7 +112,16 @@ def predict_shards(
     )
     writer = ShardWriter(shard_of_batch, write)
     trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])
-    trainer.predict(module, datamodule=dm, return_predictions=False)
+    problem = None
+    try:
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    except UserError as e:  # e.g. an unreadable image with data.on_bad_image=fail
+        problem = e
+    # A rank that stopped on bad input tells the others (which would wait for it forever or
+    # fail with a traceback): every rank raises the same one-line error.
+    problems = [p for p in dist.all_gather_object(problem and str(problem)) if p]
+    if problems:
+        raise UserError(problems[0]) from None
 
 
 def predict(
