@@ -109,18 +109,11 @@ class SetOpener:
 
     def _manifest(self, name: str, spec: Any, classes: list[str] | None, key: str) -> Manifest:
         """The set's manifest in the run: the one made when the run started (refused if the
-        disk changed since), or a snapshot of the cached listing (rank 0 makes it, every rank
-        reads it). Without a run dir, the cached listing itself."""
+        disk changed since), or a snapshot of the cached listing. Rank 0 decides and makes it,
+        every rank gets its verdict (the same error, or the same manifest to read): a rank that
+        looked at the disk itself could see a snapshot rank 0 has just written and skip the
+        barrier the others wait at. Without a run dir, the cached listing itself."""
         own = self.manifest_dir / name if self.manifest_dir is not None else None
-        if own is not None and (own / "meta.json").exists():
-            manifest = Manifest(own)
-            changed = changes(manifest)
-            if changed:
-                raise UserError(
-                    f"{key} changed since this run started ({changed}); restore it, or start a "
-                    "new run (another run_dir=, or overwrite=true)"
-                )
-            return manifest
 
         def make() -> Listing:
             if is_shard_spec(spec):
@@ -130,12 +123,29 @@ class SetOpener:
                 return listing
             return list_folder(Path(spec), classes)
 
-        if dist.is_rank_zero():
+        def prepare() -> None:
+            if own is not None and (own / "meta.json").exists():
+                changed = changes(Manifest(own))
+                if changed:
+                    raise UserError(
+                        f"{key} changed since this run started ({changed}); restore it, or start "
+                        "a new run (another run_dir=, or overwrite=true)"
+                    )
+                return
             manifest = cached(spec, classes, self.cache_dir, make)
             if own is not None:
                 own.parent.mkdir(parents=True, exist_ok=True)
                 snapshot(manifest, own)
-        dist.barrier()
+
+        problem = None
+        if dist.is_rank_zero():
+            try:
+                prepare()
+            except UserError as e:
+                problem = e
+        problem = dist.broadcast_object(problem)
+        if problem is not None:
+            raise problem
         return Manifest(own) if own is not None else cached(spec, classes, self.cache_dir, make)
 
 
