@@ -113,10 +113,10 @@ def run_resolved(
 def run_stage(cfg: DictConfig, run: RunDir) -> int:
     from pipeline.console import print_summary
     from pipeline.runtime.io import read_json
-    from pipeline.stages import recipe
+    from pipeline.stages import RERUN, recipe
 
     done = run / "summary.json"
-    if cfg.stage != "report" and run.exists(done):
+    if cfg.stage not in RERUN and run.exists(done):
         log.info("%s is complete; nothing to redo", run.path)
         run.on_rank_zero(lambda: print_summary(read_json(done), run.path))
         return 0

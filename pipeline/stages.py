@@ -21,7 +21,12 @@ RECIPES = {
     "finetune": "pipeline.baseline.finetune:run_finetune",
     "baseline": "pipeline.baseline.finetune:run_baseline",
     "report": "pipeline.report:run_report",
+    "predict": "pipeline.deploy.predict:run_predict",
+    "export": "pipeline.deploy.export:run_export",
 }
+# Stages whose recipe runs again when their run_dir is complete: they write outside it (a
+# report, a table, an exported model) and decide themselves what is left to do.
+RERUN = ("report", "predict", "export")
 STAGES = tuple(RECIPES)
 
 

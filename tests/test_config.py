@@ -36,6 +36,8 @@ def test_every_stage_composes(stage):
         "evaluate": ["ckpt=x.ckpt"],
         "finetune": ["ckpt=x.ckpt"],
         "report": ["report.sweep_dir=/tmp"],
+        "predict": ["ckpt=x.ckpt", "input=/tmp", "out=p.csv"],
+        "export": ["ckpt=x.ckpt", "format=onnx"],
     }.get(stage, [])
     cfg = resolve(compose_cfg(f"stage={stage}", *extra))
     assert cfg.stage == stage

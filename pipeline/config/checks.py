@@ -10,7 +10,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config.schema import FINETUNE_MODES, unknown_keys
+from pipeline.config.schema import (
+    EXPORT_FORMATS,
+    FINETUNE_MODES,
+    PREDICT_SUFFIXES,
+    unknown_keys,
+)
 from pipeline.errors import UserError
 from pipeline.stages import STAGES
 
@@ -198,8 +203,10 @@ def validate(cfg: DictConfig) -> None:
             f"{cfg.model.weights}); use model=resnet18 model.weights=IMAGENET1K_V1, or "
             "pretrain_data=NAME / pretrain.ckpt=FILE"
         )
-    if cfg.stage in ("pseudolabel", "evaluate", "finetune") and not cfg.ckpt:
+    if cfg.stage in ("pseudolabel", "evaluate", "finetune", "predict", "export") and not cfg.ckpt:
         raise UserError(f"stage={cfg.stage} needs a checkpoint: pass ckpt=PATH/model.ckpt")
+    check_predict(cfg)
+    check_export(cfg)
     if cfg.stage == "report" and not cfg.report.sweep_dir:
         raise UserError("stage=report needs report.sweep_dir=DIR (a multirun dir or a run_dir)")
     if uses_pretrained(cfg) and cfg.pretrain.ckpt and not Path(cfg.pretrain.ckpt).is_file():
@@ -208,3 +215,35 @@ def validate(cfg: DictConfig) -> None:
             "stage=pretrain (or leave it out to pretrain inside this run)"
         )
     check_pretrain_source(cfg)
+
+
+def check_predict(cfg: DictConfig) -> None:
+    """stage=predict: an input, an out that is a table, sane predict.* settings."""
+    p = cfg.predict
+    if isinstance(p.topk, bool) or p.topk < 1:
+        raise UserError(f"predict.topk={p.topk} must be >= 1 (the number of top classes listed)")
+    if p.tta_views < 0:
+        raise UserError(f"predict.tta_views={p.tta_views} must be >= 0")
+    if p.shard_size < 1:
+        raise UserError(f"predict.shard_size={p.shard_size} must be >= 1")
+    if cfg.stage != "predict":
+        return
+    if not cfg.input:
+        raise UserError(
+            "stage=predict needs input=DIR (a folder of images) or input=SHARDS (.tar files, "
+            "e.g. 'input=/data/x-{000..009}.tar')"
+        )
+    if not cfg.out or not str(cfg.out).lower().endswith(PREDICT_SUFFIXES):
+        raise UserError(
+            f"stage=predict needs out=FILE ending in .csv or .parquet (got out={cfg.out})"
+        )
+
+
+def check_export(cfg: DictConfig) -> None:
+    """stage=export: a known format."""
+    if cfg.stage != "export":
+        return
+    if cfg.format not in EXPORT_FORMATS:
+        raise UserError(
+            f"stage=export needs format={' or format='.join(EXPORT_FORMATS)} (got format={cfg.format})"
+        )

@@ -46,6 +46,7 @@ RESULT_NEUTRAL = (
     "pretrain_data.download",
     "pseudo_label.shard_size",
     "pseudo_label.num_shards",
+    "predict.shard_size",
     "pretrain.cache_dir",
 )
 # The default run_dir is outputs/<stage>/<name>/seed<seed>: stage and seed are in the path, so

@@ -15,6 +15,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pipeline.config.keys import run_name
 
 FINETUNE_MODES = ("full", "linear", "last_layers")
+EXPORT_FORMATS = ("onnx", "torchscript")
+PREDICT_SUFFIXES = (".csv", ".parquet")
 
 
 @dataclass
@@ -39,6 +41,13 @@ class PseudoLabelConfig:
     soft_topk: int | None = None
     shard: int | None = None
     num_shards: int | None = None
+    shard_size: int = 4096
+
+
+@dataclass
+class PredictConfig:
+    topk: int = 5
+    tta_views: int = 0
     shard_size: int = 4096
 
 
@@ -74,6 +83,8 @@ class PipelineConfig:
     init: str = "scratch"
     ckpt: str | None = None
     out: str | None = None
+    input: Any = None
+    format: str | None = None
     pseudo_in: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -86,6 +97,7 @@ class PipelineConfig:
     experiment: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -104,6 +116,7 @@ TYPED_SECTIONS = {
     "": PipelineConfig,
     "train.": TrainConfig,
     "pseudo_label.": PseudoLabelConfig,
+    "predict.": PredictConfig,
     "selftrain.": SelfTrainConfig,
     "pretrain.": PretrainConfig,
     "finetune.": FinetuneConfig,

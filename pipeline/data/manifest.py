@@ -41,18 +41,19 @@ def is_shard_spec(value: Any) -> bool:
 
 
 def expand_shards(spec: Any, key: str) -> list[Path]:
-    """Shard paths from a list and/or brace patterns (`/data/pool-{000..099}.tar`)."""
+    """Shard paths from a list and/or brace patterns (`/data/pool-{000..099}.tar`); `key` is
+    the setting that names them (data.unlabelled_dir, input), for the error messages."""
     from braceexpand import braceexpand
 
     items = list(spec) if isinstance(spec, list | tuple) else str(spec).split("::")
     paths = [Path(p).expanduser() for item in items for p in braceexpand(str(item))]
     if not paths:
-        raise UserError(f"data.{key}={spec} names no shard; give .tar paths or a brace pattern")
+        raise UserError(f"{key}={spec} names no shard; give .tar paths or a brace pattern")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(
-            f"data.{key}={spec}: shard {missing[0]} does not exist{more}; check the path or "
+            f"{key}={spec}: shard {missing[0]} does not exist{more}; check the path or "
             "the brace pattern (e.g. /data/pool-{000..099}.tar)"
         )
     return paths

@@ -241,7 +241,8 @@ class ImageDataModule(L.LightningDataModule):
         return batch
 
     def _drop_bad(self, batch: dict) -> dict:
-        """Stop on an unreadable image, or take it out of the batch (training: weight 0)."""
+        """Stop on an unreadable image, or take it out of the batch (training: weight 0; else
+        the batch keeps `num_bad`, `bad_index` and `bad_why` of the rows taken out)."""
         if self.on_bad_image != "skip":
             raise UserError(
                 f"cannot read image {batch['why'][0]}; fix or delete it, "
@@ -252,10 +253,13 @@ class ImageDataModule(L.LightningDataModule):
         keep[batch["bad"].cpu()] = False
         if "weight" in batch:  # a training step keeps its shape: the images weigh nothing
             return {**batch, "weight": batch["weight"] * keep.to(batch["weight"])}
+        dropped = batch["index"][batch["bad"].to(batch["index"].device)]
         keep = keep.to(batch["image"].device)
         kept = {
             k: v[keep] if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
             if k not in ("bad", "why")
         }
-        return {**kept, "num_bad": len(batch["bad"])}
+        # What was dropped, for a writer that reports it (stage=predict's error rows): the
+        # dropped rows' `index` and why each could not be read ("KEY (WHERE): reason").
+        return {**kept, "num_bad": len(batch["bad"]), "bad_index": dropped, "bad_why": batch["why"]}

@@ -44,6 +44,7 @@ class LitClassifier(L.LightningModule):
         hparams: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.num_classes = num_classes
         # Plain containers only: the checkpoint must load with weights_only=True.
         self.save_hyperparameters(dict(hparams or {}))
         self.net = net
@@ -97,11 +98,22 @@ class LitClassifier(L.LightningModule):
         self.log(TEST_ACC, self.test_acc, on_step=False, on_epoch=True)
         self.log(TEST_COUNT, self.test_count, on_step=False, on_epoch=True)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        # With test-time augmentation: the mean of the views' probabilities.
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Each readable row's `index` and `probs` (with test-time augmentation: the mean of
+        the views' probabilities); `bad`: the count of rows that could not be read, and
+        `bad_index` / `bad_why` which ones and why (data.on_bad_image=skip)."""
         views = batch.get("views", [batch["image"]])
-        probs = sum(self(v).float().softmax(1) for v in views) / len(views)
-        return {"index": batch["index"], "probs": probs, "bad": batch.get("num_bad", 0)}
+        if len(batch["image"]):
+            probs = sum(self(v).float().softmax(1) for v in views) / len(views)
+        else:  # every image of the batch was unreadable
+            probs = torch.zeros((0, self.num_classes), device=self.device)
+        return {
+            "index": batch["index"],
+            "probs": probs,
+            "bad": batch.get("num_bad", 0),
+            "bad_index": batch.get("bad_index", batch["index"][:0]),
+            "bad_why": batch.get("bad_why", []),
+        }
 
     def configure_optimizers(self) -> Any:
         head = [

@@ -18,10 +18,24 @@ from pipeline.engine.datamodule import Batches, ViewsFn
 from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
 from pipeline.engine.trainer import build_trainer
+from pipeline.errors import UserError
 from pipeline.runtime import dist
 
-# (shard number, index of its readable rows, their probabilities, its unreadable rows' count)
-WriteShard = Callable[[int, np.ndarray, np.ndarray, int], None]
+
+@dataclass
+class Unreadable:
+    """A shard's rows that could not be read (data.on_bad_image=skip): their index and why
+    ("KEY (WHERE): reason"). len() is their count."""
+
+    index: np.ndarray
+    why: list[str]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+# (shard number, index of its readable rows, their probabilities, its unreadable rows)
+WriteShard = Callable[[int, np.ndarray, np.ndarray, Unreadable], None]
 NO_SHARD = -1  # the batch of a rank that has no shard to predict
 
 
@@ -45,24 +59,32 @@ class ShardWriter(BasePredictionWriter):
     def __init__(self, shard_of_batch: list[int], write: WriteShard) -> None:
         super().__init__(write_interval="batch")
         self.shard_of_batch, self.write = shard_of_batch, write
+        self._reset()
+
+    def _reset(self) -> None:
         self.index: list[np.ndarray] = []
         self.probs: list[np.ndarray] = []
-        self.bad = 0
+        self.bad_index: list[np.ndarray] = []
+        self.bad_why: list[str] = []
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
         self.index.append(prediction["index"].cpu().numpy().astype(np.int64))
         self.probs.append(prediction["probs"].float().cpu().numpy())
-        self.bad += int(prediction["bad"])
+        bad_index = prediction.get("bad_index")
+        if bad_index is not None and len(bad_index):
+            self.bad_index.append(bad_index.cpu().numpy().astype(np.int64))
+            self.bad_why += list(prediction["bad_why"])
         shard = self.shard_of_batch[batch_idx]
         if shard == NO_SHARD:
-            self.index, self.probs, self.bad = [], [], 0
+            self._reset()
             return
         last = batch_idx + 1 == len(self.shard_of_batch)
         if last or self.shard_of_batch[batch_idx + 1] != shard:
-            self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), self.bad)
-            self.index, self.probs, self.bad = [], [], 0
+            bad = Unreadable(np.concatenate([np.zeros(0, np.int64), *self.bad_index]), self.bad_why)
+            self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), bad)
+            self._reset()
 
 
 def predict_shards(
@@ -77,7 +99,8 @@ def predict_shards(
     """Predict `shards` ({shard number: its rows}) with `net`, averaging the clean image and
     `views` when given: every rank calls it with the same shards and takes shards r, r + W, ...;
     `write` receives each of this rank's shards as soon as it is done (and writes it from this
-    rank). Returns when every rank is done."""
+    rank). Returns when every rank is done; bad input met by any rank (UserError) is raised on
+    every rank."""
     bs = int(cfg.train.eval_batch_size)
     batches, shard_of_batch = [], []
     mine = list(shards)[dist.rank() :: dist.world_size()]
@@ -99,8 +122,16 @@ def predict_shards(
     )
     writer = ShardWriter(shard_of_batch, write)
     trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])
-    trainer.predict(module, datamodule=dm, return_predictions=False)
-    dist.barrier()
+    problem = None
+    try:
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    except UserError as e:  # e.g. an unreadable image with data.on_bad_image=fail
+        problem = e
+    # A rank that stopped on bad input tells the others (which would wait for it forever or
+    # fail with a traceback): every rank raises the same one-line error.
+    problems = [p for p in dist.all_gather_object(problem and str(problem)) if p]
+    if problems:
+        raise UserError(problems[0]) from None
 
 
 def predict(

@@ -19,15 +19,43 @@ from pipeline.runtime.io import load_checkpoint
 log = logging.getLogger("pipeline")
 
 
-def hparams_for(cfg: DictConfig, data_cfg: DictConfig, num_classes: int) -> dict[str, Any]:
-    """What a checkpoint records about itself (plain containers only)."""
+def hparams_for(
+    cfg: DictConfig, data_cfg: DictConfig, num_classes: int, classes: list[str] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint records about itself, enough to use it without a dataset config
+    (stage=predict, stage=export, load_model): the architecture (`model`, with `net._target_`),
+    the class names (index = label), the input it expects (`in_channels`, `image_size`, the
+    normalisation `mean` and `std` of [0, 1] pixels), the pipeline version and the resolved
+    training config. Plain containers only: the checkpoint loads with weights_only=True."""
+    from pipeline import __version__
+
+    names = [str(c) for c in classes] if classes is not None else None
+    if names is not None and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    size = data_cfg.get("image_size")
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "dataset": str(data_cfg.name),
         "num_classes": int(num_classes),
         "in_channels": int(data_cfg.channels),
-        "image_size": int(data_cfg.image_size),
+        "image_size": int(size) if size is not None else None,
+        "classes": names or [str(i) for i in range(int(num_classes))],
+        "mean": [float(m) for m in data_cfg.mean],
+        "std": [float(s) for s in data_cfg.std],
+        "augment": OmegaConf.to_container(data_cfg.augment, resolve=True)
+        if data_cfg.get("augment")
+        else None,
+        "pipeline_version": __version__,
+        "config": _plain_config(cfg),
     }
+
+
+def _plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers, resolved (unresolvable interpolations kept as text)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
 def build_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:

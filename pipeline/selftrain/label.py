@@ -11,7 +11,6 @@ with the pool times the classes.
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from pipeline.data.streamed import check_unchanged
 from pipeline.data.task import Task
 from pipeline.engine.datamodule import ViewsFn
 from pipeline.engine.fit import batches
-from pipeline.engine.predict import ShardPlan, predict_shards
+from pipeline.engine.predict import ShardPlan, Unreadable, predict_shards
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
 from pipeline.runtime import io
@@ -111,10 +110,10 @@ def label_shards(
         return plan
     soft_topk = cfg.pseudo_label.get("soft_topk") if cfg.pseudo_label.soft else None
 
-    def write(shard: int, index: np.ndarray, probs: np.ndarray, bad: int) -> None:
+    def write(shard: int, index: np.ndarray, probs: np.ndarray, bad: Unreadable) -> None:
         io.write_npz(
             shard_file(shard_dir, shard, plan),
-            shard_arrays(pool, index, probs, bad, cfg.pseudo_label.soft, soft_topk),
+            shard_arrays(pool, index, probs, len(bad), cfg.pseudo_label.soft, soft_topk),
         )
 
     views = teacher_views(cfg, data_cfg)
@@ -186,11 +185,7 @@ def select_and_write(
 def teacher_views(cfg: DictConfig, data_cfg: DictConfig) -> ViewsFn | None:
     """The fixed views the teacher averages over (pseudo_label.tta_views of data.augment's
     affine ranges); None without views or augmentation."""
-    views = int(cfg.pseudo_label.get("tta_views", 0))
-    augment = noise.from_config(data_augment(data_cfg))
-    if not views or augment is None:
-        return None
-    return functools.partial(noise.fixed_views, views=views, augment=augment, seed=0)
+    return noise.views_fn(int(cfg.pseudo_label.get("tta_views", 0)), data_augment(data_cfg))
 
 
 def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:

@@ -7,8 +7,9 @@ Model noise (dropout, stochastic depth) is part of the network: `model.net.dropo
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -115,3 +116,15 @@ def fixed_views(
 def from_config(augment: Mapping[str, Any] | None) -> BatchAugment | None:
     """The noise that `data.augment` describes (None: no augmentation)."""
     return BatchAugment(**augment) if augment else None
+
+
+def views_fn(
+    views: int, augment: Mapping[str, Any] | None
+) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """The fixed test-time views a teacher (pseudo_label.tta_views) or stage=predict
+    (predict.tta_views) averages over: `views` copies drawn from the affine ranges of
+    `augment` (a data.augment node); None without views or augmentation."""
+    noise = from_config(augment)
+    if not views or noise is None:
+        return None
+    return functools.partial(fixed_views, views=views, augment=noise, seed=0)

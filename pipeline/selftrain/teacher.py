@@ -57,7 +57,7 @@ def train_model(
     run = step.run
     data_cfg = cfg.data if data_cfg is None else data_cfg
     model_path = step / "model.ckpt"
-    hparams = hparams_for(cfg, data_cfg, task.num_classes)
+    hparams = hparams_for(cfg, data_cfg, task.num_classes, task.bundle.classes)
     steps = None
     if run.exists(model_path):  # trained before a kill: evaluate it
         net = load_net(cfg, model_path, task.num_classes)
