@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import Logger
 
 from pipeline.errors import UserError
 from pipeline.runtime.io import atomic_path
@@ -46,7 +47,8 @@ SET_BY_PIPELINE = {
     "min_steps": "train.min_steps",
     "callbacks": "the pipeline's own callbacks",
     "plugins": "trainer.precision and the cluster settings",
-    "logger": "the pipeline's own logging",
+    "logger": "the logger group (logger=csv|tensorboard|mlflow|wandb, or logger=[csv,tensorboard])",
+    "limit_val_batches": "data.val_per_class or data.val_dir (the whole val split is evaluated)",
     "enable_checkpointing": "the pipeline's resume checkpoints",
     "enable_progress_bar": "progress=",
     "use_distributed_sampler": "the pipeline's rank-aware samplers",
@@ -80,10 +82,14 @@ def build_trainer(
     callbacks: list[L.Callback] | None = None,
     root_dir: Path | None = None,
     ckpt_every_s: float | None = None,
+    loggers: list[Logger] | None = None,
+    validate: bool = False,
 ) -> L.Trainer:
     """The Lightning Trainer from the `trainer` config node: every Trainer argument in it is
     passed through (`+trainer.gradient_clip_val=1.0` reaches the Trainer); samplers, checkpoints
-    and callbacks are the pipeline's own (rank-aware), so Lightning's are off."""
+    and callbacks are the pipeline's own (rank-aware), so Lightning's are off. `loggers`: the
+    run's Lightning loggers (engine/loggers.py); `validate`: run the validation loop every
+    epoch (the data module serves a val set)."""
     callbacks = list(callbacks or [])
     if ckpt_dir is not None:
         # Only last.ckpt, what a killed run resumes from: every `ckpt_every_s` seconds of
@@ -99,6 +105,9 @@ def build_trainer(
                 filename="last",
                 save_top_k=1,
                 enable_version_counter=False,
+                # After the epoch's record (LitClassifier.on_train_epoch_end), also when a
+                # validation loop runs: a resumed training keeps every finished epoch's record.
+                save_on_train_epoch_end=True,
                 **every,
             )
         )
@@ -114,8 +123,10 @@ def build_trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *settings["plugins"]],
-        logger=False,
-        enable_checkpointing=ckpt_dir is not None,
+        logger=list(loggers) if loggers else False,
+        limit_val_batches=1.0 if validate else 0,
+        enable_checkpointing=ckpt_dir is not None
+        or any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=progress,
         use_distributed_sampler=False,
         default_root_dir=str(root_dir) if root_dir else os.getcwd(),
