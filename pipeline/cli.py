@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -212,18 +213,17 @@ def job_objective(cfg: DictConfig | None, code: int) -> float | None:
 
     if code != 0 or cfg is None or not cfg.get("objective"):
         return None
-    try:
-        from pipeline.runtime.io import read_json
+    from pipeline.runtime.io import read_json
 
-        value = read_json(os.path.join(str(cfg.run_dir), "summary.json")).get(
-            OBJECTIVES[cfg.objective]
-        )
+    try:
+        summary = read_json(os.path.join(str(cfg.run_dir), "summary.json"))
     except (OSError, ValueError):
         return None
+    value = summary.get(OBJECTIVES[cfg.objective])  # None: no val split (or another stage)
     if value is None:
-        log.info("objective %s: none (this run has no val split)", cfg.objective)
         return None
-    log.info("objective %s = %.6f", cfg.objective, value)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.info("objective %s = %.6f", cfg.objective, value)
     return float(value)
 
 

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,13 +154,13 @@ def _resume_kwargs(name: str, node: DictConfig, logs: Path) -> dict[str, Any]:
         same_store = run_id and state.get("tracking_uri") == uri
         return {"run_id": run_id} if same_store and _mlflow_run_exists(str(uri), run_id) else {}
     if target == "WandbLogger":
-        import wandb
-
         state = _read_state(logs / STATE["wandb"])
-        kwargs: dict[str, Any] = {"id": state.get("id") or wandb.util.generate_id()}
+        kwargs: dict[str, Any] = {"id": state.get("id") or uuid.uuid4().hex[:8]}
         kwargs["resume"] = "allow"
-        if node.get("offline") is None:
-            kwargs["offline"] = not _wandb_logged_in()
+        offline = node.get("offline")
+        kwargs["offline"] = offline = not _wandb_logged_in() if offline is None else offline
+        if offline:  # (Lightning's WANDB_MODE=dryrun is not offline for every wandb release)
+            kwargs["mode"] = "offline"
         (logs / "wandb").mkdir(parents=True, exist_ok=True)  # wandb wants its folder there
         return kwargs
     return {}
@@ -201,7 +202,7 @@ def _wandb_logged_in() -> bool:
     import wandb
 
     try:
-        return bool(wandb.api.api_key)
+        return bool(wandb.login(prompt=False, verify=False))
     except Exception:
         return False
 
