@@ -280,7 +280,9 @@ def check_optimising_sweeper(config: DictConfig) -> None:
             f"objective={objective} is an accuracy but hydra.sweeper.direction={direction}; "
             "pass hydra.sweeper.direction=maximize (the hparams_search configs set it)"
         )
+    # (a search over the val split itself, in the sweeper's params or on the command line)
     params = set((sweeper.get("params") or {}).keys())
+    params |= {o.split("=", 1)[0] for o in OmegaConf.select(config, "hydra.overrides.task") or []}
     swept_val = {"data.val_per_class", "data.val_dir"} & params
     data = config.get("data") or {}
     if objective == "val_accuracy" and not swept_val:

@@ -125,3 +125,19 @@ def test_val_dir_and_val_per_class_together_are_refused(tmp_path):
         "(data.val_per_class=0 to use the folder)"
     ]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # two DDP processes on the CPU
+def test_val_rows_are_split_across_ddp_ranks_once_each(tmp_path):
+    run_dir = tmp_path / "ddp"
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "logger=csv", "train.select=best_val"]
+    proc = run_cli(*TRAIN, *ddp, "train.epochs=3", "train.min_steps=30", f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_val"] == 30  # every val image counted once (evaluate checks the count)
+    accs = [e["val_accuracy"] for e in metrics["epochs"]]
+    assert metrics["selected_epoch"] == int(np.argmax(accs))
+    assert metrics["val_accuracy"] == pytest.approx(max(accs), abs=1e-6)
+    # one logger, on rank 0: each epoch logged once
+    csv = (run_dir / "logs" / "csv" / "metrics.csv").read_text().splitlines()
+    assert len(csv) == 1 + 3 + 1  # header, 3 epochs, the round
