@@ -281,8 +281,13 @@ def check_optimising_sweeper(config: DictConfig) -> None:
             "pass hydra.sweeper.direction=maximize (the hparams_search configs set it)"
         )
     # (a search over the val split itself, in the sweeper's params or on the command line)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     params = set((sweeper.get("params") or {}).keys())
-    params |= {o.split("=", 1)[0] for o in OmegaConf.select(config, "hydra.overrides.task") or []}
+    given = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    for override in OverridesParser.create().parse_overrides(given):
+        if override.is_sweep_override():
+            params.add(override.key_or_group)
     swept_val = {"data.val_per_class", "data.val_dir"} & params
     data = config.get("data") or {}
     if objective == "val_accuracy" and not swept_val:
