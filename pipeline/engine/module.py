@@ -120,7 +120,8 @@ class LitClassifier(L.LightningModule):
         self.val_acc.reset()
         self.val_count.reset()
         self._val_acc = float(acc)
-        self.log(VAL_ACC, acc, on_epoch=True, prog_bar=True, logger=False)
+        # (already the same on every rank; sync_dist only keeps Lightning from warning)
+        self.log(VAL_ACC, acc, on_epoch=True, prog_bar=True, logger=False, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         """The epoch's record: mean training loss, val accuracy (validation ran before this
@@ -129,7 +130,7 @@ class LitClassifier(L.LightningModule):
         record: dict[str, Any] = {"epoch": int(self.current_epoch)}
         if self._loss_steps:
             mean = strategy.reduce(self._loss_sum / self._loss_steps, reduce_op="mean")
-            self.log(TRAIN_LOSS, mean, on_epoch=True, prog_bar=True, logger=False)
+            self.log(TRAIN_LOSS, mean, on_epoch=True, prog_bar=True, logger=False, sync_dist=True)
             record["train_loss"] = float(mean)
         if self._val_acc is not None:
             record["val_accuracy"] = self._val_acc
