@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -52,6 +53,12 @@ def setup_logging(rank_zero: bool) -> None:
     warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
     # Resuming from checkpoints/last.ckpt: the directory is not empty, by design.
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    # A resumed run's CSV logger appends to its metrics.csv (engine/loggers.py), whatever
+    # Lightning says; the loggers get per-epoch metrics, not Lightning's per-step ones.
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    for name in ("mlflow", "alembic", "wandb"):  # the loggers' own start-up chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger(name).propagate = False
@@ -125,20 +132,41 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
-    result = recipe(cfg.stage)(cfg, run)
+    if cfg.stage != "report":
+        from pipeline.engine.loggers import build_run_loggers
+
+        run.tracker = build_run_loggers(cfg, run.path)
+    status, result = "failed", None
+    try:
+        if run.tracker is not None:
+            run.tracker.log_params(cfg)
+        result = recipe(cfg.stage)(cfg, run)
+        status = "success"
+    finally:
+        if run.tracker is not None:
+            run.tracker.close(status, result)
     run.write_json(done, result)  # written last: the run is finished
     run.on_rank_zero(lambda: print_summary(result, run.path))
     return 0
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def hydra_job(cfg: DictConfig) -> int:
-    """One Hydra job (the single run, or one job of a -m sweep)."""
+def hydra_job(cfg: DictConfig) -> float | None:
+    """One Hydra job (the single run, or one job of a -m sweep). Returns the job's objective
+    (`objective=`, read from its summary.json) for sweepers that optimise it (Optuna); None
+    when the job failed or has no such value. The exit code is recorded apart (`main`)."""
     global _job_started
     _job_started = True
     _release_stderr()
+    resolved = None
     try:
-        code = run_resolved(resolve(cfg), overrides=list(HydraConfig.get().overrides.task))
+        resolved = resolve(cfg)
+        if resolved.objective == "test_accuracy":
+            log.warning(
+                "objective=test_accuracy: a sweeper tuning on the test set makes its test "
+                "accuracy an optimistic estimate; tune on val_accuracy (data.val_per_class)"
+            )
+        code = run_resolved(resolved, overrides=list(HydraConfig.get().overrides.task))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
@@ -150,7 +178,27 @@ def hydra_job(cfg: DictConfig) -> int:
         # A submitit job (hydra/launcher=submitit_*, slurm): the sweep runs in another process
         # that only sees a job fail when it raises.
         raise JobFailed(code)
-    return code
+    return job_objective(resolved, code)
+
+
+def job_objective(cfg: DictConfig | None, code: int) -> float | None:
+    """The value `objective=` names, of the job's final round (summary.json), or None."""
+    from pipeline.config.schema import OBJECTIVES
+
+    if code != 0 or cfg is None or not cfg.get("objective"):
+        return None
+    from pipeline.runtime.io import read_json
+
+    try:
+        summary = read_json(os.path.join(str(cfg.run_dir), "summary.json"))
+    except (OSError, ValueError):
+        return None
+    value = summary.get(OBJECTIVES[cfg.objective])  # None: no val split (or another stage)
+    if value is None:
+        return None
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.info("objective %s = %.6f", cfg.objective, value)
+    return float(value)
 
 
 class JobFailed(RuntimeError):
@@ -180,6 +228,49 @@ class SweepStarted(Callback):
         global _sweep_started
         _sweep_started = True
         _release_stderr()
+        try:
+            check_optimising_sweeper(config)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
+def check_optimising_sweeper(config: DictConfig) -> None:
+    """A sweeper that optimises the jobs' return value (Optuna) needs one from every job: an
+    objective, of the right direction, and for val_accuracy a val split. Checked once, before
+    the first trial, rather than failing the study at its first job."""
+    sweeper = OmegaConf.select(config, "hydra.sweeper", default=None) or {}
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return
+    objective = config.get("objective")
+    if not objective:
+        raise UserError(
+            "hydra/sweeper=optuna optimises the jobs' objective: pass objective=val_accuracy"
+        )
+    direction = sweeper.get("direction")
+    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
+    if any(str(d).lower().rsplit(".", 1)[-1] != "maximize" for d in directions):
+        raise UserError(
+            f"objective={objective} is an accuracy but hydra.sweeper.direction={direction}; "
+            "pass hydra.sweeper.direction=maximize (the hparams_search configs set it)"
+        )
+    # (a search over the val split itself, in the sweeper's params or on the command line)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = set((sweeper.get("params") or {}).keys())
+    given = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    for override in OverridesParser.create().parse_overrides(given):
+        if override.is_sweep_override():
+            params.add(override.key_or_group)
+    swept_val = {"data.val_per_class", "data.val_dir"} & params
+    data = config.get("data") or {}
+    if objective == "val_accuracy" and not swept_val:
+        has_val = bool(data.get("val_per_class") or 0) or bool(data.get("val_dir"))
+        if not has_val:
+            raise UserError(
+                "objective=val_accuracy needs a val split to tune on: pass data.val_per_class=N "
+                "(N of data.labels_per_class per class) or data.val_dir=DIR"
+            )
 
 
 class _HydraHintFilter:
@@ -238,7 +329,10 @@ def hydra_error_line(text: str) -> str:
                 parts[-1] += f" {line},"
             continue
         parts.append(line.rstrip("."))
-    return "; ".join(p.rstrip(",") for p in parts) or "the command line does not compose"
+    line = "; ".join(p.rstrip(",") for p in parts) or "the command line does not compose"
+    if "hydra/sweeper/optuna" in text or "hydra/sweeper: optuna" in text:
+        line += "; the Optuna sweeper is not installed: pip install -e '.[optuna]'"
+    return line
 
 
 def main() -> None:

@@ -20,34 +20,42 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         console.print({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
         console.print(f"artifacts: {run_dir}")
         return
+    val = summary.get("num_val") or 0
     title = (
         f"{summary['stage']} on {summary.get('dataset')}: {summary.get('num_labelled')} labelled, "
-        f"{summary.get('num_unlabelled')} unlabelled"
+        + (f"{val} val, " if val else "")
+        + f"{summary.get('num_unlabelled')} unlabelled"
     )
     table = Table(title=title)
-    for col in (
-        "round",
-        "model",
-        "test acc",
-        "pseudo-labels",
-        "pseudo acc",
-        "class coverage min/max",
-    ):
+    columns = ["round", "model", "val acc", "test acc", "pseudo-labels", "pseudo acc"]
+    if not val:
+        columns.remove("val acc")
+    for col in (*columns, "class coverage min/max"):
         table.add_column(col, justify="right")
     for r in rounds:
         cov = [c for c in (r.get("per_class_coverage") or []) if c is not None]
-        table.add_row(
+        row = [
             str(r["round"]),
             "teacher"
             if r["round"] == 0 and summary["stage"] == "selftrain"
             else ("student" if summary["stage"] == "selftrain" else summary["stage"]),
+            _pct(r.get("val_accuracy")),
             _pct(r.get("test_accuracy")),
             str(r.get("num_pseudo", 0)),
             _pct(r.get("pseudo_accuracy")),
             f"{_pct(min(cov))} / {_pct(max(cov))}" if cov else "–",
-        )
+        ]
+        if not val:
+            del row[2]
+        table.add_row(*row)
     console.print(table)
+    chosen = (
+        "the best val epoch (train.select=best_val)"
+        if summary.get("selected_by") == "val"
+        else "the last epoch"
+    )
     console.print(
-        f"final test accuracy {_pct(summary.get('final_test_accuracy'))} in "
-        f"{summary.get('wall_time_s')} s; artifacts: {run_dir}"
+        f"final test accuracy {_pct(summary.get('final_test_accuracy'))}"
+        + (f", val accuracy {_pct(summary.get('val_accuracy'))}" if val else "")
+        + f" in {summary.get('wall_time_s')} s; each round kept {chosen}; artifacts: {run_dir}"
     )

@@ -131,6 +131,13 @@ CONFIG_ERRORS = [
     (["data.labels_per_class=0"], ["data.labels_per_class=0", ">= 1"]),
     (["stage=evaluate"], ["ckpt=PATH"]),
     (["data=image_folder"], ["data.labelled_dir", "data.labelled_dir=VALUE"]),
+    # the val split comes out of the label budget, and best_val needs one
+    (["data.val_per_class=4"], ["data.val_per_class=4 must be below data.labels_per_class=4"]),
+    (["train.select=best_val"], ["train.select=best_val needs a val split", "val_per_class=N"]),
+    (["train.select=best"], ["train.select='best'", "best_val"]),
+    (["objective=loss"], ["objective='loss'", "val_accuracy"]),
+    (["+trainer.limit_val_batches=0.5"], ["trainer.limit_val_batches is set by the pipeline"]),
+    (["logger=nope"], ["logger/nope", "csv"]),
 ]
 
 
@@ -175,6 +182,7 @@ def test_runtime_settings_may_change_on_a_rerun(finished, work):
     run_dir, args = finished
     before = snapshot(run_dir)
     runtime = ["progress=true", "trainer.devices=1", "data.num_workers=0", "trainer.precision=32"]
+    runtime += ["logger=[csv,tensorboard]", "objective=test_accuracy"]
     proc = cli(*args, *runtime, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to redo" in proc.stdout

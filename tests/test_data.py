@@ -149,7 +149,8 @@ def labels() -> np.ndarray:
 
 
 def test_make_splits_stratified_counts(labels):
-    splits = make_splits(labels, labels_per_class=2, val_per_class=3, seed=0, num_classes=3)
+    # The val images come out of the label budget: 5 labels per class = 2 train + 3 val.
+    splits = make_splits(labels, labels_per_class=5, val_per_class=3, seed=0, num_classes=3)
     assert np.bincount(labels[splits.labelled], minlength=3).tolist() == [2, 2, 2]
     assert np.bincount(labels[splits.val], minlength=3).tolist() == [3, 3, 3]
     assert np.bincount(labels[splits.unlabelled], minlength=3).tolist() == [5, 7, 10]
@@ -162,9 +163,9 @@ def test_make_splits_stratified_counts(labels):
 
 
 def test_make_splits_seeds(labels):
-    a = make_splits(labels, 2, 3, seed=0, num_classes=3)
-    b = make_splits(labels, 2, 3, seed=0, num_classes=3)
-    c = make_splits(labels, 2, 3, seed=1, num_classes=3)
+    a = make_splits(labels, 5, 3, seed=0, num_classes=3)
+    b = make_splits(labels, 5, 3, seed=0, num_classes=3)
+    c = make_splits(labels, 5, 3, seed=1, num_classes=3)
     assert np.array_equal(a.labelled, b.labelled) and np.array_equal(a.val, b.val)
     assert np.array_equal(a.unlabelled, b.unlabelled)
     assert not np.array_equal(a.labelled, c.labelled)
@@ -180,7 +181,9 @@ def test_make_splits_all_labelled(labels):
 
 def test_make_splits_errors(labels):
     with pytest.raises(UserError, match=r"class 0 has only 10 .*data.labels_per_class"):
-        make_splits(labels, labels_per_class=8, val_per_class=3, seed=0, num_classes=3)
+        make_splits(labels, labels_per_class=11, val_per_class=3, seed=0, num_classes=3)
+    with pytest.raises(UserError, match=r"val_per_class=3 must be below data.labels_per_class=3"):
+        make_splits(labels, labels_per_class=3, val_per_class=3, seed=0, num_classes=3)
     with pytest.raises(UserError, match="at least 1"):
         make_splits(labels, labels_per_class=0, val_per_class=0, seed=0, num_classes=3)
     with pytest.raises(UserError, match="class 3 has no"):
@@ -189,8 +192,8 @@ def test_make_splits_errors(labels):
 
 def test_make_splits_on_digits_train_is_disjoint_from_test(digits):
     splits = make_splits(digits.train.labels.numpy(), 10, 5, seed=3, num_classes=10)
-    assert len(splits.labelled) == 100 and len(splits.val) == 50
-    assert len(splits.unlabelled) == len(digits.train) - 150
+    assert len(splits.labelled) == 50 and len(splits.val) == 50
+    assert len(splits.unlabelled) == len(digits.train) - 100
 
 
 def test_check_disjoint_reports_names():
@@ -202,7 +205,7 @@ def test_check_disjoint_reports_names():
 
 
 def test_splits_save_load_roundtrip(tmp_path, labels):
-    splits = make_splits(labels, 2, 3, seed=0, num_classes=3)
+    splits = make_splits(labels, 5, 3, seed=0, num_classes=3)
     path = tmp_path / "splits.npz"
     splits.save(path)
     splits.save(path)  # overwriting works too
@@ -293,7 +296,7 @@ def test_image_folder_counts_classes_labels(tree):
     assert torch.bincount(bundle.train.labels).tolist() == [6, 6, 6]
     assert sorted(bundle.extra_unlabelled.images[:, 0, 0, 0].tolist()) == [246, 247, 248, 249, 250]
 
-    splits = make_splits(bundle.train.labels.numpy(), 2, 1, seed=0, num_classes=3)
+    splits = make_splits(bundle.train.labels.numpy(), 3, 1, seed=0, num_classes=3)
     pool = unlabelled_pool(bundle, splits)
     assert len(pool) == 9 + 5
     assert pool.labels.tolist()[-5:] == [-1] * 5

@@ -258,6 +258,8 @@ def test_results_csv_has_one_row_per_job(report, tmp_path: Path) -> None:
         "num_unlabelled",
         "teacher_test_accuracy",
         "final_test_accuracy",
+        "final_val_accuracy",
+        "selected_by",
         "rounds",
         "final_num_pseudo",
         "final_pseudo_accuracy",

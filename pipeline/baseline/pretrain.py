@@ -60,6 +60,8 @@ def run_pretrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "rounds": [{"round": 0, "test_accuracy": metrics["test_accuracy"], "num_pseudo": 0}],
         "final_test_accuracy": metrics["test_accuracy"],  # on the source's test split
         "source_test_accuracy": metrics["test_accuracy"],
+        "val_accuracy": metrics.get("val_accuracy"),  # on the source's val split, if it has one
+        "selected_by": metrics.get("selected_by", "last"),
         "wall_time_s": round(time.time() - start, 2),
     }
 

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config.schema import (
     EXPORT_FORMATS,
     FINETUNE_MODES,
+    OBJECTIVES,
     PREDICT_SUFFIXES,
+    SELECT_MODES,
     unknown_keys,
 )
 from pipeline.errors import UserError
@@ -44,7 +46,8 @@ SET_BY_PIPELINE = {
     "min_steps": "train.min_steps",
     "callbacks": "the pipeline's own callbacks",
     "plugins": "trainer.precision and the cluster settings",
-    "logger": "the pipeline's own logging",
+    "logger": "the logger group (logger=csv|tensorboard|mlflow|wandb, or logger=[csv,tensorboard])",
+    "limit_val_batches": "data.val_per_class or data.val_dir (the whole val split is evaluated)",
     "enable_checkpointing": "the pipeline's resume checkpoints",
     "enable_progress_bar": "progress=",
     "use_distributed_sampler": "the pipeline's rank-aware samplers",
@@ -145,6 +148,86 @@ def check_pretrain_source(cfg: DictConfig) -> None:
         )
 
 
+# A logger's `_target_` class name -> the package it needs and the extra that installs it.
+LOGGER_PACKAGES = {
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "MLFlowLogger": (("mlflow",), "mlflow"),
+    "WandbLogger": (("wandb",), "wandb"),
+}
+
+
+TRAINING_STAGES = ("selftrain", "train", "finetune", "baseline", "pretrain")
+
+
+def has_val_split(data_cfg: DictConfig) -> bool:
+    """Whether the data config gives a val set (data.val_per_class > 0, or data.val_dir)."""
+    return bool(data_cfg.get("val_per_class") or 0) or bool(data_cfg.get("val_dir"))
+
+
+def check_validation(cfg: DictConfig) -> None:
+    """The val split's settings: carved from the label budget, one source, and there when
+    train.select=best_val needs it."""
+    if cfg.train.select not in SELECT_MODES:
+        raise UserError(
+            f"train.select={cfg.train.select!r}; choose one of {', '.join(SELECT_MODES)}"
+        )
+    if cfg.objective is not None and cfg.objective not in OBJECTIVES:
+        raise UserError(
+            f"objective={cfg.objective!r}; choose one of {', '.join(OBJECTIVES)} (or null)"
+        )
+    for node in ("data", "pretrain_data"):
+        data = cfg.get(node)
+        if not isinstance(data, DictConfig):
+            continue
+        vpc, lpc = data.get("val_per_class") or 0, data.get("labels_per_class")
+        if vpc < 0:
+            raise UserError(f"{node}.val_per_class={vpc} must be >= 0")
+        if vpc and lpc is not None and vpc >= lpc:
+            raise UserError(
+                f"{node}.val_per_class={vpc} must be below {node}.labels_per_class={lpc}: the "
+                "val images come out of the label budget and at least one label per class must "
+                f"stay for training (e.g. {node}.labels_per_class={vpc + 4} {node}.val_per_class={vpc})"
+            )
+        if vpc and data.get("val_dir"):
+            raise UserError(
+                f"{node}.val_dir and {node}.val_per_class both give a val set; pass one of them "
+                f"({node}.val_per_class=0 to use the folder)"
+            )
+    trains_on = cfg.pretrain_data if cfg.stage == "pretrain" else cfg.data
+    trains = cfg.stage in TRAINING_STAGES
+    if cfg.train.select == "best_val" and trains and not has_val_split(trains_on):
+        node = "pretrain_data" if cfg.stage == "pretrain" else "data"
+        raise UserError(
+            f"train.select=best_val needs a val split: pass {node}.val_per_class=N (N val images "
+            f"per class, out of {node}.labels_per_class) or {node}.val_dir=DIR, or train.select=last"
+        )
+
+
+def check_logger_packages(cfg: DictConfig) -> None:
+    """Every logger of the `logger` group is a node with `_target_`, and its package is
+    installed (else the pip command that installs it)."""
+    import importlib.util
+
+    loggers = cfg.get("logger")
+    if not loggers:
+        return
+    if not isinstance(loggers, DictConfig):
+        raise UserError("logger must be a group choice: logger=none|csv|tensorboard|mlflow|wandb")
+    for name, node in loggers.items():
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if not target:
+            raise UserError(
+                f"logger.{name} has no _target_ (a Lightning logger class); pick loggers with "
+                "logger=csv|tensorboard|mlflow|wandb or logger=[csv,tensorboard]"
+            )
+        modules, extra = LOGGER_PACKAGES.get(str(target).rsplit(".", 1)[-1], ((), ""))
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise UserError(
+                f"logger={name} needs the {modules[0]} package, which is not installed: "
+                f"pip install -e '.[{extra}]' (in the repo; or pip install {modules[0]})"
+            )
+
+
 def _in_range(value: float, low: float, high: float) -> bool:
     return low <= value <= high
 
@@ -215,6 +298,8 @@ def validate(cfg: DictConfig) -> None:
             "stage=pretrain (or leave it out to pretrain inside this run)"
         )
     check_pretrain_source(cfg)
+    check_validation(cfg)
+    check_logger_packages(cfg)
 
 
 def check_predict(cfg: DictConfig) -> None:

@@ -19,6 +19,8 @@ RESULT_NEUTRAL = (
     "run_dir",
     "overwrite",
     "progress",
+    "objective",
+    "logger",
     "out",
     "report",
     "hydra",

@@ -6,17 +6,21 @@ scheduler) stay free-form YAML; model and optimizer nodes carry `_target_` for i
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline.config.keys import run_name
+from pipeline.config.keys import dir_name, run_name
 
 FINETUNE_MODES = ("full", "linear", "last_layers")
 EXPORT_FORMATS = ("onnx", "torchscript")
 PREDICT_SUFFIXES = (".csv", ".parquet")
+SELECT_MODES = ("last", "best_val")
+# objective= -> the summary.json key a Hydra job returns to its sweeper (final round).
+OBJECTIVES = {"val_accuracy": "val_accuracy", "test_accuracy": "final_test_accuracy"}
 
 
 @dataclass
@@ -27,6 +31,7 @@ class TrainConfig:
     min_steps: int = 300
     label_smoothing: float = 0.0
     checkpoint_every_s: float | None = 60.0
+    select: str = "last"
 
 
 @dataclass
@@ -88,6 +93,7 @@ class PipelineConfig:
     pseudo_in: str | None = None
     overwrite: bool = False
     progress: bool = True
+    objective: str | None = "val_accuracy"
     data: Any = MISSING
     pretrain_data: Any = MISSING
     model: Any = MISSING
@@ -95,6 +101,7 @@ class PipelineConfig:
     optimizer: Any = MISSING
     scheduler: Any = None
     experiment: Any = None
+    logger: Any = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -105,10 +112,49 @@ class PipelineConfig:
 
 
 def register() -> None:
-    """Register the schema and the `run_name` resolver (before Hydra composes anything)."""
+    """Register the schema and the resolvers (before Hydra composes anything): `run_name` (the
+    default run_dir's name) and those of the logger group (conf/logger/)."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
-    if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
+    resolvers = {
+        "run_name": run_name,
+        "logger_run_name": logger_run_name,
+        "logger_experiment": logger_experiment,
+        "logger_cwd": logger_cwd,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def _hydra_config() -> Any:
+    """Hydra's own config of this job, or None (composed without a Hydra app, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def logger_run_name() -> str:
+    """A logger run's name: the job's overrides that are part of the experiment (stage and seed
+    included), e.g. `pseudo_label.threshold=0.9,seed=1`; `default` for none."""
+    hydra_cfg = _hydra_config()
+    return dir_name(list(hydra_cfg.overrides.task) if hydra_cfg is not None else [])
+
+
+def logger_experiment(run_dir: str) -> str:
+    """The experiment (MLflow) or group (W&B) a run belongs to: its sweep (hydra.sweep.dir)
+    when it is a job of a -m sweep, else the run itself (its run_dir)."""
+    from hydra.types import RunMode
+
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        return str(hydra_cfg.sweep.dir)
+    return str(run_dir)
+
+
+def logger_cwd() -> str:
+    """The folder the command was started in (where `mlflow ui` finds ./mlflow.db)."""
+    hydra_cfg = _hydra_config()
+    return str(hydra_cfg.runtime.cwd) if hydra_cfg is not None else os.getcwd()
 
 
 # The typed sections: a key added to one of them with `+key=value` is a typo, not a setting.

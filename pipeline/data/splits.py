@@ -46,8 +46,11 @@ def make_splits(
     seed: int,
     num_classes: int,
 ) -> Splits:
-    """Stratified split: per class a seeded permutation; the first ``labels_per_class`` are
-    labelled, the next ``val_per_class`` are val, the rest unlabelled.
+    """Stratified split: per class a seeded permutation; its first ``labels_per_class`` are the
+    label budget, of which the last ``val_per_class`` are val and the others labelled (train);
+    the rest is unlabelled. The val images come out of the budget: a run with val spends no more
+    labels than one without, and its labelled set is the one of ``labels_per_class -
+    val_per_class`` labels without val.
 
     ``labels_per_class=None`` labels everything (after the val images are taken) and leaves the
     unlabelled set empty.
@@ -57,6 +60,12 @@ def make_splits(
         raise UserError(f"data.labels_per_class must be at least 1, got {labels_per_class}")
     if val_per_class < 0:
         raise UserError(f"data.val_per_class must be 0 or more, got {val_per_class}")
+    if labels_per_class is not None and val_per_class >= labels_per_class:
+        raise UserError(
+            f"data.val_per_class={val_per_class} must be below data.labels_per_class="
+            f"{labels_per_class}: the val images come out of the label budget and at least one "
+            "label per class must stay for training"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(
             f"labels range {labels.min()}..{labels.max()} does not fit data.num_classes="
@@ -70,13 +79,13 @@ def make_splits(
             f"class {empty[0]} has no training samples; check the data or data.num_classes"
         )
     # With labels_per_class=None at least one image per class must stay labelled.
-    needed = (labels_per_class if labels_per_class is not None else 1) + val_per_class
+    needed = labels_per_class if labels_per_class is not None else 1 + val_per_class
     smallest = int(np.argmin(counts))
     if needed > counts[smallest]:
+        what = "labels_per_class" if labels_per_class is not None else "val_per_class + 1"
         raise UserError(
             f"class {smallest} has only {counts[smallest]} training samples but "
-            f"labels_per_class + val_per_class = {needed}; lower data.labels_per_class "
-            f"or data.val_per_class"
+            f"{what} = {needed}; lower data.labels_per_class or data.val_per_class"
         )
 
     rng = np.random.default_rng(seed)
@@ -87,9 +96,10 @@ def make_splits(
             val.append(order[:val_per_class])
             labelled.append(order[val_per_class:])
         else:
-            labelled.append(order[:labels_per_class])
-            val.append(order[labels_per_class : labels_per_class + val_per_class])
-            unlabelled.append(order[labels_per_class + val_per_class :])
+            train = labels_per_class - val_per_class
+            labelled.append(order[:train])
+            val.append(order[train:labels_per_class])
+            unlabelled.append(order[labels_per_class:])
     return Splits(
         labelled=np.sort(np.concatenate(labelled)),
         val=np.sort(np.concatenate(val)),

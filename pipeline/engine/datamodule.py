@@ -141,6 +141,7 @@ class ImageDataModule(L.LightningDataModule):
         train: Batches | None = None,
         train_batches: Callable[[np.random.Generator], list[np.ndarray]] | None = None,
         test: Batches | None = None,
+        val: Batches | None = None,
         predict: Batches | None = None,
         predict_batches: list[np.ndarray] | None = None,
         eval_batch_size: int = 1024,
@@ -158,6 +159,7 @@ class ImageDataModule(L.LightningDataModule):
         self.channels_last = channels_last
         self.train_set, self.train_batches = train, train_batches
         self.test_set, self.predict_set, self.eval_batch_size = test, predict, eval_batch_size
+        self.val_set = val
         self.predict_batches = predict_batches
         self.on_bad_image, self.num_bad = on_bad_image, 0
         self._step = 0
@@ -176,6 +178,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.train_set, EpochBatches(self.train_batches, self.seed))
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        # Like the test set: every val row on exactly one rank, none twice.
+        return self._loader(self.val_set, shard_batches(len(self.val_set), self.eval_batch_size))
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.test_set, shard_batches(len(self.test_set), self.eval_batch_size))

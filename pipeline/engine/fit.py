@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,13 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from pipeline.data.arrays import ImageSet
 from pipeline.engine.datamodule import Batches, ImageDataModule, resolve_workers
-from pipeline.engine.module import TEST_ACC, TEST_COUNT, LitClassifier
+from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
 from pipeline.engine.trainer import build_trainer
 from pipeline.errors import UserError
 from pipeline.runtime import dist
@@ -73,6 +76,32 @@ def training_batches(
     return make
 
 
+@dataclass
+class FitResult:
+    """What a training did: its optimizer steps, one record per epoch (epoch, train_loss,
+    val_accuracy, images_per_s) and which weights it kept: the last epoch's, or (selected_by
+    "val") those of the epoch with the best val accuracy."""
+
+    steps: int
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    selected_by: str = "last"
+    selected_epoch: int | None = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        rates = [e["images_per_s"] for e in self.epochs if e.get("images_per_s")]
+        return round(sum(rates) / len(rates), 1) if rates else None
+
+    def record(self) -> dict[str, Any]:
+        """The training's part of a round's metrics.json (and of its model.ckpt)."""
+        out: dict[str, Any] = {"selected_by": self.selected_by, "epochs": self.epochs}
+        if self.selected_epoch is not None:
+            out["selected_epoch"] = self.selected_epoch
+        if self.images_per_s is not None:
+            out["train_images_per_s"] = self.images_per_s
+        return out
+
+
 def fit(
     cfg: DictConfig,
     data_cfg: DictConfig,
@@ -86,16 +115,28 @@ def fit(
     augment: torch.nn.Module | None,
     lr_scale: float = 1.0,
     frozen: list[torch.nn.Module] | None = None,
-) -> int:
+    val: ImageSet | None = None,
+    select: str = "last",
+    loggers: list[Logger] | None = None,
+    log_prefix: str = "",
+) -> FitResult:
     """Train `net` on a TrainingSet (images given in TrainingSet row order), with `augment` as
-    the per-batch noise. Resumes from work_dir/checkpoints/last.ckpt when a killed run left one.
-    Returns the number of optimizer steps taken."""
+    the per-batch noise, evaluating `val` (if given) after every epoch. Resumes from
+    work_dir/checkpoints/last.ckpt when a killed run left one. `select="best_val"` leaves in
+    `net` the weights of the epoch with the best val accuracy (Lightning's ModelCheckpoint on
+    VAL_ACC; the first such epoch on ties), "last" those of the last epoch. Test accuracy is
+    never looked at here. Per-epoch metrics go to `loggers` named `log_prefix` + metric."""
     L.seed_everything(seed, workers=True, verbose=False)
     if epochs == 0:
-        return 0
+        return FitResult(0)
+    if select == "best_val" and val is None:
+        raise UserError(
+            "train.select=best_val needs a val split (data.val_per_class or data.val_dir)"
+        )
     data = batches(
         data_cfg, images, targets=train_set.target_rows, weight=torch.from_numpy(train_set.weight)
     )
+    val_data = batches(data_cfg, val, labels=val.labels) if val is not None else None
     dm = datamodule(
         cfg,
         data_cfg,
@@ -103,6 +144,7 @@ def fit(
         augment,
         train=data,
         train_batches=training_batches(train_set, cfg, epochs),
+        val=val_data,
     )
     module = LitClassifier(
         net,
@@ -116,31 +158,61 @@ def fit(
         frozen_modules=frozen,
         compile=cfg.trainer.get("compile", False),
         hparams=hparams,
+        log_prefix=log_prefix,
     )
     ckpt_dir = work_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
+    callbacks: list[L.Callback] = [CheckpointOnSignal(last)]  # "time is up": save, stop, requeue
+    best = None
+    if select == "best_val":
+        best = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor=VAL_ACC,
+            mode="max",  # a later epoch replaces the kept one only when strictly better
+            save_top_k=1,
+            save_weights_only=True,
+            enable_version_counter=False,
+            save_on_train_epoch_end=False,  # when VAL_ACC of the epoch is known
+        )
+        callbacks.append(best)
     trainer = build_trainer(
         cfg.trainer,
         max_epochs=epochs,
         ckpt_dir=ckpt_dir,
         ckpt_every_s=cfg.train.get("checkpoint_every_s"),
         progress=cfg.progress,
-        callbacks=[CheckpointOnSignal(last)],  # a cluster's "time is up": save, stop, requeue
+        callbacks=callbacks,
         root_dir=work_dir,
+        loggers=loggers,
+        validate=val is not None,
     )
     if last.exists():
         log.info("resuming training from %s", last)
     trainer.fit(
         module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True
     )
-    return int(trainer.global_step)
+    result = FitResult(int(trainer.global_step), [dict(e) for e in module.epochs])
+    if best is not None and best.best_model_path:
+        kept = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(kept["state_dict"])  # into `net`, which the module wraps
+        result.selected_by, result.selected_epoch = "val", int(kept["epoch"])
+        log.info(
+            "kept the weights of epoch %d (best val accuracy %.4f)",
+            result.selected_epoch,
+            float(best.best_model_score),
+        )
+    elif result.epochs:
+        result.selected_epoch = int(result.epochs[-1]["epoch"])
+    return result
 
 
 def evaluate(
-    cfg: DictConfig, data_cfg: DictConfig, net: torch.nn.Module, test: ImageSet
+    cfg: DictConfig, data_cfg: DictConfig, net: torch.nn.Module, test: ImageSet, split: str = "test"
 ) -> dict[str, float]:
-    """Test accuracy, each test sample counted exactly once (also under DDP); unreadable test
-    images (data.on_bad_image=skip) are counted apart."""
+    """Accuracy on a labelled set (the test set, or split="val"), each sample counted exactly
+    once (also under DDP); unreadable images (data.on_bad_image=skip) are counted apart. Keys:
+    `{split}_accuracy`, `num_{split}`."""
     assert test.labels is not None
     num_classes = int(data_cfg.num_classes)
     dm = datamodule(cfg, data_cfg, 0, None, test=batches(data_cfg, test, labels=test.labels))
@@ -150,8 +222,8 @@ def evaluate(
     count = int(round(out[TEST_COUNT]))
     bad = int(dist.all_reduce_sum(dm.num_bad))
     if count + bad != len(test):
-        raise RuntimeError(f"evaluation counted {count} test samples, expected {len(test)}")
-    metrics = {"test_accuracy": float(out[TEST_ACC]), "num_test": count}
+        raise RuntimeError(f"evaluation counted {count} {split} samples, expected {len(test)}")
+    metrics = {f"{split}_accuracy": float(out[TEST_ACC]), f"num_{split}": count}
     if bad:
-        metrics["num_bad_test_images"] = bad
+        metrics[f"num_bad_{split}_images"] = bad
     return metrics

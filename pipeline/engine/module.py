@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,10 +13,15 @@ from torch import nn
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-# Metric names, defined once for the module, the stages and the reports.
+# Metric names, defined once for the module, the stages, the loggers and the reports. Per-epoch
+# metrics reach the loggers prefixed with their step (`round_1/val/acc`, step = epoch).
 TRAIN_LOSS = "train/loss"
+IMAGES_PER_S = "train/images_per_s"
+VAL_ACC = "val/acc"  # what ModelCheckpoint monitors for train.select=best_val
+VAL_COUNT = "val/count"
 TEST_ACC = "test/acc"
 TEST_COUNT = "test/count"
+HISTORY = "pipeline_epochs"  # the per-epoch record in a checkpoint (plain containers)
 
 
 def soft_cross_entropy(
@@ -42,11 +48,13 @@ class LitClassifier(L.LightningModule):
         frozen_modules: list[nn.Module] | None = None,
         compile: bool = False,
         hparams: Mapping[str, Any] | None = None,
+        log_prefix: str = "",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        # Plain containers only: the checkpoint must load with weights_only=True.
-        self.save_hyperparameters(dict(hparams or {}))
+        # Plain containers only: the checkpoint must load with weights_only=True. Not sent to the
+        # loggers: the run logs its whole config once (engine/loggers.py), not once per round.
+        self.save_hyperparameters(dict(hparams or {}), logger=False)
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing, self.backbone_lr_scale = label_smoothing, backbone_lr_scale
@@ -55,8 +63,18 @@ class LitClassifier(L.LightningModule):
         object.__setattr__(self, "_forward_net", torch.compile(net) if compile else net)
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_count = SumMetric()  # each test sample must be counted exactly once
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_count = SumMetric()
+        self.log_prefix = log_prefix
         self._loss_sum: torch.Tensor | float = 0.0  # this epoch's training loss, for its log
         self._loss_steps = 0
+        self._images = 0  # this epoch's training images on this rank, and their time
+        self._epoch_start: float | None = None
+        self._last_batch_end: float | None = None
+        self._val_acc: float | None = None  # this epoch's val accuracy, once validated
+        # One entry per finished epoch: epoch, train_loss, val_accuracy, images_per_s. Kept in
+        # the checkpoints, so a resumed training still has the epochs before the kill.
+        self.epochs: list[dict[str, Any]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_net(x)
@@ -75,21 +93,67 @@ class LitClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.train()
+        self._epoch_start, self._images, self._val_acc = time.perf_counter(), 0, None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._epoch_start is None:  # resumed mid-epoch: on_train_epoch_start was skipped
+            self._epoch_start = time.perf_counter()
         logits = self(batch["image"])
         loss = soft_cross_entropy(logits, batch["target"], batch["weight"], self.label_smoothing)
         # The epoch's mean loss is logged once at its end: a per-step self.log costs more than a
         # small model's step is worth keeping it for.
         self._loss_sum = self._loss_sum + loss.detach()
         self._loss_steps += 1
+        self._images += len(batch["image"])
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._last_batch_end = time.perf_counter()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if len(batch["image"]):  # (a batch of unreadable images only is empty)
+            self.val_acc.update(self(batch["image"]), batch["label"])
+        self.val_count.update(torch.tensor(float(len(batch["image"])), device=self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() reduces over the ranks: each val row is on exactly one rank (shard_batches).
+        acc = self.val_acc.compute()
+        self.val_acc.reset()
+        self.val_count.reset()
+        self._val_acc = float(acc)
+        # (already the same on every rank; sync_dist only keeps Lightning from warning)
+        self.log(VAL_ACC, acc, on_epoch=True, prog_bar=True, logger=False, sync_dist=True)
+
     def on_train_epoch_end(self) -> None:
+        """The epoch's record: mean training loss, val accuracy (validation ran before this
+        hook), images per second; to the progress bar, the checkpoint and the loggers."""
+        strategy = self.trainer.strategy
+        record: dict[str, Any] = {"epoch": int(self.current_epoch)}
         if self._loss_steps:
-            mean = self._loss_sum / self._loss_steps
-            self.log(TRAIN_LOSS, mean, on_epoch=True, prog_bar=True, sync_dist=True)
-        self._loss_sum, self._loss_steps = 0.0, 0
+            mean = strategy.reduce(self._loss_sum / self._loss_steps, reduce_op="mean")
+            self.log(TRAIN_LOSS, mean, on_epoch=True, prog_bar=True, logger=False, sync_dist=True)
+            record["train_loss"] = float(mean)
+        if self._val_acc is not None:
+            record["val_accuracy"] = self._val_acc
+        if self._epoch_start is not None and self._last_batch_end is not None:
+            images = strategy.reduce(
+                torch.tensor(float(self._images), device=self.device), reduce_op="sum"
+            )
+            seconds = max(self._last_batch_end - self._epoch_start, 1e-9)
+            record["images_per_s"] = round(float(images) / seconds, 1)
+        self.epochs.append(record)
+        self._loss_sum, self._loss_steps, self._epoch_start = 0.0, 0, None
+        names = {"train_loss": TRAIN_LOSS, "val_accuracy": VAL_ACC, "images_per_s": IMAGES_PER_S}
+        metrics = {f"{self.log_prefix}{names[k]}": v for k, v in record.items() if k in names}
+        for logger in self.loggers:  # (none on ranks other than 0)
+            logger.log_metrics(metrics, step=record["epoch"])
+            logger.save()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[HISTORY] = [dict(e) for e in self.epochs]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.epochs = [dict(e) for e in checkpoint.get(HISTORY, [])]
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if len(batch["image"]):  # (a batch of unreadable images only is empty)

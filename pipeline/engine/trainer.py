@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import Logger
 
 from pipeline.config.checks import PIPELINE_TRAINER_KEYS, check_trainer_keys
 from pipeline.runtime.io import atomic_path
@@ -49,10 +50,14 @@ def build_trainer(
     callbacks: list[L.Callback] | None = None,
     root_dir: Path | None = None,
     ckpt_every_s: float | None = None,
+    loggers: list[Logger] | None = None,
+    validate: bool = False,
 ) -> L.Trainer:
     """The Lightning Trainer from the `trainer` config node: every Trainer argument in it is
     passed through (`+trainer.gradient_clip_val=1.0` reaches the Trainer); samplers, checkpoints
-    and callbacks are the pipeline's own (rank-aware), so Lightning's are off."""
+    and callbacks are the pipeline's own (rank-aware), so Lightning's are off. `loggers`: the
+    run's Lightning loggers (engine/loggers.py); `validate`: run the validation loop every
+    epoch (the data module serves a val set)."""
     callbacks = list(callbacks or [])
     if ckpt_dir is not None:
         # Only last.ckpt, what a killed run resumes from: every `ckpt_every_s` seconds of
@@ -68,6 +73,9 @@ def build_trainer(
                 filename="last",
                 save_top_k=1,
                 enable_version_counter=False,
+                # After the epoch's record (LitClassifier.on_train_epoch_end), also when a
+                # validation loop runs: a resumed training keeps every finished epoch's record.
+                save_on_train_epoch_end=True,
                 **every,
             )
         )
@@ -83,8 +91,10 @@ def build_trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *settings["plugins"]],
-        logger=False,
-        enable_checkpointing=ckpt_dir is not None,
+        logger=list(loggers) if loggers else False,
+        limit_val_batches=1.0 if validate else 0,
+        enable_checkpointing=ckpt_dir is not None
+        or any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=progress,
         use_distributed_sampler=False,
         default_root_dir=str(root_dir) if root_dir else os.getcwd(),

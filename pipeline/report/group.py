@@ -29,13 +29,20 @@ METRIC_COLUMNS = (
     "num_unlabelled",
     "teacher_test_accuracy",
     "final_test_accuracy",
+    "final_val_accuracy",
+    "selected_by",
     "rounds",
     "final_num_pseudo",
     "final_pseudo_accuracy",
     "wall_time_s",
 )
 INT_COLUMNS = ("num_labelled", "num_unlabelled", "rounds", "final_num_pseudo")
-FLOAT_COLUMNS = ("teacher_test_accuracy", "final_test_accuracy", "final_pseudo_accuracy")
+FLOAT_COLUMNS = (
+    "teacher_test_accuracy",
+    "final_test_accuracy",
+    "final_val_accuracy",
+    "final_pseudo_accuracy",
+)
 
 
 def _first(*values: Any) -> Any:
@@ -60,6 +67,9 @@ def job_metrics(job: Job) -> dict[str, Any]:
         "num_unlabelled": _first(summary.get("num_unlabelled"), first.get("num_unlabelled")),
         "teacher_test_accuracy": first.get("test_accuracy"),
         "final_test_accuracy": final,
+        "final_val_accuracy": _first(summary.get("val_accuracy"), last.get("val_accuracy")),
+        # Which split chose each round's weights: "val" (train.select=best_val) or "last".
+        "selected_by": _first(summary.get("selected_by"), last.get("selected_by")),
         "rounds": last_round,
         "final_num_pseudo": last.get("num_pseudo"),
         "final_pseudo_accuracy": last.get("pseudo_accuracy"),
@@ -144,9 +154,13 @@ def group_stats(results: pd.DataFrame, groups: Groups) -> pd.DataFrame:
         final_mean=("final_test_accuracy", "mean"),
         final_std=("final_test_accuracy", "std"),
         n=("final_test_accuracy", "count"),
+        val_mean=("final_val_accuracy", "mean"),
+        val_std=("final_val_accuracy", "std"),
+        val_n=("final_val_accuracy", "count"),
     )
     stats = stats.reindex(range(len(groups.values)))
-    stats[["teacher_n", "n"]] = stats[["teacher_n", "n"]].fillna(0).astype(int)
+    counts = ["teacher_n", "n", "val_n"]
+    stats[counts] = stats[counts].fillna(0).astype(int)
     stats["label"] = groups.labels
     return stats
 

@@ -58,9 +58,48 @@ def render_main_table(stats: pd.DataFrame, groups: Groups, commands: Sequence[st
     table["final acc (%)"] = [
         format_pct(s.final_mean, s.final_std, s.n) for s in stats.itertuples()
     ]
+    right = ["teacher acc (%)", "final acc (%)", "n"]
+    if stats["val_n"].sum() > 0:  # jobs with a val split: its final accuracy beside the test's
+        table["final val acc (%)"] = [
+            format_pct(s.val_mean, s.val_std, s.val_n) for s in stats.itertuples()
+        ]
+        right.append("final val acc (%)")
     table["n"] = stats["n"].astype(str)
     table["command"] = [f"`{c}`" for c in commands]
-    return to_markdown(table, right=["teacher acc (%)", "final acc (%)", "n"])
+    return to_markdown(table, right=right)
+
+
+def render_selection(jobs: Sequence[Job]) -> str | None:
+    """Which split chose the kept weights and what a sweeper tuned on, from the jobs' configs
+    and summaries; None for a sweep older than val splits."""
+    done = [j for j in jobs if j.ok and j.summary]
+    chosen = {str(j.summary.get("selected_by")) for j in done if j.summary.get("selected_by")}
+    if not chosen:
+        return None
+    parts = []
+    if chosen == {"last"}:
+        parts.append(
+            "each round kept its last epoch (`train.select=last`); test accuracy chose nothing"
+        )
+    elif chosen == {"val"}:
+        parts.append(
+            "each round kept the epoch with the best val accuracy (`train.select=best_val`); "
+            "test accuracy chose nothing"
+        )
+    else:
+        parts.append(
+            "by group: the last epoch or the best val epoch (`train.select`); test accuracy chose nothing"
+        )
+    sources = {str(j.summary.get("val_source")) for j in done if j.summary.get("val_source")}
+    if sources:
+        parts.append(f"val split from {', '.join(f'`data.{s}`' for s in sorted(sources))}")
+    objectives = {j.config.get("objective") for j in done} - {None}
+    if "test_accuracy" in objectives:
+        parts.append(
+            "**jobs returned test accuracy as their objective (`objective=test_accuracy`): if a "
+            "sweeper tuned on it, the test accuracies here are optimistic**"
+        )
+    return "; ".join(parts)
 
 
 def render_budget_pivot(frame: pd.DataFrame) -> str:
@@ -144,6 +183,9 @@ def render_header(parts: ReportParts) -> list[str]:
         )
     if datasets:
         lines.append(f"- Dataset: {', '.join(datasets)}")
+    selection = render_selection(parts.jobs)
+    if selection:
+        lines.append(f"- Model selection: {selection}")
     shown = {a: p for a, p in parts.aliases.items() if p != REPLICATE_KEY}
     if shown:
         tied = ", ".join(f"`{a}` (with `{p}`)" for a, p in shown.items())
@@ -154,7 +196,12 @@ def render_header(parts: ReportParts) -> list[str]:
 def render_report(parts: ReportParts) -> str:
     """The full report.md text."""
     lines = ["# Self-training sweep report", "", *render_header(parts)]
-    lines += ["", "Accuracies are test accuracy in %; n = finished jobs (seeds) in the group.", ""]
+    lines += [
+        "",
+        "Accuracies are test accuracy in % (val accuracy where its column says so); n = finished "
+        "jobs (seeds) in the group.",
+        "",
+    ]
     lines += ["## Results per group", "", parts.main_table, ""]
     if parts.pivot_table is not None:
         lines += [

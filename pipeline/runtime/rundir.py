@@ -44,6 +44,10 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
         self.phases: dict[str, float] = defaultdict(float)  # where this job's time went
+        # What watches the run (its loggers, engine/loggers.py; set on rank 0 by the entry
+        # point): `.lightning` the Lightning loggers, `.prefix(step_path)` its metrics' prefix,
+        # `.step_finished(step_path, metrics)` told of every finished step.
+        self.tracker: Any = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -222,8 +226,11 @@ class Step:
         return io.read_json(self.path / DONE)
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Write metrics.json (the step is then finished) and remove the resume state."""
+        """Write metrics.json (the step is then finished), tell the run's loggers, and remove the
+        resume state."""
         self.run.write_json(self.path / DONE, metrics)
+        if self.run.tracker is not None and dist.is_rank_zero():
+            self.run.tracker.step_finished(self.path, metrics)
         self.clean()
         return metrics
 

@@ -62,8 +62,19 @@ def summary(
     start: float,
     **extra: Any,
 ) -> dict[str, Any]:
-    """summary.json: the run's result in the design contract's shape."""
-    keep = ("round", "test_accuracy", "num_pseudo", "pseudo_accuracy", "per_class_coverage")
+    """summary.json: the run's result in the design contract's shape. `val_accuracy` is the
+    final round's accuracy on the val split (None without one): what a sweep's objective
+    reads; `selected_by` says which split chose each round's weights ("val" or "last": never
+    the test split)."""
+    keep = (
+        "round",
+        "test_accuracy",
+        "val_accuracy",
+        "selected_by",
+        "num_pseudo",
+        "pseudo_accuracy",
+        "per_class_coverage",
+    )
     return {
         "stage": stage,
         "dataset": str(cfg.data.name),
@@ -75,6 +86,10 @@ def summary(
         "rounds": [{k: r.get(k) for k in keep if k in r} for r in rounds],
         "final_test_accuracy": rounds[-1]["test_accuracy"],
         "teacher_test_accuracy": rounds[0]["test_accuracy"],
+        "val_accuracy": rounds[-1].get("val_accuracy"),
+        "num_val": len(task.val) if task.val is not None else 0,
+        "val_source": task.val_source,
+        "selected_by": rounds[-1].get("selected_by", "last"),
         "wall_time_s": round(time.time() - start, 2),
         "phase_seconds": {k: round(v, 2) for k, v in run.phases.items()},
         **extra,

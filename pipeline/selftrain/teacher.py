@@ -26,9 +26,13 @@ from pipeline.models.checkpoint import (
     load_net,
     model_checkpoint,
 )
+from pipeline.runtime.io import load_checkpoint
 from pipeline.runtime.rundir import Step
 from pipeline.selftrain import noise
 from pipeline.selftrain.merge import TrainingSet, merge_labelled_and_pseudo
+
+# What a training records about itself (FitResult.record) in model.ckpt and metrics.json.
+TRAINING_RECORD = ("selected_by", "selected_epoch", "epochs", "train_images_per_s")
 
 
 def train_teacher(
@@ -52,15 +56,24 @@ def train_model(
     record: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train a fresh network on `train_set` of `data_cfg` (default: cfg.data) for `epochs`
-    (default: train.epochs), time counted as `phase`; save it as the step's model.ckpt (with
-    `record` in its "pipeline" entry) and evaluate it on the task's test set."""
+    (default: train.epochs), time counted as `phase`, evaluating the task's val set after every
+    epoch; keep the weights train.select picks (the last epoch's, or the best on val: never
+    chosen by test accuracy); save them as the step's model.ckpt (with `record` and the
+    training's per-epoch record in its "pipeline" entry) and evaluate them on the val and test
+    sets."""
     run = step.run
     data_cfg = cfg.data if data_cfg is None else data_cfg
     model_path = step / "model.ckpt"
     hparams = hparams_for(cfg, data_cfg, task.num_classes, task.bundle.classes)
+    # A pretraining source without a val split keeps its last epoch (checks.py refuses
+    # best_val without a val split on the data a stage trains on).
+    select = str(cfg.train.get("select", "last")) if task.val is not None else "last"
+    tracker = run.tracker
     steps = None
     if run.exists(model_path):  # trained before a kill: evaluate it
         net = load_net(cfg, model_path, task.num_classes)
+        trained = {k: v for k, v in (load_checkpoint(model_path).get("pipeline") or {}).items()
+                   if k in TRAINING_RECORD}  # fmt: skip
     else:
         torch.manual_seed(seed)  # the init depends on the seed only, also when a run resumes
         net = build_net(cfg, task.num_classes)
@@ -73,12 +86,21 @@ def train_model(
             images = training_images(task, train_set)
             augment = noise.from_config(data_augment(data_cfg))
             epochs = cfg.train.epochs if epochs is None else epochs
-            steps = fit(cfg, data_cfg, net, images, train_set, step.path, seed, epochs,
-                        hparams, augment, lr_scale, frozen)  # fmt: skip
-            checkpoint = model_checkpoint(net, hparams, record or {"seed": seed})
+            result = fit(
+                cfg, data_cfg, net, images, train_set, step.path, seed, epochs, hparams, augment,
+                lr_scale, frozen, val=task.val, select=select,
+                loggers=tracker.lightning if tracker is not None else None,
+                log_prefix=tracker.prefix(step.path) if tracker is not None else "",
+            )  # fmt: skip
+            steps, trained = result.steps, result.record()
+            checkpoint = model_checkpoint(net, hparams, {**(record or {"seed": seed}), **trained})
             run.save_checkpoint(model_path, checkpoint)
     with run.timed("evaluation"):
         metrics = evaluate(cfg, data_cfg, net, task.test)
+        if task.val is not None:
+            metrics.update(evaluate(cfg, data_cfg, net, task.val, split="val"))
+            metrics["val_source"] = task.val_source
+    metrics.update(trained)
     if steps is not None:
         metrics["train_steps"] = steps
     return net, metrics
