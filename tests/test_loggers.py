@@ -85,6 +85,7 @@ def per_round(points: list[tuple[int, float]]) -> dict[int, float]:
     return dict(points)
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_csv_has_each_epoch_of_each_round_and_each_round(logged):
     csv, rounds = logged["first"]["csv"], logged["rounds"]
     for k in (0, 1):
@@ -109,6 +110,7 @@ def test_csv_has_each_epoch_of_each_round_and_each_round(logged):
     assert "pseudo_label.threshold: 0.5" in params and "trainer.devices" not in params
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_tensorboard_event_files_read_back(logged):
     tb, rounds = logged["first"]["tb"], logged["rounds"]
     assert [s for s, _ in tb["round_1/train/loss"]] == list(range(EPOCHS))
@@ -123,6 +125,7 @@ def test_tensorboard_event_files_read_back(logged):
     assert tb["hparams/final_test_accuracy"][0][1] == pytest.approx(rounds[1]["test_accuracy"])
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_mlflow_store_reads_back_with_mlflow_client(logged):
     state, rounds = logged["first"]["mlflow"], logged["rounds"]
     run = state["run"]
@@ -138,6 +141,7 @@ def test_mlflow_store_reads_back_with_mlflow_client(logged):
     assert kept["run_id"] == run.info.run_id
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_a_resumed_run_appends_to_the_same_logger_run(logged):
     first, resumed = logged["first"], logged["resumed"]
     # CSV: round 0's rows are still there, round 1's epochs are there twice (both attempts)

@@ -40,6 +40,8 @@ ARGS = [
     "train.checkpoint_every_s=null",  # last.ckpt every epoch
 ]
 FINISHED_LAYOUT = {
+    ".hydra",
+    ".hydra/overrides.yaml",
     "config.yaml",
     "splits.npz",
     "summary.json",

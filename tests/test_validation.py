@@ -47,6 +47,7 @@ def trained(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_val_is_evaluated_every_epoch_and_kept_apart(trained):
     metrics, summary, run_dir = trained["best_val"]
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(6))
@@ -58,6 +59,7 @@ def test_val_is_evaluated_every_epoch_and_kept_apart(trained):
         check_disjoint(labelled=z["labelled"], val=z["val"], unlabelled=z["unlabelled"])
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_best_val_keeps_the_epoch_with_the_best_val_accuracy(trained):
     metrics, summary, _ = trained["best_val"]
     accs = [e["val_accuracy"] for e in metrics["epochs"]]
@@ -69,6 +71,7 @@ def test_best_val_keeps_the_epoch_with_the_best_val_accuracy(trained):
     assert summary["selected_by"] == "val" and summary["rounds"][0]["selected_by"] == "val"
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_last_keeps_the_last_epoch_and_training_is_the_same(trained):
     best_metrics, _, _ = trained["best_val"]
     metrics, summary, _ = trained["last"]
@@ -82,6 +85,7 @@ def test_last_keeps_the_last_epoch_and_training_is_the_same(trained):
         assert best_metrics["val_accuracy"] > metrics["val_accuracy"]
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_val_dir_is_the_val_set(tmp_path):
     from test_stages import folder_args, write_tree
 
