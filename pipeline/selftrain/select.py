@@ -122,7 +122,9 @@ def select_from_shards(
 
     kept: list[dict[str, np.ndarray]] = []
     counts = np.zeros(20, np.int64)
-    ece, calibrated, bad = BinaryCalibrationError(n_bins=15), False, 0
+    # Rank 0 alone runs this under DDP: the metric must not try to sync across ranks.
+    ece = BinaryCalibrationError(n_bins=15, sync_on_compute=False)
+    calibrated, bad = False, 0
     for shard, file in enumerate(files):
         z = read_npz(file)
         expected = plan.rows(shard)
