@@ -70,8 +70,8 @@ def pause():
     Path(os.environ["PAUSE_MARKER"]).write_text(at)
     time.sleep(3600)
 
-if at == "labelling":  # the teacher's predictions are written, not yet merged and selected
-    from pipeline.engine.predict import IndexedPredictionWriter as W
+if at == "labelling":  # every shard of the teacher's predictions is written, none selected yet
+    from pipeline.engine.predict import ShardWriter as W
     real_end = W.on_predict_epoch_end
     def on_predict_epoch_end(self, trainer, module):
         real_end(self, trainer, module)
