@@ -80,27 +80,28 @@ def run_resolved(
     from pipeline.runtime import dist, launch, preemption
     from pipeline.runtime.rundir import RunDir
 
+    preemption.install(cfg.get("max_requeues"))  # first: from here a signal stops cleanly
     setup_logging(rank_zero=dist.rank() == 0)
     run = RunDir(cfg.run_dir)
     before = None if started_ranks else run.entries_before()
     try:
-        external = started_ranks or launch.externally_launched()
-        if not external:
-            run.check_config(cfg, preemption.requeued_job())
-            n = launch.ranks_to_start(cfg.trainer)
-            if n:
-                log.info("starting %d DDP ranks for this job (one process group per job)", n)
-                run.begin(cfg, overrides)
-                code = launch.start_ranks(cfg, n)
-                if code == 2:
-                    run.undo_new(before)
-                return code
-        dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
-        if external and not started_ranks:
-            run.check_config_on_every_rank(cfg, preemption.requeued_job())
-        preemption.install()
-        run.begin(cfg, overrides)
-        return run_stage(cfg, run)
+        with preemption.stage():
+            external = started_ranks or launch.externally_launched()
+            if not external:
+                run.check_config(cfg, preemption.requeued_job())
+                n = launch.ranks_to_start(cfg.trainer)
+                if n:
+                    log.info("starting %d DDP ranks for this job (one process group per job)", n)
+                    run.begin(cfg, overrides)
+                    code = launch.start_ranks(cfg, n)
+                    if code == 2:
+                        run.undo_new(before)
+                    return code
+            dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
+            if external and not started_ranks:
+                run.check_config_on_every_rank(cfg, preemption.requeued_job())
+            run.begin(cfg, overrides)
+            return run_stage(cfg, run)
     except UserError as e:
         if dist.is_rank_zero():
             run.undo_new(before)
@@ -108,6 +109,12 @@ def run_resolved(
         return 2
     except preemption.Preempted as e:
         return preemption.stopped(e.signum, started_ranks, dist.is_rank_zero())
+
+
+def stopped_by_signal() -> bool:
+    """Whether a job of this process was stopped by a signal (runtime/preemption.py)."""
+    preemption = sys.modules.get("pipeline.runtime.preemption")
+    return bool(preemption and preemption.stopped_by())
 
 
 def run_stage(cfg: DictConfig, run: RunDir) -> int:
@@ -120,11 +127,13 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
         log.info("%s is complete; nothing to redo", run.path)
         run.on_rank_zero(lambda: print_summary(read_json(done), run.path))
         return 0
-    threads = cfg.trainer.get("num_threads")
+    from pipeline.runtime.launch import torch_threads
+
+    threads = torch_threads(cfg.trainer)  # trainer.num_threads, or SLURM's CPUs per task
     if threads:
         import torch
 
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
     result = recipe(cfg.stage)(cfg, run)
     run.write_json(done, result)  # written last: the run is finished
     run.on_rank_zero(lambda: print_summary(result, run.path))
@@ -146,6 +155,11 @@ def hydra_job(cfg: DictConfig) -> int:
         traceback.print_exc()
         code = 1
     _exit_codes.append(code)
+    if code and stopped_by_signal():
+        # Stopped by its cluster (or a kill): no further job of a sweep starts, and a submitit
+        # job leaves no result, so that its sweep waits for SLURM's verdict (requeued and run
+        # again, or cancelled).
+        sys.exit(code)
     if code and os.environ.get("SUBMITIT_EXECUTOR"):
         # A submitit job (hydra/launcher=submitit_*, slurm): the sweep runs in another process
         # that only sees a job fail when it raises.

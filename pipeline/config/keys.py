@@ -19,6 +19,7 @@ RESULT_NEUTRAL = (
     "run_dir",
     "overwrite",
     "progress",
+    "max_requeues",
     "out",
     "report",
     "hydra",

@@ -77,6 +77,7 @@ class PipelineConfig:
     pseudo_in: str | None = None
     overwrite: bool = False
     progress: bool = True
+    max_requeues: int = 20
     data: Any = MISSING
     pretrain_data: Any = MISSING
     model: Any = MISSING

@@ -13,8 +13,10 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from pipeline.config.checks import PIPELINE_TRAINER_KEYS, check_trainer_keys
+from pipeline.runtime import preemption
 from pipeline.runtime.io import atomic_path
 from pipeline.runtime.launch import lightning_settings
 
@@ -35,6 +37,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+class _NoSignalHandlers(_SignalConnector):
+    """Lightning's signal handling, switched off: the pipeline's (runtime/preemption.py) saves
+    and stops on USR1, USR2 and TERM. Lightning's own would end training on TERM at the next
+    step without saving, with exit code 0 (a preempted job would look finished), broadcasting
+    from inside the signal handler."""
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False
+
+    def teardown(self) -> None:
+        pass
+
+
+class Trainer(L.Trainer):
+    """The Lightning Trainer, with the pipeline's signal handling: while fit, test or predict
+    runs a signal is recorded and acted upon at the next batch (runtime/preemption.py)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._signal_connector = _NoSignalHandlers(self)
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().fit(*args, **kwargs)
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().test(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().predict(*args, **kwargs)
+
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().validate(*args, **kwargs)
+
+
 def trainer_arguments(trainer_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The `trainer` node as Lightning Trainer arguments (checked in config/checks.py)."""
     check_trainer_keys(trainer_cfg)
@@ -52,8 +92,10 @@ def build_trainer(
 ) -> L.Trainer:
     """The Lightning Trainer from the `trainer` config node: every Trainer argument in it is
     passed through (`+trainer.gradient_clip_val=1.0` reaches the Trainer); samplers, checkpoints
-    and callbacks are the pipeline's own (rank-aware), so Lightning's are off."""
-    callbacks = list(callbacks or [])
+    and callbacks are the pipeline's own (rank-aware), so Lightning's are off; so is its signal
+    handling."""
+    # A signal stops evaluation and labelling at the next batch (training: CheckpointOnSignal).
+    callbacks = [*(callbacks or []), preemption.StopOnSignal()]
     if ckpt_dir is not None:
         # Only last.ckpt, what a killed run resumes from: every `ckpt_every_s` seconds of
         # training, or every epoch (None). Saving costs a small model's tiny epochs a few
@@ -89,4 +131,4 @@ def build_trainer(
         use_distributed_sampler=False,
         default_root_dir=str(root_dir) if root_dir else os.getcwd(),
     )
-    return L.Trainer(**args)
+    return Trainer(**args)
