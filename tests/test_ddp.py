@@ -284,9 +284,15 @@ def test_slurm_launcher_config_follows_the_trainer():
     config.register()
     overrides = ["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=[*overrides, "trainer.accelerator=gpu"], return_hydra_config=True
+        )
+        cpu = compose(
+            "config", overrides=[*overrides, "trainer.accelerator=cpu"], return_hydra_config=True
+        )
+    assert cpu.hydra.launcher.gpus_per_node is None  # a CPU partition refuses any GPU request
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.pipeline_launchers.slurm.SlurmLauncher"
     keys = ("tasks_per_node", "gpus_per_node", "nodes", "signal_delay_s")
     assert {k: launcher[k] for k in keys} == {
         "tasks_per_node": 4,

@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline.config.keys import run_name
+from pipeline.config.keys import dir_name, run_name
 
 FINETUNE_MODES = ("full", "linear", "last_layers")
 
@@ -94,10 +94,24 @@ class PipelineConfig:
 
 
 def register() -> None:
-    """Register the schema and the `run_name` resolver (before Hydra composes anything)."""
+    """Register the schema and the resolvers the configs use (before Hydra composes anything):
+    `run_name` (a single run's dir), `job_dir_name` (a sweep job's dir, conf/config.yaml) and
+    `slurm_gpus_per_node` (conf/hydra/launcher/slurm.yaml)."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
-    if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
+    resolvers = {
+        "run_name": run_name,
+        "job_dir_name": dir_name,
+        "slurm_gpus_per_node": _slurm_gpus_per_node,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def _slurm_gpus_per_node(accelerator: Any, devices: Any, partition: Any = None) -> int | None:
+    from pipeline.runtime.slurm import gpus_per_node
+
+    return gpus_per_node(accelerator, devices, partition)
 
 
 # The typed sections: a key added to one of them with `+key=value` is a typo, not a setting.
