@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import config
+from pipeline.config import keys as config_keys
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -194,6 +195,48 @@ class SweepStarted(Callback):
         global _sweep_started
         _sweep_started = True
         _release_stderr()
+        shared = shared_job_dir(config)
+        if shared:
+            print(f"error: {shared}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, as Hydra's basic sweeper expands the command line (None: another
+    sweeper, which the pipeline does not expand)."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
+    if not sweeper.endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(args)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def shared_job_dir(config: DictConfig) -> str | None:
+    """Why two jobs of the sweep would share one job dir (None: they would not). Job dirs are
+    named by each job's result overrides (conf/config.yaml hydra.sweep.subdir), so jobs that
+    differ only in result-neutral settings are one experiment: run side by side (a SLURM sweep)
+    they would write one run dir at once."""
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
+    if "job_dir_name" not in str(subdir):
+        return None  # a subdir of the user's own
+    jobs = sweep_jobs(config)
+    seen: dict[str, list[str]] = {}
+    for job in jobs or []:
+        name = config_keys.dir_name(job)
+        if name in seen:
+            differ = ", ".join(sorted(set(seen[name]) ^ set(job)))
+            return (
+                f"two jobs of this sweep would share the job dir {name}: they differ only in "
+                f"settings that cannot change a run's result ({differ}); sweep settings that "
+                "change it, or run each in its own sweep dir (hydra.sweep.dir=)"
+            )
+        seen[name] = job
+    return None
 
 
 class _HydraHintFilter:
