@@ -122,7 +122,10 @@ def select_from_shards(
 
     kept: list[dict[str, np.ndarray]] = []
     counts = np.zeros(20, np.int64)
-    ece, calibrated, bad = BinaryCalibrationError(n_bins=15), False, 0
+    # Called on one rank (rank 0 selects for all): no sync with the process group, which
+    # the other ranks are not calling (they would wait for rank 0 forever).
+    ece = BinaryCalibrationError(n_bins=15, sync_on_compute=False)
+    calibrated, bad = False, 0
     for shard, file in enumerate(files):
         z = read_npz(file)
         expected = plan.rows(shard)
