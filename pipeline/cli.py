@@ -300,6 +300,13 @@ def hydra_error_line(text: str) -> str:
 
 def main() -> None:
     global _stderr_filter
+    if os.environ.get("SLURM_JOB_ID") and not os.environ.get("SUBMITIT_EXECUTOR"):
+        # A SLURM task (sbatch + srun): a signal during start-up (imports, composing the
+        # config) is kept, and stops the stage as it begins (a time-limit USR2 would otherwise
+        # kill the process unsaved and unrequeued). submitit jobs: the launcher installs them.
+        from pipeline.runtime import preemption
+
+        preemption.install()
     stderr = sys.stderr
     sys.stderr = _stderr_filter = _HydraHintFilter(stderr)
     try:

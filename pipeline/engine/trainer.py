@@ -1,9 +1,11 @@
 """The Lightning Trainer as the pipeline builds it, from the `trainer` config node, with the
-pipeline's atomic checkpoint writer."""
+pipeline's atomic checkpoint writer and its handling of signals (runtime/preemption.py):
+recorded while Lightning runs, acted upon at the next batch (training saves last.ckpt first)."""
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +22,8 @@ from pipeline.runtime import preemption
 from pipeline.runtime.io import atomic_path
 from pipeline.runtime.launch import lightning_settings
 
+log = logging.getLogger("pipeline")
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, but through a temporary file and a rename: a kill while
@@ -35,6 +39,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+# --- signals (runtime/preemption.py): acted upon at the next batch ----------------------------
+
+
+def _agreed_signal(trainer: L.Trainer) -> int:
+    """The signal any rank received (0: none). Ranks may get it a step apart, so they agree
+    on it every step: one one-element all-reduce."""
+    mine = preemption.pending()
+    if trainer.world_size <= 1:
+        return mine
+    flag = torch.tensor([mine], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+class CheckpointOnSignal(L.Callback):
+    """During fit: once any rank got a signal, all ranks save `path` at the next step and stop;
+    one that came during the last step is saved when training ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        signum = _agreed_signal(trainer)
+        if signum:
+            self._save(trainer)
+            raise preemption.Preempted(signum)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _agreed_signal(trainer):
+            self._save(trainer)  # the Trainer raises once fit returns
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)  # collective: rank 0 writes, all meet at a barrier
+        if trainer.is_global_zero:
+            log.warning("saved %s at step %d", self.path, trainer.global_step)
+
+
+class StopOnSignal(L.Callback):
+    """Evaluation and labelling passes stop at the next batch after a signal (the shards
+    labelled so far are kept: each was written when it was done)."""
+
+    def _check(self, *args: Any) -> None:
+        signum = preemption.pending()
+        if signum and preemption.stage_running():
+            raise preemption.Preempted(signum)
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end = _check
 
 
 class _NoSignalHandlers(_SignalConnector):
@@ -95,7 +148,7 @@ def build_trainer(
     and callbacks are the pipeline's own (rank-aware), so Lightning's are off; so is its signal
     handling."""
     # A signal stops evaluation and labelling at the next batch (training: CheckpointOnSignal).
-    callbacks = [*(callbacks or []), preemption.StopOnSignal()]
+    callbacks = [*(callbacks or []), StopOnSignal()]
     if ckpt_dir is not None:
         # Only last.ckpt, what a killed run resumes from: every `ckpt_every_s` seconds of
         # training, or every epoch (None). Saving costs a small model's tiny epochs a few

@@ -18,7 +18,8 @@ Whatever the signal, the stage stops cleanly wherever it is:
   half-written is left;
 - outside a stage (the job finished, or has not begun) the signal is kept: a sweep running in
   this process stops before its next job.
-Lightning's own signal handling is switched off (engine/trainer.py): its SIGTERM handler ends
+The Lightning side (engine/trainer.py) records signals during fit / test / predict, saves and
+stops at the next batch; Lightning's own signal handling is switched off: its SIGTERM handler ends
 training at the next step without saving, with exit code 0; its SLURM auto-requeue (USR1,
 hpc_ckpt files) would fight ours. DataLoader worker processes ignore the signals (the main
 process stops them).
@@ -35,11 +36,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import lightning as L
-import torch
 
 log = logging.getLogger("pipeline")
 
@@ -132,6 +129,10 @@ def stage() -> Iterator[None]:
         _armed = False
 
 
+def stage_running() -> bool:
+    return _armed
+
+
 @contextlib.contextmanager
 def lightning_running() -> Iterator[None]:
     """Around trainer.fit / test / predict: signals are recorded, not raised (an exception
@@ -146,52 +147,6 @@ def lightning_running() -> Iterator[None]:
         _deferring -= 1
     if _armed and not _deferring:
         raise_if_pending()
-
-
-def _agreed_signal(trainer: L.Trainer) -> int:
-    """The signal any rank received (0: none). Ranks may get it a step apart, so they agree
-    on it every step: one one-element all-reduce."""
-    mine = pending()
-    if trainer.world_size <= 1:
-        return mine
-    flag = torch.tensor([mine], device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
-
-
-class CheckpointOnSignal(L.Callback):
-    """During fit: once any rank got a signal, all ranks save `path` at the next step and stop;
-    one that came during the last step is saved when training ends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        signum = _agreed_signal(trainer)
-        if signum:
-            self._save(trainer)
-            raise Preempted(signum)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if _agreed_signal(trainer):
-            self._save(trainer)  # lightning_running raises once fit returns
-
-    def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)  # collective: rank 0 writes, all meet at a barrier
-        if trainer.is_global_zero:
-            log.warning("saved %s at step %d", self.path, trainer.global_step)
-
-
-class StopOnSignal(L.Callback):
-    """Evaluation and labelling passes stop at the next batch after a signal (the shards
-    labelled so far are kept: each was written when it was done)."""
-
-    def _check(self, *args: Any) -> None:
-        signum = pending()
-        if signum and _armed:
-            raise Preempted(signum)
-
-    on_test_batch_end = on_predict_batch_end = on_validation_batch_end = _check
 
 
 # --- what happens after the stop ---------------------------------------------------------------
