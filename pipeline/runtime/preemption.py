@@ -103,7 +103,7 @@ def _on_signal(signum: int, _frame: Any) -> None:
             "%s got %s: stopping at the next batch (training saves last.ckpt)", _who(), name
         )
     else:
-        log.warning("%s got %s outside a stage: no further job starts", _who(), name)
+        log.warning("%s got %s outside a stage: stopping before the next one", _who(), name)
 
 
 def pending() -> int:
