@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import config
+from pipeline.config import keys as config_keys
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -87,27 +88,28 @@ def run_resolved(
     from pipeline.runtime import dist, launch, preemption
     from pipeline.runtime.rundir import RunDir
 
+    preemption.install(cfg.get("max_requeues"))  # first: from here a signal stops cleanly
     setup_logging(rank_zero=dist.rank() == 0)
     run = RunDir(cfg.run_dir)
     before = None if started_ranks else run.entries_before()
     try:
-        external = started_ranks or launch.externally_launched()
-        if not external:
-            run.check_config(cfg, preemption.requeued_job())
-            n = launch.ranks_to_start(cfg.trainer)
-            if n:
-                log.info("starting %d DDP ranks for this job (one process group per job)", n)
-                run.begin(cfg, overrides)
-                code = launch.start_ranks(cfg, n)
-                if code == 2:
-                    run.undo_new(before)
-                return code
-        dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
-        if external and not started_ranks:
-            run.check_config_on_every_rank(cfg, preemption.requeued_job())
-        preemption.install()
-        run.begin(cfg, overrides)
-        return run_stage(cfg, run)
+        with preemption.stage():
+            external = started_ranks or launch.externally_launched()
+            if not external:
+                run.check_config(cfg, preemption.requeued_job())
+                n = launch.ranks_to_start(cfg.trainer)
+                if n:
+                    log.info("starting %d DDP ranks for this job (one process group per job)", n)
+                    run.begin(cfg, overrides)
+                    code = launch.start_ranks(cfg, n)
+                    if code == 2:
+                        run.undo_new(before)
+                    return code
+            dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
+            if external and not started_ranks:
+                run.check_config_on_every_rank(cfg, preemption.requeued_job())
+            run.begin(cfg, overrides)
+            return run_stage(cfg, run)
     except UserError as e:
         if dist.is_rank_zero():
             run.undo_new(before)
@@ -115,6 +117,12 @@ def run_resolved(
         return 2
     except preemption.Preempted as e:
         return preemption.stopped(e.signum, started_ranks, dist.is_rank_zero())
+
+
+def stopped_by_signal() -> bool:
+    """Whether a job of this process was stopped by a signal (runtime/preemption.py)."""
+    preemption = sys.modules.get("pipeline.runtime.preemption")
+    return bool(preemption and preemption.stopped_by())
 
 
 def run_stage(cfg: DictConfig, run: RunDir) -> int:
@@ -127,11 +135,13 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
         log.info("%s is complete; nothing to redo", run.path)
         run.on_rank_zero(lambda: print_summary(read_json(done), run.path))
         return 0
-    threads = cfg.trainer.get("num_threads")
+    from pipeline.runtime.launch import torch_threads
+
+    threads = torch_threads(cfg.trainer)  # trainer.num_threads, or SLURM's CPUs per task
     if threads:
         import torch
 
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
     if cfg.stage != "report":
         from pipeline.engine.loggers import build_run_loggers
 
@@ -174,6 +184,11 @@ def hydra_job(cfg: DictConfig) -> float | None:
         traceback.print_exc()
         code = 1
     _exit_codes.append(code)
+    if code and stopped_by_signal():
+        # Stopped by its cluster (or a kill): no further job of a sweep starts, and a submitit
+        # job leaves no result, so that its sweep waits for SLURM's verdict (requeued and run
+        # again, or cancelled).
+        sys.exit(code)
     if code and os.environ.get("SUBMITIT_EXECUTOR"):
         # A submitit job (hydra/launcher=submitit_*, slurm): the sweep runs in another process
         # that only sees a job fail when it raises.
@@ -233,6 +248,10 @@ class SweepStarted(Callback):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        shared = shared_job_dir(config)
+        if shared:
+            print(f"error: {shared}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 def check_optimising_sweeper(config: DictConfig) -> None:
@@ -271,6 +290,44 @@ def check_optimising_sweeper(config: DictConfig) -> None:
                 "objective=val_accuracy needs a val split to tune on: pass data.val_per_class=N "
                 "(N of data.labels_per_class per class) or data.val_dir=DIR"
             )
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, as Hydra's basic sweeper expands the command line (None: another
+    sweeper, which the pipeline does not expand)."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
+    if not sweeper.endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(args)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def shared_job_dir(config: DictConfig) -> str | None:
+    """Why two jobs of the sweep would share one job dir (None: they would not). Job dirs are
+    named by each job's result overrides (conf/config.yaml hydra.sweep.subdir), so jobs that
+    differ only in result-neutral settings are one experiment: run side by side (a SLURM sweep)
+    they would write one run dir at once."""
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
+    if "job_dir_name" not in str(subdir):
+        return None  # a subdir of the user's own
+    jobs = sweep_jobs(config)
+    seen: dict[str, list[str]] = {}
+    for job in jobs or []:
+        name = config_keys.dir_name(job)
+        if name in seen:
+            differ = ", ".join(sorted(set(seen[name]) ^ set(job)))
+            return (
+                f"two jobs of this sweep would share the job dir {name}: they differ only in "
+                f"settings that cannot change a run's result ({differ}); sweep settings that "
+                "change it, or run each in its own sweep dir (hydra.sweep.dir=)"
+            )
+        seen[name] = job
+    return None
 
 
 class _HydraHintFilter:
@@ -337,6 +394,13 @@ def hydra_error_line(text: str) -> str:
 
 def main() -> None:
     global _stderr_filter
+    if os.environ.get("SLURM_JOB_ID") and not os.environ.get("SUBMITIT_EXECUTOR"):
+        # A SLURM task (sbatch + srun): a signal during start-up (imports, composing the
+        # config) is kept, and stops the stage as it begins (a time-limit USR2 would otherwise
+        # kill the process unsaved and unrequeued). submitit jobs: the launcher installs them.
+        from pipeline.runtime import preemption
+
+        preemption.install()
     stderr = sys.stderr
     sys.stderr = _stderr_filter = _HydraHintFilter(stderr)
     try:

@@ -35,6 +35,10 @@ def cli(*overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     return run_cli(*overrides, cwd=cwd, env=THREADS)
 
 
+# The sweep's job dirs are named by each job's result overrides (hydra.sweep.subdir).
+JOB = "seed={},selftrain.rounds=1,train.epochs=2,train.eval_batch_size=100,train.min_steps=30"
+
+
 def ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
@@ -53,11 +57,14 @@ def sweep(tmp_path_factory):
 def test_ddp_sweep_makes_one_dir_per_job_and_runs_each_job_once(sweep):
     cwd, sweep_dir, proc = sweep
     assert sorted(p.name for p in cwd.iterdir()) == ["X"]  # no other sweep or output dir
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
+        JOB.format(0),
+        JOB.format(1),
+    ]
     log = proc.stdout + proc.stderr
     assert log.count("starting 2 DDP ranks") == 2  # two jobs, each started its ranks once
     for seed in (0, 1):
-        job = sweep_dir / str(seed)
+        job = sweep_dir / JOB.format(seed)
         summary = json.loads((job / "summary.json").read_text())
         assert summary["seed"] == seed
         assert [r["round"] for r in summary["rounds"]] == [0, 1]
@@ -74,7 +81,7 @@ def test_ddp_sweep_makes_one_dir_per_job_and_runs_each_job_once(sweep):
 def test_ddp_pseudo_labels_equal_one_process(sweep, tmp_path):
     """Same checkpoint, 1 vs 2 processes: the same index set, each index once, the same labels."""
     _, sweep_dir, _ = sweep
-    ckpt = sweep_dir / "0" / "round_0" / "model.ckpt"
+    ckpt = sweep_dir / JOB.format(0) / "round_0" / "model.ckpt"
     common = [*TINY, "stage=pseudolabel", f"ckpt={ckpt}", "pseudo_label.threshold=0.0"]
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     ok(cli(*common, f"out={one}", f"run_dir={tmp_path / 'run1'}"))
@@ -137,7 +144,7 @@ def test_ddp_evaluation_counts_each_test_sample_once(sweep, tmp_path):
     """A test split of odd size (361) in uneven batches on 2 ranks (181 + 180, batches of 64):
     each test sample counted exactly once."""
     _, sweep_dir, _ = sweep
-    ckpt = sweep_dir / "0" / "round_1" / "model.ckpt"
+    ckpt = sweep_dir / JOB.format(0) / "round_1" / "model.ckpt"
     fraction = 0.2004  # ceil(0.2004 * 1797) = 361 test images
     expected = math.ceil(fraction * DIGITS)
     assert expected % 2 == 1
@@ -161,15 +168,15 @@ def test_ddp_evaluation_counts_each_test_sample_once(sweep, tmp_path):
 @pytest.mark.slow
 def test_submitit_local_sweep_of_ddp_jobs(sweep, tmp_path):
     """hydra/launcher=submitit_local: 2 jobs, each in a process of its own (as on a cluster
-    node); the DDP one starts its ranks there."""
+    node), each starting its 2 DDP ranks there."""
     _, sweep_dir, _ = sweep
-    ckpt = sweep_dir / "1" / "round_0" / "model.ckpt"
+    ckpt = sweep_dir / JOB.format(1) / "round_0" / "model.ckpt"
     out = tmp_path / "S"
     proc = cli(
         "-m",
-        "trainer.devices=1,2",  # one job in its own process, one that starts 2 DDP ranks
-        *TINY,
-        "trainer.strategy=ddp",
+        "train.eval_batch_size=100,50",  # two jobs (evaluating the same checkpoint)
+        *[o for o in TINY if not o.startswith("train.eval_batch_size")],
+        *DDP,
         "stage=evaluate",
         f"ckpt={ckpt}",
         "hydra/launcher=submitit_local",
@@ -177,13 +184,14 @@ def test_submitit_local_sweep_of_ddp_jobs(sweep, tmp_path):
         cwd=tmp_path,
     )
     ok(proc)
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [".submitit", "0", "1"]
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(names) == 3 and names[0] == ".submitit", names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["S"]
-    for job in ("0", "1"):
+    for job in names[1:]:
         summary = json.loads((out / job / "summary.json").read_text())
         assert summary["stage"] == "evaluate" and summary["num_test"] == 360
     logs = "".join(p.read_text() for p in (out / ".submitit").rglob("*_log.*"))
-    assert logs.count("starting 2 DDP ranks") == 1
+    assert logs.count("starting 2 DDP ranks") == 2
 
 
 @pytest.mark.slow
@@ -284,9 +292,15 @@ def test_slurm_launcher_config_follows_the_trainer():
     config.register()
     overrides = ["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=[*overrides, "trainer.accelerator=gpu"], return_hydra_config=True
+        )
+        cpu = compose(
+            "config", overrides=[*overrides, "trainer.accelerator=cpu"], return_hydra_config=True
+        )
+    assert cpu.hydra.launcher.gpus_per_node is None  # a CPU partition refuses any GPU request
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.pipeline_launchers.slurm.SlurmLauncher"
     keys = ("tasks_per_node", "gpus_per_node", "nodes", "signal_delay_s")
     assert {k: launcher[k] for k in keys} == {
         "tasks_per_node": 4,

@@ -1,10 +1,25 @@
 """The cluster path against a real SLURM cluster on this machine (scripts/slurm_cluster.sh):
 two emulated nodes n1 and n2, a `low` partition whose jobs a `high` partition preempts,
 accounting through slurmdbd. Every test runs the real CLI (`python -m pipeline ...`) inside real
-SLURM jobs, in its own tmp_path, and checks what SLURM and the run dir say afterwards.
+SLURM jobs, in its own tmp_path, and checks what SLURM and the run dir say afterwards:
+a. a 2-job sweep through hydra/launcher=slurm, then the same sweep with a value added and the
+   values reordered (job dirs named by their overrides: only the new job trains);
+b, c. DDP under srun: 2 tasks on one node, 1 task on each of the 2 nodes;
+d, e, f. training interrupted by the time limit (USR2; sbatch + srun, and through the
+   launcher), by preemption (TERM) and by `scontrol requeue` (TERM): saved on the signal,
+   requeued, resumed, finished (d, e: with the test accuracies of an uninterrupted run);
+n. the requeues of an sbatch + srun job are bounded (max_requeues), then it ends FAILED;
+g. `scancel` of one job of a slurm-launcher sweep, while it trains or as it starts: the job
+   stops, the sweep ends, exits non-zero and names it;
+h. a failing job is FAILED in sacct, through sbatch + srun and through the launcher;
+i. scripts/sbatch_example.sh as written, through real sbatch, on the CPU partition;
+j. the launcher on the CPU partition with trainer.accelerator=cpu alone; an sbatch refusal is
+   one error line (exit 2);
+m. the launcher without accounting (sacct) stops before submitting (exit 2, one line);
+k. torch threads follow --cpus-per-task; l. no srun hint on stderr where SLURM is installed.
 
     sudo bash scripts/slurm_cluster.sh install && sudo bash scripts/slurm_cluster.sh start
-    python -m pytest tests/test_slurm.py
+    PIPELINE_REPO=$PWD python -m pytest tests/test_slurm.py
 
 Without a cluster (and without root to start one) the tests skip, saying why; with CI=true they
 fail instead. What SLURM sends (measured on this cluster with a job that traps and logs signals):
@@ -43,6 +58,7 @@ from slurm_helpers import (
     pipeline_command,
     queue_entry,
     read_step,
+    release,
     sacct_records,
     sh,
     stop_cluster,
@@ -60,8 +76,8 @@ TINY = [
     "train.min_steps=20",
     "selftrain.rounds=1",
 ]
-# One model trained long enough to be interrupted mid-training: 4000 steps, a minute or more on
-# one core. It saves checkpoints/last.ckpt now and then by itself (every epoch, or every
+# One model trained long enough to be interrupted mid-training: 6000 steps, a minute and a half
+# or more on one core. It saves checkpoints/last.ckpt now and then by itself (every epoch, or every
 # train.checkpoint_every_s): a checkpoint saved *on a signal* is one written after the signal.
 RESUME = [
     "progress=false",
@@ -69,9 +85,9 @@ RESUME = [
     "trainer.num_threads=1",
     "stage=train",
     "train.epochs=2",
-    "train.min_steps=4000",
+    "train.min_steps=6000",
 ]
-TOTAL_STEPS = 4000
+TOTAL_STEPS = 6000
 # splits.npz is written just before the model is built and trained; this long after it, the
 # run has been training for several seconds (and has most of its minute still to go).
 TRAINING_AFTER_SPLITS_S = 10
@@ -173,12 +189,12 @@ def ok(record, jobs: Jobs) -> None:
     assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), jobs.describe(record.job_id)
 
 
-def train_job(jobs: Jobs, run_dir: Path, *options: str) -> str:
+def train_job(jobs: Jobs, run_dir: Path, *options: str, extra: tuple[str, ...] = ()) -> str:
     """The RESUME training as a one-task batch job (sbatch + srun, as scripts/sbatch_example.sh
     runs it), requeueable; the requeued job runs the same command, hence the same run_dir."""
     body = (
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURMD_NODENAME"\n'
-        f"srun --kill-on-bad-exit=1 {pipeline_command(*RESUME, f'run_dir={run_dir}')}"
+        f"srun --kill-on-bad-exit=1 {pipeline_command(*RESUME, *extra, f'run_dir={run_dir}')}"
     )
     return jobs.sbatch(body, *JOB, "--time=20", "--requeue", *options)
 
@@ -228,16 +244,35 @@ def finished_like(run_dir: Path, record, reference: dict | None) -> list[str]:
 # --- a. a sweep through hydra/launcher=slurm ----------------------------------------------------
 
 
+def job_dir(sweep_dir: Path, seed: int) -> Path:
+    """The job dir of `seed` in a sweep: named by the job's result overrides."""
+    (found,) = sweep_dir.glob(f"seed={seed},*")
+    return found
+
+
 def test_a_slurm_launcher_sweep_runs_both_jobs(jobs, tmp_path):
     out = tmp_path / "sweep"
     proc = sweep(jobs, "seed=0,1", *SLURM_LAUNCHER, *TINY, f"hydra.sweep.dir={out}")
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     for seed in (0, 1):
-        summary = json.loads((out / str(seed) / "summary.json").read_text())
+        summary = json.loads((job_dir(out, seed) / "summary.json").read_text())
         assert summary["seed"] == seed and [r["round"] for r in summary["rounds"]] == [0, 1]
     states = wait_named_final(jobs.name, 2)
     assert sorted(states.values()) == ["COMPLETED", "COMPLETED"], states
     assert (out / ".submitit").is_dir()
+    # The same sweep with a value added and the values reordered: only the new job trains.
+    before = {p: p.stat().st_mtime for p in out.glob("seed=*/summary.json")}
+    proc = sweep(jobs, "seed=2,1,0", *SLURM_LAUNCHER, *TINY, f"hydra.sweep.dir={out}")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    assert {p: p.stat().st_mtime for p in before} == before
+    assert sorted(p.name.split(",")[0] for p in out.glob("seed=*")) == [
+        "seed=0",
+        "seed=1",
+        "seed=2",
+    ]
+    assert (job_dir(out, 2) / "summary.json").is_file()
+    logs = "".join(p.read_text() for p in (out / ".submitit").rglob("*_log.*"))
+    assert re.sub(r"\s+", " ", logs).count("complete; nothing to redo") == 2, logs[-3000:]
 
 
 # --- b, c. DDP under srun: 2 tasks on one node, 1 task on each of 2 nodes -----------------------
@@ -295,13 +330,13 @@ def test_c_two_node_ddp_job(jobs, tmp_path):
 
 
 def test_d_time_limit_saves_requeues_and_resumes_to_the_same_metrics(jobs, tmp_path, reference):
-    """--time=1 --signal=USR2@45: USR2 comes 15-45 s into the job, mid-training (training alone
-    needs more than a minute: the job cannot finish in its limit). The job saves, requeues
+    """--time=2 --signal=USR2@75: USR2 comes 45-75 s into the job, mid-training (the job starts
+    in seconds, and training alone needs more than its limit). The job saves, requeues
     itself and resumes; with the limit raised after that first requeue, it finishes with the
     test accuracies of an uninterrupted run."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    job = train_job(jobs, run_dir, "--time=1", "--signal=USR2@45")
+    job = train_job(jobs, run_dir, "--time=2", "--signal=USR2@75")
     jobs.wait_requeued(job, timeout=300)
     problems = []
     step = read_step(last) if last.exists() else None
@@ -312,6 +347,52 @@ def test_d_time_limit_saves_requeues_and_resumes_to_the_same_metrics(jobs, tmp_p
     states = [r.state for r in sacct_records(job)]
     if "TIMEOUT" in states:
         problems.append(f"the job hit its time limit: {states}")
+    assert not problems, "\n".join(problems) + "\n" + jobs.describe(job)
+
+
+def test_d_time_limit_through_the_slurm_launcher(jobs, tmp_path, reference):
+    """The same through hydra/launcher=slurm (timeout_min=2, signal_delay_s=75): the pipeline
+    saves, submitit's handler requeues the job, the sweep waits through the requeue and ends 0,
+    with the test accuracies of an uninterrupted run."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "sweep.log"
+    launcher = [a for a in SLURM_LAUNCHER if not a.startswith("hydra.launcher.timeout_min")]
+    command = [
+        *(sys.executable, "-m", "pipeline", "-m", f"hydra.launcher.name={jobs.name}"),
+        *launcher,
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=75",
+        *RESUME,
+        f"hydra.sweep.dir={out}",
+    ]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=job_env(), stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+
+        def submitted() -> str | None:
+            ids = sh(["squeue", "-h", f"--name={jobs.name}", "-o", "%i"]).stdout.split()
+            return ids[0] if ids else None
+
+        job = wait_until(submitted, 300, "the sweep's job", log.read_text)
+        jobs.wait_requeued(job, timeout=300)
+        (run_dir,) = run_dirs(out)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        problems = []
+        step = read_step(last) if last.exists() else None
+        if step is None or not 0 < step < TOTAL_STEPS:
+            problems.append(f"nothing saved on USR2 before the requeue (last.ckpt step: {step})")
+        sh(["scontrol", "update", f"JobId={job}", "TimeLimit=20"])
+        record = jobs.wait_done(job)
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code != 0:
+        problems.append(f"the sweep exited {code}:\n{log.read_text()[-3000:]}")
+    problems += finished_like(run_dir, record, reference)
     assert not problems, "\n".join(problems) + "\n" + jobs.describe(job)
 
 
@@ -358,6 +439,46 @@ def test_f_scontrol_requeue_saves_and_the_job_resumes_and_finishes(jobs, tmp_pat
     assert not problems, "\n".join(problems) + "\n" + jobs.describe(job)
 
 
+def test_n_requeues_on_the_sbatch_path_are_bounded(jobs, tmp_path):
+    """The time-limit signal (USR2, sent here with `scancel --signal=USR2`, which reaches the
+    job's steps as --signal=USR2@N does) requeues an sbatch + srun job while it has restarted
+    fewer than max_requeues times; after that the job saves, is not requeued and ends FAILED,
+    saying why (a job that can never finish does not loop forever)."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    job = train_job(jobs, run_dir, extra=("max_requeues=1",))
+    jobs.wait_running(job)
+    wait_training(jobs, job, run_dir)
+    signalled_at = time.time()
+    assert sh(["scancel", "--signal=USR2", job]).returncode == 0
+    jobs.wait_requeued(job, timeout=300)
+    problems = not_saved_on_the_signal(last, signalled_at)
+    first = read_step(last) if last.exists() else 0
+    release(job)
+
+    def resumed() -> bool:
+        log = re.sub(r"\s+", " ", jobs.log_text(job, tail=100_000))
+        return "restart 1 on" in log and "resuming training from" in log
+
+    wait_until(resumed, 300, "the requeued job resuming", lambda: jobs.describe(job))
+    time.sleep(TRAINING_AFTER_SPLITS_S)
+    signalled_at = time.time()
+    assert sh(["scancel", "--signal=USR2", job]).returncode == 0
+    record = jobs.wait_done(job, release_requeued=False)
+    if record.state != "FAILED":
+        problems.append(f"the job ended {record.raw_state} {record.exit_code}, not FAILED")
+    problems += not_saved_on_the_signal(last, signalled_at)
+    if last.exists() and not read_step(last) > first:
+        problems.append(f"last.ckpt at step {read_step(last)}, not after the first save ({first})")
+    said = re.sub(r"\s+", " ", jobs.log_text(job, tail=100_000))
+    if "not requeued: SLURM job" not in said or "(max_requeues=1)" not in said:
+        problems.append("the log does not say why the job was not requeued")
+    states = [r.state for r in sacct_records(job)]
+    if states != ["REQUEUED", "FAILED"]:
+        problems.append(f"sacct: {states}")
+    assert not problems, "\n".join(problems) + "\n" + jobs.describe(job)
+
+
 # --- g, h. a cancelled job, a failing job -------------------------------------------------------
 
 
@@ -395,10 +516,16 @@ def test_g_scancel_of_one_sweep_job_ends_the_sweep_naming_it(jobs, tmp_path, whe
             return next((j for j in running if j.endswith("_1")), None)
 
         victim = wait_until(second_job_running, 300, "sweep job _1 running", log.read_text)
+
         # "starting": the pipeline wrote the run's config.yaml, it loads the data and builds
         # the model; "training": the teacher trains (2000 steps, half a minute or more).
-        started = out / "1" / ("config.yaml" if when == "starting" else "splits.npz")
-        wait_until(started.exists, 300, f"{started}", log.read_text, poll=0.05)
+        def started() -> Path | None:
+            found = list(
+                out.glob("seed=1,*/" + ("config.yaml" if when == "starting" else "splits.npz"))
+            )
+            return found[0] if found else None
+
+        wait_until(started, 300, "sweep job _1 started", log.read_text, poll=0.05)
         if when == "training":
             time.sleep(TRAINING_AFTER_SPLITS_S)
         assert sh(["scancel", victim]).returncode == 0
@@ -418,11 +545,11 @@ def test_g_scancel_of_one_sweep_job_ends_the_sweep_naming_it(jobs, tmp_path, whe
         problems.append("the sweep exited 0 although one of its jobs was cancelled")
     if victim not in output:
         problems.append(f"the sweep's output does not name the cancelled job {victim}")
-    if (out / "1" / "summary.json").exists():
+    if list(out.glob("seed=1,*/summary.json")):
         problems.append(f"the cancelled job {victim} went on and finished its run")
     if states != {first: "COMPLETED", victim: "CANCELLED"}:
         problems.append(f"sacct: {states}")
-    if not (out / "0" / "summary.json").is_file():
+    if not list(out.glob("seed=0,*/summary.json")):
         problems.append("job _0 has no summary.json")
     assert not problems, (
         "\n".join(problems) + f"\n--- sweep ---\n{output[-3000:]}\n--- {victim} ---\n{job_log}"
@@ -452,22 +579,22 @@ def test_h_failing_job_is_failed_in_sacct(jobs, tmp_path, path):
         assert record.state == "FAILED", (
             f"sacct says {record.raw_state} {record.exit_code}:\n{steps}"
         )
+        # The sweep names the job and says why, in one line, without a traceback.
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"SLURM job {job}")]
+        assert "failed" in line and "pseudo_label.threshold" in line, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 # --- i. scripts/sbatch_example.sh ---------------------------------------------------------------
 
 
 def test_i_sbatch_example_script_on_the_cpu_partition(jobs, tmp_path):
-    """The example script through real sbatch, with what a CPU partition needs: no GPUs, one CPU
-    per task, 2 tasks (2 DDP ranks on CPU), trainer.accelerator=cpu."""
+    """The example script through real sbatch, as written (only the partition and a short time
+    limit added): it asks for nothing a CPU partition lacks, and runs on CPU."""
     run_dir = tmp_path / "run"
     job = jobs.sbatch(
         "",
         f"--partition={PARTITION}",
-        "--nodes=1",
-        "--ntasks-per-node=2",
-        "--gpus-per-node=0",
-        "--cpus-per-task=1",
         "--time=20",
         script=REPO / "scripts" / "sbatch_example.sh",
         args=[*TINY, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"],
@@ -476,25 +603,75 @@ def test_i_sbatch_example_script_on_the_cpu_partition(jobs, tmp_path):
     ok(jobs.wait_done(job), jobs)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["num_test"] == 360
+    assert "cpu, restart 0 of at most 20" in jobs.log_text(job)
 
 
 # --- more of the SLURM path ---------------------------------------------------------------------
 
 
 def test_j_launcher_on_a_cpu_partition_without_gpus_per_node(jobs, tmp_path):
-    """hydra/launcher=slurm with trainer.accelerator=cpu but without
-    hydra.launcher.gpus_per_node=null on a partition without GPUs: the sweep either runs, or
-    stops with a clear message naming the setting, not with a traceback."""
+    """hydra/launcher=slurm with trainer.accelerator=cpu alone (no
+    hydra.launcher.gpus_per_node=null) on a partition without GPUs: a valid CPU job."""
     out = tmp_path / "sweep"
     launcher = [a for a in SLURM_LAUNCHER if not a.startswith("hydra.launcher.gpus_per_node")]
     proc = sweep(jobs, "seed=0", *launcher, *TINY, "stage=train", f"hydra.sweep.dir={out}")
-    output = proc.stdout + proc.stderr
-    if proc.returncode == 0:
-        assert (out / "0" / "summary.json").is_file()
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (job_dir(out, 0) / "summary.json").is_file()
+
+
+def test_j_sbatch_refusing_the_jobs_is_one_error_line(jobs, tmp_path):
+    """trainer.accelerator=gpu on the CPU partition: sbatch refuses the GPU request; the sweep
+    exits 2 with one line saying what to change (exit-code contract), submitting nothing."""
+    launcher = [a for a in SLURM_LAUNCHER if not a.startswith("hydra.launcher.gpus_per_node")]
+    out = tmp_path / "sweep"
+    proc = sweep(
+        jobs, "seed=0", *launcher, *TINY, "trainer.accelerator=gpu", f"hydra.sweep.dir={out}"
+    )
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: sbatch refused the sweep's jobs: "), line
+    assert "trainer.accelerator=cpu" in line, line
+    assert not jobs_named(jobs.name)
+
+
+@pytest.mark.parametrize("accounting", ["disabled", "unreachable"])
+def test_m_slurm_launcher_without_accounting_says_so_up_front(cluster, tmp_path, accounting):
+    """submitit follows its jobs with sacct; without accounting a cancelled job would keep the
+    sweep waiting forever. A client whose slurm.conf has no accounting (or a slurmdbd port
+    nothing listens on): the sweep stops before submitting, exit 2, one line naming sacct."""
+    conf = Path("/etc/slurm/slurm.conf").read_text()
+    if accounting == "disabled":
+        conf = re.sub(
+            r"(?m)^AccountingStorageType=.*$", "AccountingStorageType=accounting_storage/none", conf
+        )
     else:
-        traceback = "Traceback" in output
-        assert not traceback, f"exit {proc.returncode} with a traceback:\n{output[-1500:]}"
-        assert "gpus_per_node" in output, output[-1500:]
+        conf = re.sub(r"(?m)^AccountingStoragePort=.*$", "AccountingStoragePort=1", conf)
+    (tmp_path / "slurm.conf").write_text(conf)
+    out = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-m",
+            "seed=0",
+            *SLURM_LAUNCHER,
+            *TINY,
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=job_env(SLURM_CONF=str(tmp_path / "slurm.conf")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(
+        "error: hydra/launcher=slurm follows its jobs with SLURM's accounting"
+    ), line
+    assert "sacct" in line and "scripts/sbatch_example.sh" in line, line
+    assert not (out / ".submitit").exists()
 
 
 PROBE = """

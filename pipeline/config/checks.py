@@ -270,6 +270,8 @@ def validate(cfg: DictConfig) -> None:
     threads = cfg.trainer.get("num_threads")
     if threads is not None and (type(threads) is not int or threads < 1):
         raise UserError(f"trainer.num_threads={threads} must be a whole number >= 1 (or null)")
+    if cfg.get("max_requeues", 0) < 0:
+        raise UserError(f"max_requeues={cfg.max_requeues} must be >= 0 (0: never requeue)")
     if cfg.pseudo_label.tta_views < 0:
         raise UserError(f"pseudo_label.tta_views={cfg.pseudo_label.tta_views} must be >= 0")
     if cfg.init not in ("scratch", "pretrained"):

@@ -21,6 +21,7 @@ RESULT_NEUTRAL = (
     "progress",
     "objective",
     "logger",
+    "max_requeues",
     "out",
     "report",
     "hydra",
@@ -69,13 +70,11 @@ def override_key(override: str) -> str:
 
 
 def result_overrides(overrides: Iterable[str], leave_out: Iterable[str] = ()) -> list[str]:
-    """The overrides that are part of the experiment, sorted (so their order does not matter)."""
+    """The overrides that are part of the experiment, sorted (so their order does not matter);
+    of a key given twice, the last (Hydra's rule: `seed=1 seed=2` is `seed=2`)."""
     skip = set(leave_out)
-    return sorted(
-        o
-        for o in overrides
-        if not is_result_neutral(override_key(o)) and override_key(o) not in skip
-    )
+    last = {override_key(o): o for o in overrides}
+    return sorted(o for k, o in last.items() if not is_result_neutral(k) and k not in skip)
 
 
 def dir_name(overrides: Iterable[str], leave_out: Iterable[str] = ()) -> str:

@@ -94,6 +94,7 @@ class PipelineConfig:
     overwrite: bool = False
     progress: bool = True
     objective: str | None = "val_accuracy"
+    max_requeues: int = 20
     data: Any = MISSING
     pretrain_data: Any = MISSING
     model: Any = MISSING
@@ -113,13 +114,17 @@ class PipelineConfig:
 
 def register() -> None:
     """Register the schema and the resolvers (before Hydra composes anything): `run_name` (the
-    default run_dir's name) and those of the logger group (conf/logger/)."""
+    default run_dir's name), `job_dir_name` (a sweep job's dir, conf/config.yaml),
+    `slurm_gpus_per_node` (conf/hydra/launcher/slurm.yaml) and those of the logger group
+    (conf/logger/)."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
     resolvers = {
         "run_name": run_name,
         "logger_run_name": logger_run_name,
         "logger_experiment": logger_experiment,
         "logger_cwd": logger_cwd,
+        "job_dir_name": dir_name,
+        "slurm_gpus_per_node": _slurm_gpus_per_node,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -155,6 +160,12 @@ def logger_cwd() -> str:
     """The folder the command was started in (where `mlflow ui` finds ./mlflow.db)."""
     hydra_cfg = _hydra_config()
     return str(hydra_cfg.runtime.cwd) if hydra_cfg is not None else os.getcwd()
+
+
+def _slurm_gpus_per_node(accelerator: Any, devices: Any, partition: Any = None) -> int | None:
+    from pipeline.runtime.slurm import gpus_per_node
+
+    return gpus_per_node(accelerator, devices, partition)
 
 
 # The typed sections: a key added to one of them with `+key=value` is a typo, not a setting.

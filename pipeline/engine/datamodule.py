@@ -9,7 +9,6 @@ op and normalised there (no per-sample PIL).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -118,11 +117,9 @@ def resolve_workers(num_workers: Any, images: list[ImageSet | None]) -> int:
         return int(num_workers)
     if all(i is None or i.in_memory for i in images):
         return 0
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    from pipeline.runtime.launch import available_cpus
+
+    return max(1, min(8, available_cpus()))
 
 
 class ImageDataModule(L.LightningDataModule):

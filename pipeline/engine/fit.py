@@ -20,10 +20,9 @@ from omegaconf import DictConfig
 from pipeline.data.arrays import ImageSet
 from pipeline.engine.datamodule import Batches, ImageDataModule, resolve_workers
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
-from pipeline.engine.trainer import build_trainer
+from pipeline.engine.trainer import CheckpointOnSignal, build_trainer
 from pipeline.errors import UserError
 from pipeline.runtime import dist
-from pipeline.runtime.preemption import CheckpointOnSignal
 from pipeline.selftrain.merge import TrainingSet, mixed_batches
 
 log = logging.getLogger("pipeline")

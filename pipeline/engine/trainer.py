@@ -1,9 +1,11 @@
 """The Lightning Trainer as the pipeline builds it, from the `trainer` config node, with the
-pipeline's atomic checkpoint writer."""
+pipeline's atomic checkpoint writer and its handling of signals (runtime/preemption.py):
+recorded while Lightning runs, acted upon at the next batch (training saves last.ckpt first)."""
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,10 +16,14 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from pipeline.config.checks import PIPELINE_TRAINER_KEYS, check_trainer_keys
+from pipeline.runtime import preemption
 from pipeline.runtime.io import atomic_path
 from pipeline.runtime.launch import lightning_settings
+
+log = logging.getLogger("pipeline")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,6 +40,93 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+# --- signals (runtime/preemption.py): acted upon at the next batch ----------------------------
+
+
+def _agreed_signal(trainer: L.Trainer) -> int:
+    """The signal any rank received (0: none). Ranks may get it a step apart, so they agree
+    on it every step: one one-element all-reduce."""
+    mine = preemption.pending()
+    if trainer.world_size <= 1:
+        return mine
+    flag = torch.tensor([mine], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+class CheckpointOnSignal(L.Callback):
+    """During fit: once any rank got a signal, all ranks save `path` at the next step and stop;
+    one that came during the last step is saved when training ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        signum = _agreed_signal(trainer)
+        if signum:
+            self._save(trainer)
+            raise preemption.Preempted(signum)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _agreed_signal(trainer):
+            self._save(trainer)  # the Trainer raises once fit returns
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)  # collective: rank 0 writes, all meet at a barrier
+        if trainer.is_global_zero:
+            log.warning("saved %s at step %d", self.path, trainer.global_step)
+
+
+class StopOnSignal(L.Callback):
+    """Evaluation and labelling passes stop at the next batch after a signal (the shards
+    labelled so far are kept: each was written when it was done)."""
+
+    def _check(self, *args: Any) -> None:
+        signum = preemption.pending()
+        if signum and preemption.stage_running():
+            raise preemption.Preempted(signum)
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end = _check
+
+
+class _NoSignalHandlers(_SignalConnector):
+    """Lightning's signal handling, switched off: the pipeline's (runtime/preemption.py) saves
+    and stops on USR1, USR2 and TERM. Lightning's own would end training on TERM at the next
+    step without saving, with exit code 0 (a preempted job would look finished), broadcasting
+    from inside the signal handler."""
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False
+
+    def teardown(self) -> None:
+        pass
+
+
+class Trainer(L.Trainer):
+    """The Lightning Trainer, with the pipeline's signal handling: while fit, test or predict
+    runs a signal is recorded and acted upon at the next batch (runtime/preemption.py)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._signal_connector = _NoSignalHandlers(self)
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().fit(*args, **kwargs)
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().test(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().predict(*args, **kwargs)
+
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        with preemption.lightning_running():
+            return super().validate(*args, **kwargs)
 
 
 def trainer_arguments(trainer_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,10 +148,11 @@ def build_trainer(
 ) -> L.Trainer:
     """The Lightning Trainer from the `trainer` config node: every Trainer argument in it is
     passed through (`+trainer.gradient_clip_val=1.0` reaches the Trainer); samplers, checkpoints
-    and callbacks are the pipeline's own (rank-aware), so Lightning's are off. `loggers`: the
-    run's Lightning loggers (engine/loggers.py); `validate`: run the validation loop every
-    epoch (the data module serves a val set)."""
-    callbacks = list(callbacks or [])
+    and callbacks are the pipeline's own (rank-aware), so Lightning's are off; so is its signal
+    handling. `loggers`: the run's Lightning loggers (engine/loggers.py); `validate`: run the
+    validation loop every epoch (the data module serves a val set)."""
+    # A signal stops evaluation and labelling at the next batch (training: CheckpointOnSignal).
+    callbacks = [*(callbacks or []), StopOnSignal()]
     if ckpt_dir is not None:
         # Only last.ckpt, what a killed run resumes from: every `ckpt_every_s` seconds of
         # training, or every epoch (None). Saving costs a small model's tiny epochs a few
@@ -99,4 +193,4 @@ def build_trainer(
         use_distributed_sampler=False,
         default_root_dir=str(root_dir) if root_dir else os.getcwd(),
     )
-    return L.Trainer(**args)
+    return Trainer(**args)

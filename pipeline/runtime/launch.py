@@ -129,14 +129,35 @@ def lightning_settings(trainer_cfg: Any) -> dict[str, Any]:
     return {"strategy": strategy, "plugins": plugins}
 
 
-def cpu_threads_per_rank(n: int) -> int:
-    """Cores of this machine (or this job's share) divided among n ranks, at least 1: n ranks
-    each using every core would oversubscribe the CPU."""
+def available_cpus() -> int:
+    """The CPUs this job may use: SLURM's share for a task (SLURM_CPUS_PER_TASK, which a node
+    does not always enforce), else the cores this process may run on."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // n)
+        return os.cpu_count() or 1
+
+
+def cpu_threads_per_rank(n: int) -> int:
+    """This job's CPUs divided among n ranks, at least 1: n ranks each using every core would
+    oversubscribe the CPU."""
+    return max(1, available_cpus() // n)
+
+
+def torch_threads(trainer_cfg: Any) -> int | None:
+    """The intra-op threads this process should use (None: leave torch's choice): the
+    configured trainer.num_threads, else SLURM_CPUS_PER_TASK in a SLURM job unless
+    OMP_NUM_THREADS says otherwise (torch reads that itself; the ranks this job starts get it)."""
+    threads = trainer_cfg.get("num_threads")
+    if threads:
+        return int(threads)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if "OMP_NUM_THREADS" not in os.environ and slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    return None
 
 
 def free_port() -> int:
@@ -145,8 +166,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# After a requeue signal, how long the ranks get to save last.ckpt and stop before they are
-# stopped; below SLURM's usual warning time (submitit's signal_delay_s).
+# After a signal, how long the ranks get to save last.ckpt and stop before they are stopped;
+# SLURM's KillWait (30 s by default) may end them sooner.
 PREEMPT_GRACE_S = 60.0
 
 
@@ -154,8 +175,8 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
     """Run the job in `n` rank processes; return the job's exit code (2 if any rank said the
     input is bad, 1 if any failed otherwise). If one rank fails the others are stopped.
 
-    USR1/USR2 (a cluster's "time is nearly up") are passed to the ranks, which save last.ckpt
-    and stop; then this process requeues the job (runtime.preemption)."""
+    USR1, USR2 and TERM are passed to the ranks, which save last.ckpt and stop; then this
+    process raises Preempted and the entry point acts for the job (runtime.preemption)."""
     from pipeline.runtime import preemption
 
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-ranks-"))
@@ -202,17 +223,12 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
             signal.signal(s, h)
         shutil.rmtree(tmp, ignore_errors=True)
     if all(c == 0 for c in codes):
-        return 0  # (a signal that came as the job finished needs nothing)
+        if received:  # it came as the job finished: the work is done, no further job starts
+            preemption.note(received[-1])
+        return 0
     if received and all(c in (0, preemption.PREEMPTED_EXIT) or c < 0 for c in codes):
-        # Saved and stopped (or stopped after the grace time: the last epoch's last.ckpt stays).
-        outcome = preemption.requeue(received[-1], old.get(received[-1]))
-        print(
-            f"stopped by {signal.Signals(received[-1]).name} after saving the run's state: "
-            f"{outcome}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        # Saved and stopped (or stopped after the grace time: the last saved last.ckpt stays).
+        raise preemption.Preempted(received[-1])
     return 2 if 2 in codes else 1
 
 

@@ -1,21 +1,33 @@
-"""Stopping when the cluster asks: save last.ckpt, requeue the job, resume when it restarts.
+"""Stopping when the cluster asks: save last.ckpt, stop cleanly, resume when the job restarts.
 
-SLURM warns a job before its time limit, or before a preemption, with a signal
-(`--signal=USR2@120`); submitit asks for USR2 and its handler requeues the job. The pipeline
-takes USR1 and USR2 alike:
-- during training, every rank learns of it at the next step (one one-element all-reduce), all
-  ranks save `checkpoints/last.ckpt` together and stop;
-- outside training (short evaluation and labelling passes) the job stops at once: artifacts are
-  written atomically, so nothing half-written is left.
-Then global rank 0 requeues the job: through submitit's handler when submitit started it (it
-counts time limits against max_num_timeout), else with `scontrol requeue` under SLURM, else the
-user re-runs the command. The restarted job resumes from its artifacts and last.ckpt.
-Lightning's own SLURM auto-requeue (USR1, hpc_ckpt files) is switched off (see
-launch.lightning_settings) so that the two never fight.
+Which signal means what (measured on SLURM 22.05, tests/test_slurm.py):
+- USR2 (or USR1), `--signal=USR2@N`: the time limit is N s away. The job saves and requeues
+  itself: through submitit's handler when submitit started it (it counts time limits against
+  `max_num_timeout`), else with `scontrol requeue` by global rank 0, at most `max_requeues`
+  times (SLURM_RESTART_COUNT); outside SLURM the user re-runs the command;
+- TERM: preemption, `scontrol requeue`, `scancel`, the time limit itself (and `kill`). SLURM
+  decides what follows (it requeues a preempted or requeued job, a cancelled one stays
+  cancelled): the job saves, stops and exits non-zero, within SLURM's KillWait.
+
+Whatever the signal, the stage stops cleanly wherever it is:
+- while Lightning runs (training, evaluation, labelling) the signal is only recorded; every
+  rank learns of it at the next batch (one one-element all-reduce during training), training
+  saves `checkpoints/last.ckpt` and the stage stops; a signal that came too late for a batch
+  stops the stage when Lightning returns (training saves at its end first);
+- anywhere else in a stage the job stops at once: artifacts are written atomically, so nothing
+  half-written is left;
+- outside a stage (the job finished, or has not begun) the signal is kept: a sweep running in
+  this process stops before its next job.
+The Lightning side (engine/trainer.py) records signals during fit / test / predict, saves and
+stops at the next batch; Lightning's own signal handling is switched off: its SIGTERM handler ends
+training at the next step without saving, with exit code 0; its SLURM auto-requeue (USR1,
+hpc_ckpt files) would fight ours. DataLoader worker processes ignore the signals (the main
+process stops them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -23,37 +35,50 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
-
-import lightning as L
-import torch
 
 log = logging.getLogger("pipeline")
 
-SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# "The time limit is near": the job requeues itself. TERM comes when SLURM itself has decided
+# (preemption, scontrol requeue, scancel, the limit reached): the job only saves and stops.
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 # Exit code of a rank started by runtime.launch that stopped on a signal after saving: its
-# launcher then requeues the job (or tells the user to re-run it).
+# launcher then acts for the job.
 PREEMPTED_EXIT = 3
+# Exit code of a job stopped by a signal (docs/design.md).
+STOPPED_EXIT = 1
+DEFAULT_MAX_REQUEUES = 20
 
-_requested: list[int] = []  # the signal received while training, if any
-_fitting = False
+_requested: list[int] = []  # signals received and not acted upon yet
+_deferring = 0  # > 0 while Lightning runs: act at its next batch, or when it returns
+_armed = False  # a stage runs: outside Lightning a signal stops it at once
+_owner_pid: int | None = None  # the process that installed the handlers (not a forked worker)
 _previous: dict[int, Any] = {}  # the handlers found before ours (submitit's), by signal
+_max_requeues = DEFAULT_MAX_REQUEUES
+_stopped_by: list[int] = []  # the signal that stopped a job of this process
 
 
-class Preempted(Exception):
-    """Raised on every rank to stop the stage after a requeue signal."""
+class Preempted(BaseException):
+    """Raised on every rank to stop the stage after a signal. A BaseException, like
+    KeyboardInterrupt: a request to stop, never caught by the `except Exception` of a library
+    (Hydra would record a failed job, submitit a result)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
 
 
-def install() -> None:
-    """Take USR1 and USR2 in this process, keeping the handler found there (submitit's) to
-    requeue with. Main thread only (Python's rule for signal handlers)."""
+def install(max_requeues: int | None = None) -> None:
+    """Take USR1, USR2 and TERM in this process, keeping the handlers found there (submitit's)
+    to requeue with. Main thread only (Python's rule for signal handlers)."""
+    global _owner_pid, _max_requeues
+    if max_requeues is not None:
+        _max_requeues = int(max_requeues)
     if threading.current_thread() is not threading.main_thread():
         return
+    _owner_pid = os.getpid()
     for signum in SIGNALS:
         current = signal.getsignal(signum)
         if current is not _on_signal:
@@ -61,63 +86,79 @@ def install() -> None:
             signal.signal(signum, _on_signal)
 
 
+def _who() -> str:
+    return f"rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0))}"
+
+
 def _on_signal(signum: int, _frame: Any) -> None:
-    who = f"rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0))}"
+    if os.getpid() != _owner_pid:
+        return  # a forked DataLoader worker: the main process stops the work
     name = signal.Signals(signum).name
-    if _fitting:
-        log.warning(
-            "%s got %s: saving last.ckpt at the next training step, then stopping", who, name
-        )
-        _requested.append(signum)
-        return
-    log.warning("%s got %s outside training: stopping now (finished artifacts are kept)", who, name)
-    raise Preempted(signum)
-
-
-class CheckpointOnSignal(L.Callback):
-    """During fit: once any rank got a requeue signal, all ranks save `path` and stop."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        global _fitting
-        _fitting = True
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        global _fitting
-        _fitting = False
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exc: Any) -> None:
-        global _fitting
-        _fitting = False
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        signum = self._agreed_signal(trainer)
-        if not signum:
-            return
-        trainer.save_checkpoint(self.path)  # collective: rank 0 writes, all meet at a barrier
-        if trainer.is_global_zero:
-            log.warning("saved %s at step %d", self.path, trainer.global_step)
-        global _fitting
-        _fitting = False
+    _requested.append(signum)
+    if _armed and not _deferring:
+        log.warning("%s got %s: stopping now (finished artifacts are kept)", _who(), name)
         raise Preempted(signum)
+    if _deferring:
+        log.warning(
+            "%s got %s: stopping at the next batch (training saves last.ckpt)", _who(), name
+        )
+    else:
+        log.warning("%s got %s outside a stage: stopping before the next one", _who(), name)
 
-    @staticmethod
-    def _agreed_signal(trainer: L.Trainer) -> int:
-        """The signal any rank received (0: none). Ranks may get it a step apart, so they agree
-        on it every step; the same kind of one-element collective Lightning does for SIGTERM."""
-        mine = _requested[-1] if _requested else 0
-        if trainer.world_size <= 1:
-            return mine
-        flag = torch.tensor([mine], device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+
+def pending() -> int:
+    """The signal received and not acted upon yet (0: none)."""
+    return _requested[-1] if _requested else 0
+
+
+def raise_if_pending() -> None:
+    if _requested:
+        raise Preempted(_requested[-1])
+
+
+@contextlib.contextmanager
+def stage() -> Iterator[None]:
+    """A stage runs: from here a signal stops it (at once, or at Lightning's next batch); one
+    that came before (between two jobs of a sweep) stops it before it begins."""
+    global _armed
+    raise_if_pending()
+    _armed = True
+    try:
+        yield
+    finally:
+        _armed = False
+
+
+def stage_running() -> bool:
+    return _armed
+
+
+@contextlib.contextmanager
+def lightning_running() -> Iterator[None]:
+    """Around trainer.fit / test / predict: signals are recorded, not raised (an exception
+    while Lightning builds its loaders ends in an unrelated RuntimeError); the callbacks stop at
+    the next batch; a signal that came too late for them stops the stage when Lightning
+    returns."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if _armed and not _deferring:
+        raise_if_pending()
+
+
+# --- what happens after the stop ---------------------------------------------------------------
 
 
 def requeued_job() -> bool:
     """True in a SLURM job that was requeued (it must resume, even with overwrite=true)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    return restart_count() > 0
+
+
+def restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def slurm_job_id() -> str | None:
@@ -127,35 +168,76 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def requeue(signum: int, previous: Any = None) -> str:
-    """Put this job back in the queue (global rank 0 only); returns what was done, for the log.
+def _submitit_handler(signum: int) -> Any:
+    """submitit's requeue handler for this signal, if submitit installed one."""
+    handler = _previous.get(signum)
+    owner = getattr(handler, "__self__", None)
+    if callable(handler) and type(owner).__module__.startswith("submitit"):
+        return handler
+    return None
 
-    `previous` is the handler that was installed before ours: submitit's requeues the job and
-    exits this process (it counts time limits against max_num_timeout)."""
-    previous = previous if previous is not None else _previous.get(signum)
-    if callable(previous):
-        previous(signum, None)  # submitit: requeue and sys.exit (rank 0); returns elsewhere
-        return "handed over to the job's own handler"
+
+def after_stop(signum: int) -> str:
+    """What follows a stop by `signum` (global rank 0, or the process that started the ranks):
+    requeue the job where that is ours to do; returns what was done, for the log.
+
+    Under submitit, a time-limit signal goes to submitit's handler, which requeues the job and
+    exits this process (or, after max_num_timeout time limits, ends it)."""
     job = slurm_job_id()
+    if signum not in REQUEUE_SIGNALS:
+        if job:
+            return (
+                f"SLURM job {job} is requeued by SLURM if it was preempted or requeued, and "
+                "resumes then; a cancelled job stays cancelled"
+            )
+        return "re-run the same command to resume"
+    handler = _submitit_handler(signum)
+    if handler is not None:
+        _say(signum, "submitit requeues the job (a time limit counts against max_num_timeout)")
+        handler(signum, None)  # requeues and exits; returns on ranks other than 0
+        return "submitit's handler decided"
     if job and re.fullmatch(r"[0-9_]+", job):
+        restarts = restart_count()
+        if restarts >= _max_requeues:
+            return (
+                f"not requeued: SLURM job {job} has restarted {restarts} times "
+                f"(max_requeues={_max_requeues}); submit it again to resume"
+            )
         try:
             subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-            return f"requeued SLURM job {job}"
+            return f"requeued SLURM job {job} (restart {restarts + 1} of at most {_max_requeues})"
         except (OSError, subprocess.SubprocessError) as e:
-            return f"could not requeue SLURM job {job} ({e}); re-submit it to resume"
+            return f"could not requeue SLURM job {job} ({e}); submit it again to resume"
     return "re-run the same command to resume"
 
 
-def stopped(signum: int, started_rank: bool, is_rank_zero: bool) -> int:
-    """After Preempted reached the entry point: requeue (rank 0) and return the exit code."""
-    if started_rank:
-        return PREEMPTED_EXIT  # the launcher that started this rank requeues
-    if not is_rank_zero:
-        return 1
-    outcome = requeue(signum)
+def _say(signum: int, outcome: str) -> None:
     print(
         f"stopped by {signal.Signals(signum).name} after saving the run's state: {outcome}",
         file=sys.stderr,
         flush=True,
     )
-    return 1
+
+
+def stopped(signum: int, started_rank: bool, is_rank_zero: bool) -> int:
+    """After Preempted reached the entry point: act for the job (rank 0) and return the exit
+    code."""
+    _requested.clear()
+    _stopped_by.append(signum)
+    if started_rank:
+        return PREEMPTED_EXIT  # the launcher that started this rank acts for the job
+    if is_rank_zero:
+        outcome = after_stop(signum)
+        if outcome != "submitit's handler decided":
+            _say(signum, outcome)
+    return STOPPED_EXIT
+
+
+def stopped_by() -> int:
+    """The signal that stopped a job of this process (0: none)."""
+    return _stopped_by[-1] if _stopped_by else 0
+
+
+def note(signum: int) -> None:
+    """A signal that came while the job's ranks finished their work: no further job starts."""
+    _requested.append(signum)

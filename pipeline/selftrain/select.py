@@ -122,7 +122,8 @@ def select_from_shards(
 
     kept: list[dict[str, np.ndarray]] = []
     counts = np.zeros(20, np.int64)
-    # Rank 0 alone runs this under DDP: the metric must not try to sync across ranks.
+    # Called on one rank (rank 0 selects for all): no sync with the process group, which
+    # the other ranks are not calling (they would wait for rank 0 forever).
     ece = BinaryCalibrationError(n_bins=15, sync_on_compute=False)
     calibrated, bad = False, 0
     for shard, file in enumerate(files):
