@@ -106,7 +106,7 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
         net = build_net(cfg, task.num_classes)
         steps = fit(
             cfg, cfg.data, net, images, train_set, work, 0, epochs, {"num_classes": 10}, augment
-        )
+        ).steps
         if steps != epochs * per_epoch:  # both paths must do the same work
             raise RuntimeError(f"our path trained {steps} steps, the raw loop {epochs * per_epoch}")
 

@@ -393,3 +393,33 @@ def test_torchvision_sets_not_found_is_user_error(tmp_path, name):
 def test_torchvision_root_unset_is_user_error():
     with pytest.raises(UserError, match="data.root is not set"):
         load_data(data_cfg("cifar10", root=None))
+
+
+def test_epoch_batches_resumed_mid_epoch_go_on_with_the_rest_of_that_epoch():
+    """A run resumed from a checkpoint saved after k optimizer steps trains on the batches an
+    uninterrupted run trains on from step k: the rest of that epoch, in the same order."""
+    import numpy as np
+
+    from pipeline.engine.datamodule import EpochBatches
+
+    def make(rng):
+        order = rng.permutation(40)
+        return [order[i : i + 4] for i in range(0, 40, 4)]  # 10 batches of 4
+
+    def epochs(sampler, n):
+        out = []
+        for epoch in range(n):
+            sampler.set_epoch(epoch)
+            out += [b.tolist() for b in sampler]
+        return out
+
+    whole = epochs(EpochBatches(make, seed=3), 3)
+    for done in (0, 7, 10, 13, 29):
+        resumed = EpochBatches(make, seed=3, steps_done=lambda done=done: done)
+        rest = [b.tolist() for b in resumed]  # the epoch the checkpoint was saved in
+        epoch = done // 10
+        assert rest == whole[done : (epoch + 1) * 10], done
+    # With 2 batches per optimizer step, k steps are 2k batches.
+    resumed = EpochBatches(make, seed=3, steps_done=lambda: 2, accumulate=2)
+    assert [b.tolist() for b in resumed] == whole[4:10]
+    assert len(np.unique(np.concatenate(whole[:10]))) == 40

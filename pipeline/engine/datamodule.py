@@ -79,12 +79,24 @@ class EpochBatches(torch.utils.data.Sampler):
     `make(rng)` builds the whole epoch's batches (each of `train.batch_size` rows, the global
     batch) from a generator seeded by (seed, epoch), the same on every rank; rank r takes rows
     r, r + W, ... of every batch, so W ranks take the same optimizer steps on the same samples as
-    one process would, each with 1/W of the batch. Lightning calls set_epoch each epoch, and a
-    resumed run replays the same epochs.
+    one process would, each with 1/W of the batch. Lightning calls set_epoch each epoch.
+
+    `steps_done()`, when given, returns the optimizer steps trained so far and
+    `accumulate` the batches per step: the epoch and the batches of it already trained follow
+    from them, so a run resumed from a checkpoint saved mid-epoch (on a signal, or by time)
+    goes on with the rest of that epoch's batches, in the same order, instead of starting the
+    epoch over: it trains on exactly the samples an uninterrupted run would.
     """
 
-    def __init__(self, make: Callable[[np.random.Generator], list[np.ndarray]], seed: int) -> None:
+    def __init__(
+        self,
+        make: Callable[[np.random.Generator], list[np.ndarray]],
+        seed: int,
+        steps_done: Callable[[], int] | None = None,
+        accumulate: int = 1,
+    ) -> None:
         self.make, self.seed, self.epoch = make, seed, 0
+        self.steps_done, self.accumulate = steps_done, max(1, int(accumulate))
         self.rank, self.world = dist.rank(), dist.world_size()
         self._len = len(self._mine(make(np.random.default_rng(0))))
 
@@ -99,8 +111,13 @@ class EpochBatches(torch.utils.data.Sampler):
         return self._len
 
     def __iter__(self):
-        batches = self.make(np.random.default_rng([self.seed, self.epoch]))
-        return iter(self._mine(batches)[: self._len])
+        epoch, skip = self.epoch, 0
+        if self.steps_done is not None and self._len:
+            per_epoch = -(-self._len // self.accumulate)  # optimizer steps per epoch
+            epoch, done = divmod(self.steps_done(), per_epoch)
+            skip = done * self.accumulate
+        batches = self.make(np.random.default_rng([self.seed, epoch]))
+        return iter(self._mine(batches)[skip : self._len])
 
 
 def shard_batches(n: int, batch_size: int) -> list[np.ndarray]:
@@ -159,7 +176,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = val
         self.predict_batches = predict_batches
         self.on_bad_image, self.num_bad = on_bad_image, 0
-        self._step = 0
+        self._micro_step, self._micro = -1, 0  # the batch within an optimizer step
 
     def _loader(self, dataset: Batches, sampler: Any) -> torch.utils.data.DataLoader:
         gpu = torch.cuda.is_available()
@@ -173,8 +190,21 @@ class ImageDataModule(L.LightningDataModule):
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
 
+    def train_batches_per_epoch(self) -> int:
+        """This rank's training batches per epoch, known without building the loader (which
+        the optimizer's schedule would otherwise do before a checkpoint is restored, fixing
+        the resumed epoch's batches too early)."""
+        return len(EpochBatches(self.train_batches, self.seed))
+
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.train_set, EpochBatches(self.train_batches, self.seed))
+        trainer = self.trainer
+        sampler = EpochBatches(
+            self.train_batches,
+            self.seed,
+            steps_done=(lambda: trainer.global_step) if trainer is not None else None,
+            accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
+        )
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         # Like the test set: every val row on exactly one rank, none twice.
@@ -209,12 +239,19 @@ class ImageDataModule(L.LightningDataModule):
         if "bad" in batch:
             batch = self._drop_bad(batch)
         images = batch["image"]
-        if self.trainer is not None and self.trainer.training and self.augment is not None:
-            # A generator per (seed, step, rank): augmentation is reproducible, also on resume.
-            self._step += 1
-            gen = torch.Generator().manual_seed(
-                hash((self.seed, self.trainer.global_step, self._step, dist.rank())) % 2**62
-            )
+        training = self.trainer is not None and self.trainer.training
+        if training:
+            # Seeds per (seed, optimizer step, batch of that step, rank), so that a run resumed
+            # from a checkpoint saved mid-epoch draws what the uninterrupted run drew: one for
+            # the augmentation's generator, and torch's global generator (dropout, stochastic
+            # depth), whose state no checkpoint holds.
+            step = self.trainer.global_step
+            self._micro = self._micro + 1 if self._micro_step == step else 0
+            self._micro_step = step
+            count = step * self.trainer.accumulate_grad_batches + self._micro + 1  # from 1
+            torch.manual_seed(hash((self.seed, step, count, dist.rank(), 1)) % 2**62)
+        if training and self.augment is not None:
+            gen = torch.Generator().manual_seed(hash((self.seed, step, count, dist.rank())) % 2**62)
             x = self.augment(images, gen)
         else:
             x = images.float().div_(255)

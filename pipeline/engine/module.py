@@ -179,6 +179,21 @@ class LitClassifier(L.LightningModule):
             "bad_why": batch.get("bad_why", []),
         }
 
+    def _total_steps(self) -> int:
+        """The optimizer steps of the whole fit, for the schedule. Lightning's
+        estimated_stepping_batches builds and iterates the train loader to count them, before
+        a checkpoint is restored: the resumed epoch would then start over instead of going on
+        where the checkpoint left it. The data module counts its batches without a loader."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_batches_per_epoch"):
+            return int(trainer.estimated_stepping_batches)
+        per_epoch = -(-datamodule.train_batches_per_epoch() // trainer.accumulate_grad_batches)
+        total = per_epoch * max(1, trainer.max_epochs or 1)
+        return (
+            min(total, trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else total
+        )
+
     def configure_optimizers(self) -> Any:
         head = [
             p for n, p in self.net.named_parameters() if n.startswith("head.") and p.requires_grad
@@ -195,7 +210,7 @@ class LitClassifier(L.LightningModule):
             group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, self._total_steps())
         scheduler = self.scheduler_factory(optimizer, T_max=total)
         return {
             "optimizer": optimizer,

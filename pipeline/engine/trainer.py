@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ from pipeline.runtime.io import atomic_path
 from pipeline.runtime.launch import lightning_settings
 
 log = logging.getLogger("pipeline")
+
+# Resuming from a checkpoint saved mid-epoch is exact here: the train sampler
+# (engine/datamodule.py EpochBatches) goes on with the rest of that epoch's batches, from the
+# optimizer step the checkpoint holds. Lightning cannot see that and warns that it may not be.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
