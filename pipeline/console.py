@@ -25,22 +25,23 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         f"{summary.get('num_unlabelled')} unlabelled"
     )
     table = Table(title=title)
-    for col in (
-        "round",
-        "model",
-        "test acc",
-        "pseudo-labels",
-        "pseudo acc",
-        "class coverage min/max",
-    ):
+    # The architecture per round, where the rounds differ (a student larger than its teacher).
+    networks = [r.get("model") for r in rounds]
+    show_networks = len({n for n in networks if n}) > 1
+    columns = ["round", "model", *(["network"] if show_networks else [])]
+    for col in (*columns, "test acc", "pseudo-labels", "pseudo acc", "class coverage min/max"):
         table.add_column(col, justify="right")
     for r in rounds:
         cov = [c for c in (r.get("per_class_coverage") or []) if c is not None]
-        table.add_row(
-            str(r["round"]),
+        role = (
             "teacher"
             if r["round"] == 0 and summary["stage"] == "selftrain"
-            else ("student" if summary["stage"] == "selftrain" else summary["stage"]),
+            else ("student" if summary["stage"] == "selftrain" else summary["stage"])
+        )
+        table.add_row(
+            str(r["round"]),
+            role,
+            *([str(r.get("model") or "–")] if show_networks else []),
             _pct(r.get("test_accuracy")),
             str(r.get("num_pseudo", 0)),
             _pct(r.get("pseudo_accuracy")),

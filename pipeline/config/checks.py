@@ -9,7 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config.schema import FINETUNE_MODES, unknown_keys
+from pipeline.config.architecture import check_student_models
+from pipeline.config.schema import BALANCE_MODES, FINETUNE_MODES, unknown_keys
 from pipeline.errors import UserError
 from pipeline.stages import STAGES
 
@@ -117,8 +118,20 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"pseudo_label.temperature={pl.temperature} must be > 0")
     if pl.max_per_class is not None and pl.max_per_class < 1:
         raise UserError(f"pseudo_label.max_per_class={pl.max_per_class} must be >= 1 or null")
+    if pl.balance not in BALANCE_MODES:
+        raise UserError(
+            f"pseudo_label.balance={pl.balance!r}; choose one of {', '.join(BALANCE_MODES)} "
+            "(cap: at most K per class, K = pseudo_label.max_per_class or the median class count; "
+            "duplicate: also repeat the images of classes below K up to K)"
+        )
+    ema = cfg.train.get("ema_decay")
+    if ema is not None and not 0.0 <= ema < 1.0:
+        raise UserError(
+            f"train.ema_decay={ema} is outside [0, 1); pass a decay such as 0.999, or null (off)"
+        )
     if cfg.selftrain.rounds < 0:
         raise UserError(f"selftrain.rounds={cfg.selftrain.rounds} must be >= 0 (0: teacher only)")
+    check_student_models(cfg)
     if cfg.data.get("decode_on", "workers") not in ("workers", "device"):
         raise UserError(f"data.decode_on={cfg.data.decode_on}; choose workers or device")
     lpc = cfg.data.get("labels_per_class")
@@ -162,3 +175,30 @@ def validate(cfg: DictConfig) -> None:
             "stage=pretrain (or leave it out to pretrain inside this run)"
         )
     check_pretrain_source(cfg)
+    check_pretrained_students(cfg)
+
+
+def check_pretrained_students(cfg: DictConfig) -> None:
+    """init=pretrained with students of another architecture than `model`: each architecture
+    is pretrained inside the run on pretrain_data; a single pretrain.ckpt, or torchvision's
+    weights of `model`, cannot start them."""
+    if cfg.stage != "selftrain" or cfg.init != "pretrained":
+        return
+    from pipeline.config.architecture import round_names
+
+    others = sorted({n for n in round_names(cfg)[1:] if n != cfg.model.name})
+    if not others:
+        return
+    if cfg.pretrain.ckpt:
+        raise UserError(
+            f"init=pretrained with pretrain.ckpt={cfg.pretrain.ckpt} (one architecture) and "
+            f"students of model={', '.join(others)}: they cannot start from it; leave "
+            "pretrain.ckpt out (each architecture is then pretrained on pretrain_data) or train "
+            f"students of model={cfg.model.name}"
+        )
+    if cfg.pretrain_data.get("name") == "auto":
+        raise UserError(
+            f"init=pretrained with students of model={', '.join(others)} pretrains them on "
+            f"pretrain_data, which has no offline source for data={cfg.data.name}; pass "
+            "pretrain_data=NAME"
+        )

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pipeline.config.keys import run_name
 
 FINETUNE_MODES = ("full", "linear", "last_layers")
+BALANCE_MODES = ("none", "cap", "duplicate")
 
 
 @dataclass
@@ -25,12 +26,14 @@ class TrainConfig:
     min_steps: int = 300
     label_smoothing: float = 0.0
     checkpoint_every_s: float | None = 60.0
+    ema_decay: float | None = None
 
 
 @dataclass
 class PseudoLabelConfig:
     threshold: float = 0.8
     max_per_class: int | None = None
+    balance: str = "none"
     tta_views: int = 8
     soft: bool = False
     temperature: float = 1.0
@@ -45,6 +48,7 @@ class PseudoLabelConfig:
 @dataclass
 class SelfTrainConfig:
     rounds: int = 2
+    student_models: list[str] | None = None
 
 
 @dataclass
@@ -80,6 +84,7 @@ class PipelineConfig:
     data: Any = MISSING
     pretrain_data: Any = MISSING
     model: Any = MISSING
+    student_model: Any = MISSING
     trainer: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = None

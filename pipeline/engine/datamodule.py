@@ -10,7 +10,7 @@ op and normalised there (no per-sample PIL).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -201,22 +201,37 @@ class ImageDataModule(L.LightningDataModule):
         }
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        training = self.trainer is not None and self.trainer.training
+        predicting = self.trainer is not None and self.trainer.predicting
+        return self._prepare(batch, training, predicting)
+
+    def training_inputs(self, device: torch.device, max_batches: int) -> Iterator[torch.Tensor]:
+        """The training images as a training step gets them (augmented, normalised): one epoch
+        of this rank's batches, at most `max_batches` (e.g. to recompute BatchNorm statistics)."""
+        for i, batch in enumerate(self.train_dataloader()):
+            if i >= max_batches:
+                break
+            batch = self.transfer_batch_to_device(batch, device, 0)
+            yield self._prepare(batch, training=True, predicting=False)["image"]
+
+    def _prepare(self, batch: dict, training: bool, predicting: bool) -> dict:
         if "encoded" in batch:
             batch = self._decode(batch)
         if "bad" in batch:
             batch = self._drop_bad(batch)
         images = batch["image"]
-        if self.trainer is not None and self.trainer.training and self.augment is not None:
+        if training and self.augment is not None:
             # A generator per (seed, step, rank): augmentation is reproducible, also on resume.
             self._step += 1
+            step = self.trainer.global_step if self.trainer is not None else 0
             gen = torch.Generator().manual_seed(
-                hash((self.seed, self.trainer.global_step, self._step, dist.rank())) % 2**62
+                hash((self.seed, step, self._step, dist.rank())) % 2**62
             )
             x = self.augment(images, gen)
         else:
             x = images.float().div_(255)
         views = [x]
-        if self.predict_views is not None and self.trainer and self.trainer.predicting:
+        if self.predict_views is not None and predicting:
             # Test-time augmentation for pseudo-labels: the clean image and fixed views.
             views += self.predict_views(x)
         views = [(v - self.mean.to(v.device)) / self.std.to(v.device) for v in views]

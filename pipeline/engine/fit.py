@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline.data.arrays import ImageSet
 from pipeline.engine.datamodule import Batches, ImageDataModule, resolve_workers
+from pipeline.engine.ema import EMA
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, LitClassifier
 from pipeline.engine.trainer import build_trainer
 from pipeline.errors import UserError
@@ -119,13 +120,17 @@ def fit(
     )
     ckpt_dir = work_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
+    callbacks: list[L.Callback] = [CheckpointOnSignal(last)]  # "time is up": save, stop, requeue
+    ema = cfg.train.get("ema_decay")
+    if ema is not None:  # the network ends with its averaged weights (engine/ema.py)
+        callbacks.append(EMA(float(ema)))
     trainer = build_trainer(
         cfg.trainer,
         max_epochs=epochs,
         ckpt_dir=ckpt_dir,
         ckpt_every_s=cfg.train.get("checkpoint_every_s"),
         progress=cfg.progress,
-        callbacks=[CheckpointOnSignal(last)],  # a cluster's "time is up": save, stop, requeue
+        callbacks=callbacks,
         root_dir=work_dir,
     )
     if last.exists():

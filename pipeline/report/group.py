@@ -32,8 +32,10 @@ METRIC_COLUMNS = (
     "rounds",
     "final_num_pseudo",
     "final_pseudo_accuracy",
+    "models",
     "wall_time_s",
 )
+ROUND_ARROW = " → "  # between the architectures of successive rounds
 INT_COLUMNS = ("num_labelled", "num_unlabelled", "rounds", "final_num_pseudo")
 FLOAT_COLUMNS = ("teacher_test_accuracy", "final_test_accuracy", "final_pseudo_accuracy")
 
@@ -53,6 +55,12 @@ def job_metrics(job: Job) -> dict[str, Any]:
     final = summary.get("final_test_accuracy")
     if final is None and job.ok:
         final = last.get("test_accuracy")
+    names = [rounds[k].get("model") for k in sorted(rounds)]
+    models = (
+        ROUND_ARROW.join(str(n) for n in names)
+        if names and all(names)
+        else _first(summary.get("model"), job.config.get("model.name"))
+    )
     return {
         "stage": _first(job.config.get(STAGE_KEY), summary.get("stage")),
         "dataset": _first(summary.get("dataset"), job.config.get("data.name")),
@@ -63,6 +71,7 @@ def job_metrics(job: Job) -> dict[str, Any]:
         "rounds": last_round,
         "final_num_pseudo": last.get("num_pseudo"),
         "final_pseudo_accuracy": last.get("pseudo_accuracy"),
+        "models": models,
         "wall_time_s": summary.get("wall_time_s"),
     }
 
@@ -144,6 +153,7 @@ def group_stats(results: pd.DataFrame, groups: Groups) -> pd.DataFrame:
         final_mean=("final_test_accuracy", "mean"),
         final_std=("final_test_accuracy", "std"),
         n=("final_test_accuracy", "count"),
+        models=("models", lambda s: "; ".join(dict.fromkeys(str(x) for x in s.dropna()))),
     )
     stats = stats.reindex(range(len(groups.values)))
     stats[["teacher_n", "n"]] = stats[["teacher_n", "n"]].fillna(0).astype(int)

@@ -60,7 +60,7 @@ def train_model(
     hparams = hparams_for(cfg, data_cfg, task.num_classes)
     steps = None
     if run.exists(model_path):  # trained before a kill: evaluate it
-        net = load_net(cfg, model_path, task.num_classes)
+        net = load_net(cfg, model_path, task.num_classes, int(data_cfg.channels))
     else:
         torch.manual_seed(seed)  # the init depends on the seed only, also when a run resumes
         net = build_net(cfg, task.num_classes)
