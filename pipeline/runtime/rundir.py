@@ -44,6 +44,7 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
         self.phases: dict[str, float] = defaultdict(float)  # where this job's time went
+        self.cpu_start = time.process_time()  # this process's CPU seconds (all its threads)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

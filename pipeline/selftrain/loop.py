@@ -101,6 +101,9 @@ def summary(
         "final_test_accuracy": rounds[-1]["test_accuracy"],
         "teacher_test_accuracy": rounds[0]["test_accuracy"],
         "wall_time_s": round(time.time() - start, 2),
+        # CPU seconds of this rank's process (all threads): unlike the wall time, it does not
+        # grow when other jobs share the machine's cores
+        "cpu_time_s": round(time.process_time() - run.cpu_start, 1),
         "phase_seconds": {k: round(v, 2) for k, v in run.phases.items()},
         **extra,
     }
