@@ -27,26 +27,32 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         + f"{summary.get('num_unlabelled')} unlabelled"
     )
     table = Table(title=title)
-    columns = ["round", "model", "val acc", "test acc", "pseudo-labels", "pseudo acc"]
+    # The architecture per round, where the rounds differ (a student larger than its teacher).
+    networks = [r.get("model") for r in rounds]
+    show_networks = len({n for n in networks if n}) > 1
+    columns = ["round", "model", *(["network"] if show_networks else []), "val acc"]
+    columns += ["test acc", "pseudo-labels", "pseudo acc"]
     if not val:
         columns.remove("val acc")
     for col in (*columns, "class coverage min/max"):
         table.add_column(col, justify="right")
     for r in rounds:
         cov = [c for c in (r.get("per_class_coverage") or []) if c is not None]
-        row = [
-            str(r["round"]),
+        role = (
             "teacher"
             if r["round"] == 0 and summary["stage"] == "selftrain"
-            else ("student" if summary["stage"] == "selftrain" else summary["stage"]),
-            _pct(r.get("val_accuracy")),
+            else ("student" if summary["stage"] == "selftrain" else summary["stage"])
+        )
+        row = [
+            str(r["round"]),
+            role,
+            *([str(r.get("model") or "–")] if show_networks else []),
+            *([_pct(r.get("val_accuracy"))] if val else []),
             _pct(r.get("test_accuracy")),
             str(r.get("num_pseudo", 0)),
             _pct(r.get("pseudo_accuracy")),
             f"{_pct(min(cov))} / {_pct(max(cov))}" if cov else "–",
         ]
-        if not val:
-            del row[2]
         table.add_row(*row)
     console.print(table)
     chosen = (

@@ -397,10 +397,21 @@ def test_checkpoint_of_another_architecture(finished, work, user_dir, stage):
     ckpt = finished[0] / "round_0" / "model.ckpt"
     before = snapshot(user_dir)
     proc = cli(
-        *FAST, "model=resnet18", f"stage={stage}", f"ckpt={ckpt}", f"run_dir={user_dir}", cwd=work
+        *FAST, "model=resnet18", "stage=finetune", f"ckpt={ckpt}", f"run_dir={user_dir}", cwd=work
     )
     assert_bad_input(proc, "model=small_cnn")
     assert snapshot(user_dir) == before
+
+
+def test_checkpoint_of_another_architecture_is_evaluated_as_it_names(finished, work, user_dir):
+    # load_net builds the network a checkpoint names (a teacher may be another architecture)
+    ckpt = finished[0] / "round_0" / "model.ckpt"
+    proc = cli(
+        *FAST, "model=resnet18", "stage=evaluate", f"ckpt={ckpt}", f"run_dir={user_dir}", cwd=work
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((user_dir / "summary.json").read_text())
+    assert summary["model"] == "small_cnn" and summary["test_accuracy"] > 0.1
 
 
 UNUSABLE = {

@@ -263,6 +263,7 @@ def test_results_csv_has_one_row_per_job(report, tmp_path: Path) -> None:
         "rounds",
         "final_num_pseudo",
         "final_pseudo_accuracy",
+        "models",
         "wall_time_s",
     ]
     assert [r["job"] for r in rows] == [str(i) for i in range(9)]

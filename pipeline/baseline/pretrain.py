@@ -29,10 +29,12 @@ NOT_READ_BY_PRETRAINING = (
     "ckpt",
     "pseudo_in",
     "selftrain",
+    "student_model",  # a student's pretraining has its architecture in `model`
     "finetune",
     "train.epochs",
     "pseudo_label.threshold",
     "pseudo_label.max_per_class",
+    "pseudo_label.balance",
     "pseudo_label.soft",
     "pseudo_label.temperature",
     "pseudo_label.weight",
@@ -82,14 +84,15 @@ def pretrain(cfg: DictConfig, step: Step) -> dict[str, Any]:
     return step.finish(metrics)
 
 
-def pretrained_checkpoint(cfg: DictConfig, run: RunDir) -> Path | None:
-    """The pretrained weights this run starts from: pretrain.ckpt, torchvision weights (None:
-    the network loads them itself), or a pretraining run inside run_dir/pretrain."""
+def pretrained_checkpoint(cfg: DictConfig, run: RunDir, step_name: str = "pretrain") -> Path | None:
+    """The pretrained weights this run (its `model`) starts from: pretrain.ckpt, torchvision
+    weights (None: the network loads them itself), or a pretraining run inside
+    run_dir/<step_name>."""
     if cfg.pretrain.ckpt:
         return Path(cfg.pretrain.ckpt)
     if cfg.model.get("weights"):
         return None
-    step = run.step("pretrain")
+    step = run.step(step_name)
     if not step.done and not take_cached_pretraining(cfg, step):
         pretrain(cfg, step)
         share_pretraining(cfg, step)

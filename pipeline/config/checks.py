@@ -10,7 +10,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config.architecture import check_student_models
 from pipeline.config.schema import (
+    BALANCE_MODES,
     EXPORT_FORMATS,
     FINETUNE_MODES,
     OBJECTIVES,
@@ -253,8 +255,26 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"pseudo_label.temperature={pl.temperature} must be > 0")
     if pl.max_per_class is not None and pl.max_per_class < 1:
         raise UserError(f"pseudo_label.max_per_class={pl.max_per_class} must be >= 1 or null")
+    if pl.balance not in BALANCE_MODES:
+        raise UserError(
+            f"pseudo_label.balance={pl.balance!r}; choose one of {', '.join(BALANCE_MODES)} "
+            "(cap: at most K per class, K = pseudo_label.max_per_class or the median class count; "
+            "duplicate: also repeat the images of classes below K up to K)"
+        )
+    ema = cfg.train.get("ema_decay")
+    if ema is not None and not 0.0 <= ema < 1.0:
+        raise UserError(
+            f"train.ema_decay={ema} is outside [0, 1); pass a decay such as 0.999, or null (off)"
+        )
+    if ema is not None and cfg.train.get("select") == "best_val":
+        # The val checkpoints would hold the raw weights, the round the averaged ones.
+        raise UserError(
+            f"train.ema_decay={ema} with train.select=best_val is not supported: the averaged "
+            "weights are what each round keeps; pass train.select=last or train.ema_decay=null"
+        )
     if cfg.selftrain.rounds < 0:
         raise UserError(f"selftrain.rounds={cfg.selftrain.rounds} must be >= 0 (0: teacher only)")
+    check_student_models(cfg)
     if cfg.data.get("decode_on", "workers") not in ("workers", "device"):
         raise UserError(f"data.decode_on={cfg.data.decode_on}; choose workers or device")
     lpc = cfg.data.get("labels_per_class")
@@ -302,6 +322,7 @@ def validate(cfg: DictConfig) -> None:
     check_pretrain_source(cfg)
     check_validation(cfg)
     check_logger_packages(cfg)
+    check_pretrained_students(cfg)
 
 
 def check_predict(cfg: DictConfig) -> None:
@@ -333,4 +354,30 @@ def check_export(cfg: DictConfig) -> None:
     if cfg.format not in EXPORT_FORMATS:
         raise UserError(
             f"stage=export needs format={' or format='.join(EXPORT_FORMATS)} (got format={cfg.format})"
+        )
+
+
+def check_pretrained_students(cfg: DictConfig) -> None:
+    """init=pretrained with students of another architecture than `model`: each architecture
+    is pretrained inside the run on pretrain_data; a single pretrain.ckpt, or torchvision's
+    weights of `model`, cannot start them."""
+    if cfg.stage != "selftrain" or cfg.init != "pretrained":
+        return
+    from pipeline.config.architecture import round_names
+
+    others = sorted({n for n in round_names(cfg)[1:] if n != cfg.model.name})
+    if not others:
+        return
+    if cfg.pretrain.ckpt:
+        raise UserError(
+            f"init=pretrained with pretrain.ckpt={cfg.pretrain.ckpt} (one architecture) and "
+            f"students of model={', '.join(others)}: they cannot start from it; leave "
+            "pretrain.ckpt out (each architecture is then pretrained on pretrain_data) or train "
+            f"students of model={cfg.model.name}"
+        )
+    if cfg.pretrain_data.get("name") == "auto":
+        raise UserError(
+            f"init=pretrained with students of model={', '.join(others)} pretrains them on "
+            f"pretrain_data, which has no offline source for data={cfg.data.name}; pass "
+            "pretrain_data=NAME"
         )

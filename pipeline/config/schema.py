@@ -21,6 +21,7 @@ PREDICT_SUFFIXES = (".csv", ".parquet")
 SELECT_MODES = ("last", "best_val")
 # objective= -> the summary.json key a Hydra job returns to its sweeper (final round).
 OBJECTIVES = {"val_accuracy": "val_accuracy", "test_accuracy": "final_test_accuracy"}
+BALANCE_MODES = ("none", "cap", "duplicate")
 
 
 @dataclass
@@ -32,12 +33,14 @@ class TrainConfig:
     label_smoothing: float = 0.0
     checkpoint_every_s: float | None = 60.0
     select: str = "last"
+    ema_decay: float | None = None
 
 
 @dataclass
 class PseudoLabelConfig:
     threshold: float = 0.8
     max_per_class: int | None = None
+    balance: str = "none"
     tta_views: int = 8
     soft: bool = False
     temperature: float = 1.0
@@ -59,6 +62,7 @@ class PredictConfig:
 @dataclass
 class SelfTrainConfig:
     rounds: int = 2
+    student_models: list[str] | None = None
 
 
 @dataclass
@@ -98,6 +102,7 @@ class PipelineConfig:
     data: Any = MISSING
     pretrain_data: Any = MISSING
     model: Any = MISSING
+    student_model: Any = MISSING
     trainer: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = None

@@ -9,7 +9,7 @@ op and normalised there (no per-sample PIL).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -234,21 +234,41 @@ class ImageDataModule(L.LightningDataModule):
         }
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        training = self.trainer is not None and self.trainer.training
+        predicting = self.trainer is not None and self.trainer.predicting
+        return self._prepare(batch, training, predicting)
+
+    def training_inputs(self, device: torch.device, max_batches: int) -> Iterator[torch.Tensor]:
+        """The training images as a training step gets them (augmented, normalised): one epoch
+        of this rank's batches, at most `max_batches` (e.g. to recompute BatchNorm statistics).
+        The same images whether or not a Trainer is attached: the first epoch's batches, with
+        the augmentation of optimizer steps 0, 1, ..."""
+        loader = self._loader(self.train_set, EpochBatches(self.train_batches, self.seed))
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            batch = self.transfer_batch_to_device(batch, device, 0)
+            yield self._prepare(batch, training=True, predicting=False, step=i)["image"]
+
+    def _prepare(
+        self, batch: dict, training: bool, predicting: bool, step: int | None = None
+    ) -> dict:
         if "encoded" in batch:
             batch = self._decode(batch)
         if "bad" in batch:
             batch = self._drop_bad(batch)
         images = batch["image"]
-        training = self.trainer is not None and self.trainer.training
         if training:
             # Seeds per (seed, optimizer step, batch of that step, rank), so that a run resumed
             # from a checkpoint saved mid-epoch draws what the uninterrupted run drew: one for
             # the augmentation's generator, and torch's global generator (dropout, stochastic
             # depth), whose state no checkpoint holds.
-            step = self.trainer.global_step
+            replay = step is not None or self.trainer is None  # outside a Trainer's fit
+            step = (step or 0) if replay else self.trainer.global_step
+            accumulate = 1 if replay else self.trainer.accumulate_grad_batches
             self._micro = self._micro + 1 if self._micro_step == step else 0
             self._micro_step = step
-            count = step * self.trainer.accumulate_grad_batches + self._micro + 1  # from 1
+            count = step * accumulate + self._micro + 1  # from 1
             torch.manual_seed(hash((self.seed, step, count, dist.rank(), 1)) % 2**62)
         if training and self.augment is not None:
             gen = torch.Generator().manual_seed(hash((self.seed, step, count, dist.rank())) % 2**62)
@@ -256,7 +276,7 @@ class ImageDataModule(L.LightningDataModule):
         else:
             x = images.float().div_(255)
         views = [x]
-        if self.predict_views is not None and self.trainer and self.trainer.predicting:
+        if self.predict_views is not None and predicting:
             # Test-time augmentation for pseudo-labels: the clean image and fixed views.
             views += self.predict_views(x)
         views = [(v - self.mean.to(v.device)) / self.std.to(v.device) for v in views]

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from pipeline.data.arrays import ImageSet
 from pipeline.engine.datamodule import Batches, ImageDataModule, resolve_workers
+from pipeline.engine.ema import EMA
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
 from pipeline.engine.trainer import CheckpointOnSignal, build_trainer
 from pipeline.errors import UserError
@@ -175,6 +176,9 @@ def fit(
             save_on_train_epoch_end=False,  # when VAL_ACC of the epoch is known
         )
         callbacks.append(best)
+    ema = cfg.train.get("ema_decay")
+    if ema is not None:  # the network ends with its averaged weights (engine/ema.py)
+        callbacks.append(EMA(float(ema)))
     trainer = build_trainer(
         cfg.trainer,
         max_epochs=epochs,

@@ -62,37 +62,93 @@ def build_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     return instantiate(cfg.model.net, num_classes=num_classes)
 
 
-def refuse_other_model(cfg: DictConfig, ckpt: dict[str, Any], what: str, hint: str = "") -> None:
+def recorded_model(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The model config a checkpoint of this pipeline records (None: a foreign checkpoint)."""
+    model = (ckpt.get("hyper_parameters") or {}).get("model")
+    if isinstance(model, dict) and isinstance(model.get("net"), dict):
+        return model
+    return None
+
+
+def build_recorded_net(model: dict[str, Any], num_classes: int, what: str) -> torch.nn.Module:
+    """The network a checkpoint names, built without running anything else it might name: the
+    target must be one of the pipeline's networks (`pipeline.models.NAME`), its arguments plain
+    values; torchvision weights are not fetched (the checkpoint's own weights replace them)."""
+    import pipeline.models as networks
+
+    net = model["net"]
+    target = str(net.get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    if module != networks.__name__ or name not in networks.NETWORKS:
+        known = ", ".join(f"{networks.__name__}.{n}" for n in networks.NETWORKS)
+        raise UserError(
+            f"{what} names the network {target!r}, which is not one of the pipeline's "
+            f"({known}); refusing to build it"
+        )
+    kwargs = {k: v for k, v in net.items() if not str(k).startswith("_")}
+    if any(isinstance(v, dict) for v in kwargs.values()):
+        raise UserError(f"{what} gives {target} a nested argument; expected plain values")
+    if "weights" in kwargs:
+        kwargs["weights"] = None
+    kwargs["num_classes"] = num_classes
+    return getattr(networks, name)(**kwargs)
+
+
+def refuse_other_model(
+    cfg: DictConfig, ckpt: dict[str, Any], what: str, hint: str = "", this: str = "this run has"
+) -> None:
     """A checkpoint of another architecture than cfg.model cannot load: say which to pass."""
-    made_with = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
+    made_with = (recorded_model(ckpt) or {}).get("name")
     if made_with and made_with != cfg.model.name:
         raise UserError(
-            f"{what} is a model={made_with}, this run has model={cfg.model.name}; "
+            f"{what} is a model={made_with}, {this} model={cfg.model.name}; "
             f"pass model={made_with}{hint}"
         )
 
 
-def load_net(cfg: DictConfig, ckpt_path: str | Path, num_classes: int) -> torch.nn.Module:
-    """The configured network with a checkpoint's weights; refuses a checkpoint made for another
-    architecture or class count with a line that says which."""
+def load_net(
+    cfg: DictConfig, ckpt_path: str | Path, num_classes: int, channels: int | None = None
+) -> torch.nn.Module:
+    """The network a checkpoint names (its recorded model config: a round's teacher may be
+    another architecture than cfg.model), with the checkpoint's weights; a checkpoint that records
+    no model is loaded into cfg.model. Refuses a checkpoint made for another class count or
+    number of input channels (default: cfg.data.channels) with a line that says which."""
     ckpt = load_checkpoint(ckpt_path)
     hp = ckpt.get("hyper_parameters", {}) or {}
-    refuse_other_model(cfg, ckpt, f"checkpoint {ckpt_path}")
     if hp.get("num_classes") not in (None, num_classes):
         raise UserError(
             f"checkpoint {ckpt_path} predicts {hp['num_classes']} classes, the data has "
             f"{num_classes}; use a checkpoint trained on this dataset (or stage=finetune)"
         )
-    net = build_net(cfg, num_classes)
+    channels = int(cfg.data.channels) if channels is None else channels
+    if hp.get("in_channels") not in (None, channels):
+        raise UserError(
+            f"checkpoint {ckpt_path} takes {hp['in_channels']}-channel images, the data has "
+            f"{channels}; use a checkpoint trained on images like these"
+        )
+    model = recorded_model(ckpt)
+    if model is not None:
+        name = model.get("name")
+        if name != cfg.model.get("name"):
+            log.info("%s is a model=%s: built as it names", ckpt_path, name)
+        net = build_recorded_net(model, num_classes, f"checkpoint {ckpt_path}")
+    else:
+        name = cfg.model.name
+        net = build_net(cfg, num_classes)
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else "mismatch"
         raise UserError(
-            f"checkpoint {ckpt_path} does not fit model={cfg.model.name} ({first[:150]})"
+            f"checkpoint {ckpt_path} does not fit model={name} ({first[:150]})"
         ) from None
     return net
+
+
+def checkpoint_model_name(ckpt_path: str | Path) -> str | None:
+    """The architecture a checkpoint names (None: it records none)."""
+    return (recorded_model(load_checkpoint(ckpt_path)) or {}).get("name")
 
 
 def model_checkpoint(net: torch.nn.Module, hparams: dict[str, Any], extra: dict) -> dict:
@@ -112,7 +168,11 @@ def init_from_pretrained(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path)
     matches: the source's classes are not the target's (Zoph et al. fine-tune a new head)."""
     ckpt = load_checkpoint(ckpt_path)
     refuse_other_model(
-        cfg, ckpt, f"pretrained checkpoint {ckpt_path}", f" or pretrain with model={cfg.model.name}"
+        cfg,
+        ckpt,
+        f"pretrained checkpoint {ckpt_path}",
+        f" or pretrain with model={cfg.model.name}",
+        this="the network to start from it is a",
     )
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
     try:

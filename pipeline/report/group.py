@@ -34,8 +34,10 @@ METRIC_COLUMNS = (
     "rounds",
     "final_num_pseudo",
     "final_pseudo_accuracy",
+    "models",
     "wall_time_s",
 )
+ROUND_ARROW = " → "  # between the architectures of successive rounds
 INT_COLUMNS = ("num_labelled", "num_unlabelled", "rounds", "final_num_pseudo")
 FLOAT_COLUMNS = (
     "teacher_test_accuracy",
@@ -60,6 +62,12 @@ def job_metrics(job: Job) -> dict[str, Any]:
     final = summary.get("final_test_accuracy")
     if final is None and job.ok:
         final = last.get("test_accuracy")
+    names = [rounds[k].get("model") for k in sorted(rounds)]
+    models = (
+        ROUND_ARROW.join(str(n) for n in names)
+        if names and all(names)
+        else _first(summary.get("model"), job.config.get("model.name"))
+    )
     return {
         "stage": _first(job.config.get(STAGE_KEY), summary.get("stage")),
         "dataset": _first(summary.get("dataset"), job.config.get("data.name")),
@@ -73,6 +81,7 @@ def job_metrics(job: Job) -> dict[str, Any]:
         "rounds": last_round,
         "final_num_pseudo": last.get("num_pseudo"),
         "final_pseudo_accuracy": last.get("pseudo_accuracy"),
+        "models": models,
         "wall_time_s": summary.get("wall_time_s"),
     }
 
@@ -157,6 +166,7 @@ def group_stats(results: pd.DataFrame, groups: Groups) -> pd.DataFrame:
         val_mean=("final_val_accuracy", "mean"),
         val_std=("final_val_accuracy", "std"),
         val_n=("final_val_accuracy", "count"),
+        models=("models", lambda s: "; ".join(dict.fromkeys(str(x) for x in s.dropna()))),
     )
     stats = stats.reindex(range(len(groups.values)))
     counts = ["teacher_n", "n", "val_n"]

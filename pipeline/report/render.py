@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.report.group import Groups
+from pipeline.report.group import ROUND_ARROW, Groups
 from pipeline.report.keys import (
     BUDGET_KEY,
     DASH,
@@ -52,6 +52,8 @@ def render_main_table(stats: pd.DataFrame, groups: Groups, commands: Sequence[st
     table = pd.DataFrame(
         {k: [display_value(v[k]) for v in groups.values] for k in groups.keys}, index=stats.index
     )
+    if differing_networks(stats):  # students of another architecture than their teacher
+        table["networks per round"] = stats["models"].fillna(DASH).replace("", DASH)
     table["teacher acc (%)"] = [
         format_pct(s.teacher_mean, s.teacher_std, s.teacher_n) for s in stats.itertuples()
     ]
@@ -100,6 +102,16 @@ def render_selection(jobs: Sequence[Job]) -> str | None:
             "sweeper tuned on it, the test accuracies here are optimistic**"
         )
     return "; ".join(parts)
+
+
+def differing_networks(stats: pd.DataFrame) -> bool:
+    """Whether some group's rounds trained more than one architecture."""
+    if "models" not in stats:
+        return False
+    return any(
+        len(set(str(m).replace(";", ROUND_ARROW).split(ROUND_ARROW))) > 1
+        for m in stats["models"].dropna()
+    )
 
 
 def render_budget_pivot(frame: pd.DataFrame) -> str:

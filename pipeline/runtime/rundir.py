@@ -48,6 +48,7 @@ class RunDir:
         # point): `.lightning` the Lightning loggers, `.prefix(step_path)` its metrics' prefix,
         # `.step_finished(step_path, metrics)` told of every finished step.
         self.tracker: Any = None
+        self.cpu_start = time.process_time()  # this process's CPU seconds (all its threads)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

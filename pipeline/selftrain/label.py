@@ -30,7 +30,13 @@ from pipeline.models.checkpoint import load_net
 from pipeline.runtime import io
 from pipeline.runtime.rundir import RunDir, Step
 from pipeline.selftrain import noise
-from pipeline.selftrain.select import PseudoLabels, per_class_stats, select_from_shards
+from pipeline.selftrain.select import (
+    PseudoLabels,
+    balance_target,
+    duplicate_to_k,
+    per_class_stats,
+    select_from_shards,
+)
 from pipeline.selftrain.teacher import data_augment
 
 PSEUDO_LABELS = "pseudo_labels.npz"
@@ -169,11 +175,18 @@ def select_and_write(
                 f"(e.g. {missing[0]}); run the jobs of pseudo_label.shard=... first"
             )
         pl = cfg.pseudo_label
+        balance = str(pl.get("balance", "none"))
         kept, stats = select_from_shards(
-            files, plan, pl.threshold, pl.max_per_class, pl.soft, pl.temperature, truth
+            files, plan, pl.threshold, pl.max_per_class, pl.soft, pl.temperature, truth, balance
         )
         io.write_npz(out, kept.arrays())
         diagnostics: dict[str, Any] = {"num_pseudo": len(kept)}
+        if balance != "none":
+            diagnostics["balance"] = balance
+            diagnostics["balance_k"] = balance_target(kept.label, pl.max_per_class)
+        if balance == "duplicate" and len(kept):
+            k = diagnostics["balance_k"]
+            diagnostics["num_pseudo_rows"] = len(duplicate_to_k(kept.label, kept.confidence, k))
         diagnostics.update(per_class_stats(kept, truth, num_classes, plan.n))
         diagnostics.update(stats)
         return diagnostics

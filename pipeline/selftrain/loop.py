@@ -6,16 +6,20 @@
 4. train a noised student on the merge and evaluate it on the test set;
 5. iterate: the student is the next round's teacher.
 
-Each round is a step of the run dir (round_K/): a finished round is read back, never redone.
+Each round trains the network config/architecture.py names for it (round 0: `model`; round k:
+`selftrain.student_models[k-1]` or `student_model`); a teacher is loaded as its checkpoint
+names it, so a student may be larger than its teacher (Noisy Student). Each round is a step of the run dir (round_K/): a finished round is read back, never redone.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from pipeline.config.architecture import round_config
 from pipeline.data.task import Task, prepare_task
 from pipeline.runtime.rundir import RunDir
 from pipeline.selftrain.label import label_unlabelled
@@ -27,11 +31,6 @@ def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     start = time.time()
     with run.timed("data"):
         task = prepare_task(cfg.data, cfg.seed, run)
-    pretrained = None
-    if cfg.init == "pretrained":
-        from pipeline.baseline.pretrain import pretrained_checkpoint
-
-        pretrained = pretrained_checkpoint(cfg, run)
     rounds = []
     for k in range(cfg.selftrain.rounds + 1):
         step = run.step(f"round_{k}")
@@ -39,18 +38,37 @@ def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             rounds.append(step.result())
             continue
         seed = cfg.seed * 1000 + k
-        metrics: dict[str, Any] = {"round": k, "num_pseudo": 0, "pseudo_accuracy": None}
+        net_cfg = round_config(cfg, k)  # cfg with `model` = this round's network
+        pretrained = pretrained_for(cfg, net_cfg, run) if cfg.init == "pretrained" else None
+        metrics: dict[str, Any] = {
+            "round": k,
+            "model": str(net_cfg.model.name),
+            "num_pseudo": 0,
+            "pseudo_accuracy": None,
+        }
         if k == 0:
-            _, test = train_teacher(cfg, task, step, seed, pretrained)
+            _, test = train_teacher(net_cfg, task, step, seed, pretrained)
         else:
-            teacher = run / f"round_{k - 1}" / "model.ckpt"
+            teacher = run / f"round_{k - 1}" / "model.ckpt"  # it names its own architecture
             pseudo, diagnostics = label_unlabelled(cfg, task, teacher, step)
             metrics.update(diagnostics)
-            _, test = train_student(cfg, task, step, seed, pseudo, pretrained)
+            _, test = train_student(net_cfg, task, step, seed, pseudo, pretrained)
         metrics.update(test)
         metrics.update({"num_labelled": len(task.labelled), "num_unlabelled": len(task.unlabelled)})
         rounds.append(step.finish(metrics))
     return summary(cfg, run, "selftrain", task, rounds, start)
+
+
+def pretrained_for(cfg: DictConfig, net_cfg: DictConfig, run: RunDir) -> Path | None:
+    """The pretrained weights a round of this architecture starts from (init=pretrained): the
+    pretraining of `model` in run_dir/pretrain, of a student of another architecture in
+    run_dir/pretrain_<its name> (each architecture is pretrained once, on the same source, and
+    shared through pretrain.cache_dir like any pretraining)."""
+    from pipeline.baseline.pretrain import pretrained_checkpoint
+
+    name = str(net_cfg.model.name)
+    step = "pretrain" if name == cfg.model.name else f"pretrain_{name}"
+    return pretrained_checkpoint(net_cfg, run, step)
 
 
 def summary(
@@ -68,6 +86,7 @@ def summary(
     the test split)."""
     keep = (
         "round",
+        "model",
         "test_accuracy",
         "val_accuracy",
         "selected_by",
@@ -91,6 +110,9 @@ def summary(
         "val_source": task.val_source,
         "selected_by": rounds[-1].get("selected_by", "last"),
         "wall_time_s": round(time.time() - start, 2),
+        # CPU seconds of this rank's process (all threads): unlike the wall time, it does not
+        # grow when other jobs share the machine's cores
+        "cpu_time_s": round(time.process_time() - run.cpu_start, 1),
         "phase_seconds": {k: round(v, 2) for k, v in run.phases.items()},
         **extra,
     }

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.selftrain.select import PseudoLabels
+from pipeline.selftrain.select import PseudoLabels, duplicate_to_k
 
 
 @dataclass
@@ -75,13 +75,26 @@ def merge_labelled_and_pseudo(
     pseudo: PseudoLabels | None,
     num_classes: int,
     pseudo_weight: float = 1.0,
+    duplicate_to: int | None = None,
 ) -> TrainingSet:
     """Labelled samples (one-hot, weight 1) followed by the kept pseudo-labelled ones.
 
     Soft pseudo-labels keep the teacher's (sharpened) probabilities as targets; hard ones are
     one-hot. Only the teacher's outputs enter here, never the unlabelled set's true labels.
+    `duplicate_to=K` (pseudo_label.balance=duplicate): the pseudo-labelled rows of classes with
+    fewer than K are repeated up to K (select.duplicate_to_k), so several rows may reference the
+    same image.
     """
     n_lab = len(labelled_labels)
+    if pseudo is not None and duplicate_to is not None and len(pseudo):
+        rows = duplicate_to_k(pseudo.label, pseudo.confidence, duplicate_to)
+        pseudo = PseudoLabels(
+            index=pseudo.index[rows],
+            label=pseudo.label[rows],
+            confidence=pseudo.confidence[rows],
+            probs=pseudo.probs[rows] if pseudo.probs is not None else None,
+            classes=pseudo.classes[rows] if pseudo.classes is not None else None,
+        )
     n = len(pseudo) if pseudo is not None else 0
     return TrainingSet(
         source=np.concatenate([np.zeros(n_lab, np.int8), np.ones(n, np.int8)]),

@@ -74,6 +74,46 @@ def cap_per_class(
     return keep
 
 
+def balance_target(label: np.ndarray, max_per_class: int | None) -> int | None:
+    """K of class balancing (Noisy Student): `max_per_class` when given, else the median of the
+    per-class counts of the classes that have any (the upper median, a count some class has: so
+    capping at K leaves K the median, and the merge step finds the K the selection used).
+    None when nothing was kept."""
+    if max_per_class is not None:
+        return int(max_per_class)
+    counts = np.bincount(np.asarray(label, dtype=np.int64))
+    counts = np.sort(counts[counts > 0])
+    return int(counts[len(counts) // 2]) if len(counts) else None
+
+
+def class_cap(balance: str, label: np.ndarray, max_per_class: int | None) -> int | None:
+    """The per-class cap the selection applies: with balance=none, `max_per_class` (null: no
+    cap); with cap or duplicate, K (balance_target)."""
+    if balance == "none":
+        return max_per_class
+    return balance_target(label, max_per_class)
+
+
+def duplicate_to_k(label: np.ndarray, confidence: np.ndarray, k: int) -> np.ndarray:
+    """Noisy Student's duplication: the rows of a class with fewer than `k` kept pseudo-labels
+    repeated up to `k`, cycling through them most confident first (ties: lower row first).
+
+    Returns row numbers into `label` / `confidence`: every row once, in order, then the
+    duplicates class by class. Classes with `k` or more rows (capped before) and classes with
+    none are left as they are.
+    """
+    label = np.asarray(label)
+    confidence = np.asarray(confidence)
+    rows = [np.arange(len(label), dtype=np.int64)]
+    for c in np.unique(label):
+        members = np.flatnonzero(label == c)
+        if len(members) >= k:
+            continue
+        by_confidence = members[np.argsort(-confidence[members], kind="stable")]
+        rows.append(np.resize(by_confidence, k)[len(members) :].astype(np.int64))
+    return np.concatenate(rows)
+
+
 def select_pseudo_labels(
     index: torch.Tensor,
     probs: torch.Tensor,
@@ -81,8 +121,10 @@ def select_pseudo_labels(
     max_per_class: int | None = None,
     soft: bool = False,
     temperature: float = 1.0,
+    balance: str = "none",
 ) -> PseudoLabels:
-    """From the teacher's probabilities on the unlabelled set, the pseudo-labels to keep.
+    """From the teacher's probabilities on the unlabelled set, the pseudo-labels to keep
+    (each sample at most once: duplication for balance=duplicate happens in the merge).
 
     `index` holds each row's position in the unlabelled set (gathered by index, never by order).
     """
@@ -92,7 +134,8 @@ def select_pseudo_labels(
     index, probs = index[order], probs[order].float()
     confidence, label = probs.max(dim=1)
     mask = select_confident(confidence, threshold)
-    mask = cap_per_class(label, confidence, mask, max_per_class)
+    cap = class_cap(balance, label[mask].numpy(), max_per_class)
+    mask = cap_per_class(label, confidence, mask, cap)
     kept = torch.nonzero(mask).flatten()
     return PseudoLabels(
         index=index[kept].numpy().astype(np.int64),
@@ -110,6 +153,7 @@ def select_from_shards(
     soft: bool,
     temperature: float,
     truth: np.ndarray | None,
+    balance: str = "none",
 ) -> tuple[PseudoLabels, dict[str, Any]]:
     """select_pseudo_labels over the shard files of a labelling pass, one file at a time: the
     same pseudo-labels as over all predictions at once, with memory for what passes the
@@ -146,7 +190,8 @@ def select_from_shards(
         kept.append({k: v[mask] for k, v in rows.items()})
     c = {k: np.concatenate([part[k] for part in kept]) for k in kept[0]} if kept else {}
     label, confidence = torch.from_numpy(c["label"]), torch.from_numpy(c["confidence"])
-    keep = cap_per_class(label, confidence, torch.ones_like(label, dtype=torch.bool), max_per_class)
+    cap = class_cap(balance, c["label"], max_per_class) if c else max_per_class
+    keep = cap_per_class(label, confidence, torch.ones_like(label, dtype=torch.bool), cap)
     keep_np = keep.numpy()
     probs, classes = None, None
     if soft and "probs" in c:

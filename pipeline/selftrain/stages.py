@@ -12,12 +12,11 @@ from omegaconf import DictConfig
 from pipeline.data.task import prepare_task
 from pipeline.engine.fit import evaluate
 from pipeline.errors import UserError
-from pipeline.models.checkpoint import load_net
+from pipeline.models.checkpoint import checkpoint_model_name, load_net
 from pipeline.runtime.rundir import RunDir
 from pipeline.selftrain.label import label_shards, pseudo_label, read_pseudo_labels
 from pipeline.selftrain.loop import summary
-from pipeline.selftrain.merge import merge_labelled_and_pseudo
-from pipeline.selftrain.student import train_student
+from pipeline.selftrain.student import student_training_set, train_student
 from pipeline.selftrain.teacher import train_teacher
 
 
@@ -68,6 +67,7 @@ def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     )
     return {
         "stage": "pseudolabel",
+        "model": checkpoint_model_name(cfg.ckpt) or str(cfg.model.name),
         "out": str(out),
         "num_pseudo": len(pseudo),
         "num_unlabelled": len(task.unlabelled),
@@ -87,9 +87,7 @@ def run_merge(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         raise UserError("stage=merge needs pseudo_in=PATH/pseudo_labels.npz")
     task = prepare_task(cfg.data, cfg.seed, run)
     pseudo = read_pseudo_labels(Path(cfg.pseudo_in), len(task.unlabelled), task.num_classes)
-    merged = merge_labelled_and_pseudo(
-        task.labelled.labels.numpy(), pseudo, task.num_classes, cfg.pseudo_label.weight
-    )
+    merged = student_training_set(cfg, task, pseudo)
     run.write_npz(run / "train_set.npz", merged.arrays())
     return {
         "stage": "merge",
@@ -104,6 +102,7 @@ def run_evaluate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     task = prepare_task(cfg.data, cfg.seed, None)
     net = load_net(cfg, cfg.ckpt, task.num_classes)
     metrics = evaluate(cfg, cfg.data, net, task.test)
-    metrics.update({"ckpt": str(cfg.ckpt), "dataset": str(cfg.data.name)})
+    model = checkpoint_model_name(cfg.ckpt) or str(cfg.model.name)
+    metrics.update({"ckpt": str(cfg.ckpt), "model": model, "dataset": str(cfg.data.name)})
     run.step().finish(metrics)
     return {"stage": "evaluate", **metrics}

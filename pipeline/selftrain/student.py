@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from pipeline.data.task import Task
 from pipeline.runtime.rundir import Step
-from pipeline.selftrain.merge import merge_labelled_and_pseudo
-from pipeline.selftrain.select import PseudoLabels
+from pipeline.selftrain.merge import TrainingSet, merge_labelled_and_pseudo
+from pipeline.selftrain.select import PseudoLabels, balance_target
 from pipeline.selftrain.teacher import train_model
 
 
@@ -27,7 +27,24 @@ def train_student(
     pretrained: Path | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Merge the labelled set with the pseudo-labels, train a student on it, evaluate it."""
-    train_set = merge_labelled_and_pseudo(
-        task.labelled.labels.numpy(), pseudo, task.num_classes, cfg.pseudo_label.weight
-    )
+    train_set = student_training_set(cfg, task, pseudo)
     return train_model(cfg, task, step, seed, train_set, pretrained, phase="students")
+
+
+def duplicate_target(cfg: DictConfig, pseudo: PseudoLabels | None) -> int | None:
+    """K up to which the classes' pseudo-labels are duplicated (pseudo_label.balance=duplicate;
+    K = pseudo_label.max_per_class, or the median class count); None: no duplication."""
+    if cfg.pseudo_label.get("balance", "none") != "duplicate" or pseudo is None:
+        return None
+    return balance_target(pseudo.label, cfg.pseudo_label.max_per_class)
+
+
+def student_training_set(cfg: DictConfig, task: Task, pseudo: PseudoLabels | None) -> TrainingSet:
+    """The labelled set merged with the kept pseudo-labels (balanced as configured)."""
+    return merge_labelled_and_pseudo(
+        task.labelled.labels.numpy(),
+        pseudo,
+        task.num_classes,
+        cfg.pseudo_label.weight,
+        duplicate_to=duplicate_target(cfg, pseudo),
+    )

@@ -71,7 +71,7 @@ def train_model(
     tracker = run.tracker
     steps = None
     if run.exists(model_path):  # trained before a kill: evaluate it
-        net = load_net(cfg, model_path, task.num_classes)
+        net = load_net(cfg, model_path, task.num_classes, int(data_cfg.channels))
         trained = {k: v for k, v in (load_checkpoint(model_path).get("pipeline") or {}).items()
                    if k in TRAINING_RECORD}  # fmt: skip
     else:

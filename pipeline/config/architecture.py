@@ -1,0 +1,101 @@
+"""Which network each self-training round trains (Noisy Student: a student equal to or larger
+than its teacher).
+
+Round 0, the teacher, is `model`. Round k >= 1 is `selftrain.student_models[k-1]` when that list
+is given (names of the model group, conf/model/NAME.yaml, or `same` for `model`; rounds past
+the end of the list keep its last entry), else `student_model` (a config group mirroring
+`model`, default `same`). The teacher of round k+1 is the student of round k, whatever its
+architecture: its checkpoint names it (models/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import UserError
+
+MODEL_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "model"
+SAME = "same"
+
+
+def model_options() -> list[str]:
+    """The model group's options (conf/model/*.yaml)."""
+    return sorted(p.stem for p in MODEL_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def model_option(name: str) -> DictConfig:
+    """conf/model/NAME.yaml with its defaults list applied (options of the same group and
+    `_self_`: what the model files use), interpolations left as they are."""
+    path = MODEL_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"selftrain.student_models names model {name!r}, which is not an option of the model "
+            f"group; choose from {', '.join([SAME, *model_options()])}"
+        )
+    node = OmegaConf.load(path)
+    defaults = node.pop("defaults", None) or []
+    merged = OmegaConf.create()
+    self_merged = False
+    for entry in defaults:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, node)
+            self_merged = True
+        elif isinstance(entry, str):
+            merged = OmegaConf.merge(merged, model_option(entry))
+        else:
+            raise UserError(f"conf/model/{name}.yaml: unsupported defaults entry {entry!r}")
+    return OmegaConf.merge(merged, node) if not self_merged else merged
+
+
+def round_model(cfg: DictConfig, k: int) -> DictConfig:
+    """The (resolved) model config of round k."""
+    if k == 0:
+        return cfg.model
+    names = cfg.selftrain.get("student_models")
+    if not names:
+        return cfg.student_model
+    name = str(names[min(k, len(names)) - 1])
+    if name == SAME:
+        return cfg.model
+    # Interpolations (${data.num_classes}, ${..weights}) resolve against this run's config.
+    scratch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    scratch.model = model_option(name)
+    return OmegaConf.create(OmegaConf.to_container(scratch.model, resolve=True))
+
+
+def round_config(cfg: DictConfig, k: int) -> DictConfig:
+    """The run's config with `model` set to round k's network (what train_model, build_net and
+    the pretraining read); the run's own config is left as it is."""
+    model = round_model(cfg, k)
+    if k == 0 or model is cfg.model:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.model = copy.deepcopy(model)
+    return out
+
+
+def round_names(cfg: DictConfig) -> list[str]:
+    """The architecture of every round, teacher first."""
+    return [str(round_model(cfg, k).name) for k in range(cfg.selftrain.rounds + 1)]
+
+
+def check_student_models(cfg: DictConfig) -> None:
+    """selftrain.student_models: known names, no entry that would never train."""
+    names = cfg.selftrain.get("student_models")
+    if names is None:
+        return
+    if not len(names):
+        raise UserError(
+            "selftrain.student_models=[] names no model; give one name per round, e.g. "
+            "selftrain.student_models=[small_cnn,small_cnn_wide], or leave it null"
+        )
+    if len(names) > max(1, cfg.selftrain.rounds):
+        raise UserError(
+            f"selftrain.student_models has {len(names)} entries for selftrain.rounds="
+            f"{cfg.selftrain.rounds}: the last ones would never train; give at most one per round"
+        )
+    for k in range(1, cfg.selftrain.rounds + 1):
+        round_model(cfg, k)  # an unknown name raises here
