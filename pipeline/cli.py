@@ -392,8 +392,41 @@ def hydra_error_line(text: str) -> str:
     return line
 
 
+# Keys whose values are paths. Run and job dirs are named by their overrides
+# (`train.epochs=2,seed=0`), so a path pasted from the output may hold `=` and `,`, which
+# Hydra's override grammar reads as syntax; such a value is passed quoted.
+PATH_KEYS = {
+    "ckpt", "pseudo_in", "out", "input", "run_dir", "sweep_dir", "dir", "root", "cache_dir",
+    "labelled_dir", "unlabelled_dir", "test_dir", "val_dir",
+}  # fmt: skip
+
+
+def quote_path_overrides(args: list[str]) -> list[str]:
+    """`ckpt=outputs/selftrain/train.epochs=2/seed0/round_0/model.ckpt` as if it had been
+    written `ckpt='outputs/...'`: an unquoted `=` in a value is never valid Hydra syntax, so
+    quoting a path key's value that holds one changes no command line that worked before."""
+    quoted = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        name = key.lstrip("+~").rsplit(".", 1)[-1]
+        if (
+            sep
+            and not key.startswith("-")
+            and name in PATH_KEYS
+            and "=" in value
+            and value[:1] not in ("'", '"')
+        ):
+            if "'" not in value:
+                arg = f"{key}='{value}'"
+            elif '"' not in value:
+                arg = f'{key}="{value}"'
+        quoted.append(arg)
+    return quoted
+
+
 def main() -> None:
     global _stderr_filter
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
     if os.environ.get("SLURM_JOB_ID") and not os.environ.get("SUBMITIT_EXECUTOR"):
         # A SLURM task (sbatch + srun): a signal during start-up (imports, composing the
         # config) is kept, and stops the stage as it begins (a time-limit USR2 would otherwise

@@ -153,3 +153,25 @@ def test_resolved_config_has_no_interpolations():
     cfg = resolve(compose_cfg())
     text = OmegaConf.to_yaml(cfg)
     assert "${" not in text
+
+
+def test_paths_holding_equals_signs_are_passed_quoted():
+    """Run and job dirs are named by their overrides: a path pasted from the output works."""
+    from pipeline.cli import quote_path_overrides
+
+    path = "outputs/selftrain/seed=0,train.epochs=2/round_0/model.ckpt"
+    assert quote_path_overrides([f"ckpt={path}", "seed=1", "-m", "train.epochs=2,3"]) == [
+        f"ckpt='{path}'",
+        "seed=1",
+        "-m",
+        "train.epochs=2,3",
+    ]
+    assert quote_path_overrides([f"+report.sweep_dir={path}"]) == [f"+report.sweep_dir='{path}'"]
+    # Already quoted, or no '=' in the value (a sweep over plain paths): left alone.
+    assert quote_path_overrides([f"ckpt='{path}'", "ckpt=a.ckpt,b.ckpt"]) == [
+        f"ckpt='{path}'",
+        "ckpt=a.ckpt,b.ckpt",
+    ]
+    assert quote_path_overrides(["hydra.sweep.dir=multirun/a=b"]) == [
+        "hydra.sweep.dir='multirun/a=b'"
+    ]
