@@ -269,7 +269,12 @@ class ImageDataModule(L.LightningDataModule):
             self._micro = self._micro + 1 if self._micro_step == step else 0
             self._micro_step = step
             count = step * accumulate + self._micro + 1  # from 1
-            torch.manual_seed(hash((self.seed, step, count, dist.rank(), 1)) % 2**62)
+            global_seed = hash((self.seed, step, count, dist.rank(), 1)) % 2**62
+            # Not torch.manual_seed: with CUDA not (yet) initialised it records a stack trace
+            # per call for a lazy CUDA seed (milliseconds a step inside Lightning's deep stack).
+            torch.default_generator.manual_seed(global_seed)
+            if torch.cuda.is_initialized():
+                torch.cuda.manual_seed(global_seed)  # this device's generator (GPU dropout)
         if training and self.augment is not None:
             gen = torch.Generator().manual_seed(hash((self.seed, step, count, dist.rank())) % 2**62)
             x = self.augment(images, gen)
