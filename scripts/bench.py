@@ -273,7 +273,7 @@ def bench_default_run(repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--pseudolabel-images", type=int, default=100_000)
     p.add_argument("--rss-images", type=int, default=1_000_000)

@@ -423,3 +423,39 @@ def test_epoch_batches_resumed_mid_epoch_go_on_with_the_rest_of_that_epoch():
     resumed = EpochBatches(make, seed=3, steps_done=lambda: 2, accumulate=2)
     assert [b.tolist() for b in resumed] == whole[4:10]
     assert len(np.unique(np.concatenate(whole[:10]))) == 40
+
+
+# --------------------------------------------------------------------------------------------
+# resident memory of long passes
+
+
+def test_free_heap_memory_goes_back_to_the_system():
+    """What labelling does after each shard: heap blocks freed by the program stay resident
+    until the heap is trimmed (then they are returned)."""
+    import ctypes
+
+    from pipeline.runtime import memory
+
+    if memory._LIBC is None:
+        pytest.skip("not glibc: nothing to release")
+    libc = memory._LIBC
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def rss_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    size, count = 100_000, 400  # below glibc's mmap threshold: heap blocks, 40 MB
+    blocks = [libc.malloc(size) for _ in range(count)]
+    for b in blocks:
+        libc.memset(b, 1, size)  # touched: resident
+    before = rss_mb()
+    for b in blocks[:-1]:  # the last one keeps the heap's top in place
+        libc.free(b)
+    freed = rss_mb()
+    assert memory.release_free_memory()
+    trimmed = rss_mb()
+    libc.free(blocks[-1])
+    assert freed > before - 10  # freeing alone returned (almost) nothing
+    assert trimmed < freed - 30  # the trim returned most of the 40 MB

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.runtime.io import atomic_path, write_json
+from pipeline.runtime.memory import release_free_memory
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -284,6 +285,8 @@ def cached(spec: Any, classes: list[str] | None, cache_dir: Path, make: Any) -> 
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}.", dir=entry.parent))
     Manifest.write(tmp, listing)
+    del listing  # (a million keys as Python strings: their memory goes back to the system)
+    release_free_memory()
     stale = entry.with_name(f".stale-{entry.name}.{os.getpid()}")
     with contextlib.suppress(OSError):
         os.rename(entry, stale)  # a stale entry makes room (another job may have done it)

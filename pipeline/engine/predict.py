@@ -20,6 +20,7 @@ from pipeline.engine.module import LitClassifier
 from pipeline.engine.trainer import build_trainer
 from pipeline.errors import UserError
 from pipeline.runtime import dist
+from pipeline.runtime.memory import release_free_memory
 
 
 @dataclass
@@ -85,6 +86,7 @@ class ShardWriter(BasePredictionWriter):
             bad = Unreadable(np.concatenate([np.zeros(0, np.int64), *self.bad_index]), self.bad_why)
             self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), bad)
             self._reset()
+            release_free_memory()  # resident memory flat over the pass (runtime/memory.py)
 
 
 def predict_shards(
