@@ -72,7 +72,18 @@ def test_pretrain_source_is_the_other_bundled_set():
     assert cfg.pretrain_data.name == "mnist5k"
     assert cfg.pretrain_data.image_size == cfg.data.image_size == 8
     cfg = resolve(compose_cfg("stage=baseline", "data=mnist5k"))
-    assert cfg.pretrain_data.name == "digits" and cfg.pretrain_data.image_size == 28
+    assert cfg.pretrain_data.name == "digits" and cfg.pretrain_data.image_size == 24  # (recipe)
+
+
+def test_a_datasets_recipe_comes_with_it_and_the_command_line_wins():
+    cfg = resolve(compose_cfg("data=mnist5k"))  # conf/recipe/mnist5k.yaml
+    assert (cfg.data.image_size, cfg.train.epochs) == (24, 20)
+    cfg = resolve(compose_cfg("data=mnist5k", "data.image_size=16", "train.epochs=3"))
+    assert (cfg.data.image_size, cfg.train.epochs) == (16, 3)
+    cfg = resolve(compose_cfg("data=cifar10"))  # the literature's threshold
+    assert cfg.pseudo_label.threshold == 0.95 and cfg.train.epochs == 60
+    cfg = resolve(compose_cfg())  # digits: the root config's settings
+    assert (cfg.data.image_size, cfg.train.epochs, cfg.pseudo_label.threshold) == (8, 60, 0.8)
 
 
 def test_pretraining_on_the_target_is_refused():
