@@ -5,7 +5,9 @@
 
 - train_ratio_vs_raw_loop: images/s of our training path (LitClassifier + ImageDataModule +
   Trainer, as engine.fit configures them, checkpointing included) over a plain PyTorch loop
-  training the same model on the same tensors, batches, augmentation and optimizer.
+  training the same model on the same tensors, batches, augmentation and optimizer;
+  train_overhead_ms_per_step: what our path adds to each step. The same again without
+  RandAugment (train_no_randaugment_*) when the dataset's augmentation has it.
 - pseudolabel_ratio_vs_bare_forward: images/s of our pseudo-labelling (selftrain.label.pseudo_label:
   Trainer.predict, per-rank writer, merge by index, selection, atomic .npz) over a bare
   `model(x)` loop under inference_mode on the same pre-loaded tensors.
@@ -72,7 +74,7 @@ def alternating_medians(a, b, repeats: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def bench_training(cfg, steps: int, repeats: int) -> dict:
+def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     """Our Lightning training path vs a raw loop: same net init, batches, augmentation, optim."""
     from hydra.utils import instantiate
 
@@ -130,11 +132,14 @@ def bench_training(cfg, steps: int, repeats: int) -> dict:
 
     t_ours, t_raw = alternating_medians(ours, raw, repeats)
     ours_ips, raw_ips = n_images / t_ours, n_images / t_raw
+    p = f"train{suffix}"
     return {
-        "train_images": n_images,
-        "train_ours_images_per_s": round(ours_ips, 1),
-        "train_raw_images_per_s": round(raw_ips, 1),
-        "train_ratio_vs_raw_loop": round(ours_ips / raw_ips, 3),
+        f"{p}_images": n_images,
+        f"{p}_ours_images_per_s": round(ours_ips, 1),
+        f"{p}_raw_images_per_s": round(raw_ips, 1),
+        f"{p}_ratio_vs_raw_loop": round(ours_ips / raw_ips, 3),
+        # what our path adds to each optimizer step (the Trainer's set-up spread over them)
+        f"{p}_overhead_ms_per_step": round((t_ours - t_raw) / (epochs * per_epoch) * 1e3, 3),
     }
 
 
@@ -307,6 +312,11 @@ def main() -> None:
         "batch_size": int(cfg.train.batch_size),
     }
     result.update(bench_training(cfg, args.train_steps, args.repeats))
+    if cfg.data.augment.randaugment_ops:
+        # The same without RandAugment (digits' default noise before it had two ops): shorter
+        # steps, so what our path adds per step weighs more.
+        plain = compose("data.augment.randaugment_ops=0")
+        result.update(bench_training(plain, args.train_steps, args.repeats, "_no_randaugment"))
     result.update(bench_pseudolabel(cfg, args.pseudolabel_images, args.repeats))
     views = int(cfg.pseudo_label.tta_views)
     if views:  # the default labelling, with test-time augmentation

@@ -13,7 +13,6 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
@@ -21,7 +20,7 @@ from pipeline.data.arrays import ImageSet
 from pipeline.engine.datamodule import Batches, ImageDataModule, resolve_workers
 from pipeline.engine.ema import EMA
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
-from pipeline.engine.trainer import CheckpointOnSignal, build_trainer
+from pipeline.engine.trainer import CachedKeyCheckpoint, CheckpointOnSignal, build_trainer
 from pipeline.errors import UserError
 from pipeline.runtime import dist
 from pipeline.selftrain.merge import TrainingSet, mixed_batches
@@ -165,7 +164,7 @@ def fit(
     callbacks: list[L.Callback] = [CheckpointOnSignal(last)]  # "time is up": save, stop, requeue
     best = None
     if select == "best_val":
-        best = ModelCheckpoint(
+        best = CachedKeyCheckpoint(
             dirpath=ckpt_dir,
             filename="best",
             monitor=VAL_ACC,
@@ -189,6 +188,7 @@ def fit(
         root_dir=work_dir,
         loggers=loggers,
         validate=val is not None,
+        stop_on_signal=False,  # CheckpointOnSignal saves and stops
     )
     if last.exists():
         log.info("resuming training from %s", last)

@@ -76,6 +76,15 @@ class LitClassifier(L.LightningModule):
         # the checkpoints, so a resumed training still has the epochs before the kill.
         self.epochs: list[dict[str, Any]] = []
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets `_current_fx_name` (a str or None) before and after every hook it
+        # calls, dozens of times a step; nn.Module.__setattr__ checks every value against
+        # parameters, modules and buffers first. A str lands in __dict__ either way.
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_net(x)
 

@@ -97,6 +97,22 @@ class StopOnSignal(L.Callback):
     on_test_batch_end = on_predict_batch_end = on_validation_batch_end = _check
 
 
+class CachedKeyCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with its state key formatted once. Lightning formats every
+    callback's state key for each hook it dispatches, every step; ModelCheckpoint's is the repr
+    of its settings, which do not change after construction. The key is ModelCheckpoint's own, so
+    checkpoints written with either class resume with the other."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        key = super().state_key
+        self._state_key = ModelCheckpoint.__qualname__ + key[len(type(self).__qualname__) :]
+
+    @property
+    def state_key(self) -> str:
+        return self._state_key
+
+
 class _NoSignalHandlers(_SignalConnector):
     """Lightning's signal handling, switched off: the pipeline's (runtime/preemption.py) saves
     and stops on USR1, USR2 and TERM. Lightning's own would end training on TERM at the next
@@ -151,14 +167,18 @@ def build_trainer(
     ckpt_every_s: float | None = None,
     loggers: list[Logger] | None = None,
     validate: bool = False,
+    stop_on_signal: bool = True,
 ) -> L.Trainer:
     """The Lightning Trainer from the `trainer` config node: every Trainer argument in it is
     passed through (`+trainer.gradient_clip_val=1.0` reaches the Trainer); samplers, checkpoints
     and callbacks are the pipeline's own (rank-aware), so Lightning's are off; so is its signal
     handling. `loggers`: the run's Lightning loggers (engine/loggers.py); `validate`: run the
-    validation loop every epoch (the data module serves a val set)."""
-    # A signal stops evaluation and labelling at the next batch (training: CheckpointOnSignal).
-    callbacks = [*(callbacks or []), StopOnSignal()]
+    validation loop every epoch (the data module serves a val set); `stop_on_signal`: a signal
+    stops evaluation and labelling at the next batch (StopOnSignal). Training leaves it out: its
+    CheckpointOnSignal saves and stops at the next training batch, after a running validation
+    pass (a stop inside it would lose the steps since the last save), and every callback costs
+    Lightning a dispatch per hook per step."""
+    callbacks = [*(callbacks or []), *([StopOnSignal()] if stop_on_signal else [])]
     if ckpt_dir is not None:
         # Only last.ckpt, what a killed run resumes from: every `ckpt_every_s` seconds of
         # training, or every epoch (None). Saving costs a small model's tiny epochs a few
@@ -168,7 +188,7 @@ def build_trainer(
         if ckpt_every_s:
             every = {"train_time_interval": datetime.timedelta(seconds=ckpt_every_s)}
         callbacks.append(
-            ModelCheckpoint(
+            CachedKeyCheckpoint(
                 dirpath=ckpt_dir,
                 filename="last",
                 save_top_k=1,
