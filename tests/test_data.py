@@ -433,18 +433,21 @@ def test_free_heap_memory_goes_back_to_the_system():
     """What labelling does after each shard: heap blocks freed by the program stay resident
     until the heap is trimmed (then they are returned)."""
     import ctypes
+    import resource
 
     from pipeline.runtime import memory
 
     if memory._LIBC is None:
         pytest.skip("not glibc: nothing to release")
-    libc = memory._LIBC
+    # A handle of its own: setting argument types on the module's would change it for everyone.
+    libc = ctypes.CDLL(memory._LIBC._name)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    page = resource.getpagesize()
 
     def rss_mb() -> float:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+        return int(Path("/proc/self/statm").read_text().split()[1]) * page / 2**20
 
     size, count = 100_000, 400  # below glibc's mmap threshold: heap blocks, 40 MB
     blocks = [libc.malloc(size) for _ in range(count)]
