@@ -440,7 +440,7 @@ def test_free_heap_memory_goes_back_to_the_system():
     if memory._LIBC is None:
         pytest.skip("not glibc: nothing to release")
     # A handle of its own: setting argument types on the module's would change it for everyone.
-    libc = ctypes.CDLL(memory._LIBC._name)
+    libc = memory._glibc()
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
