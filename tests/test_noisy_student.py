@@ -488,3 +488,24 @@ def test_no_frozen_batchnorm_is_recomputed():
     before = [m.running_mean.clone() for m in frozen]
     engine_ema.recompute_batchnorm(net, [torch.randn(8, 1, 8, 8) + 5])
     assert all(torch.equal(m.running_mean, b) for m, b in zip(frozen, before, strict=True))
+
+
+def test_randaugment_noise_depends_on_its_generator_only():
+    """The students' RandAugment draws from torch's global generator, seeded from the batch's
+    own generator: the same noise for the same seed, whatever ran before (a resumed run draws
+    what the uninterrupted one drew), different noise for another seed."""
+    from pipeline.runtime.seed import seed_global
+    from pipeline.selftrain.noise import BatchAugment
+
+    augment = BatchAugment(randaugment_ops=2, translate=0.1, cutout=0.25)
+    images = torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8)
+    first = augment(images, torch.Generator().manual_seed(7))
+    torch.rand(1000)  # the global generator moves on, as training does between two steps
+    again = augment(images, torch.Generator().manual_seed(7))
+    other = augment(images, torch.Generator().manual_seed(8))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    seed_global(123)  # the global CPU generator as torch.manual_seed leaves it
+    drawn = torch.rand(5)
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(5))

@@ -21,6 +21,7 @@ from pipeline.data.arrays import ImageSet
 from pipeline.data.decode import decode_batch
 from pipeline.errors import UserError
 from pipeline.runtime import dist
+from pipeline.runtime.seed import seed_global
 
 # Test-time views: a float batch -> its augmented copies (the clean batch not included).
 ViewsFn = Callable[[torch.Tensor], list[torch.Tensor]]
@@ -270,11 +271,7 @@ class ImageDataModule(L.LightningDataModule):
             self._micro_step = step
             count = step * accumulate + self._micro + 1  # from 1
             global_seed = hash((self.seed, step, count, dist.rank(), 1)) % 2**62
-            # Not torch.manual_seed: with CUDA not (yet) initialised it records a stack trace
-            # per call for a lazy CUDA seed (milliseconds a step inside Lightning's deep stack).
-            torch.default_generator.manual_seed(global_seed)
-            if torch.cuda.is_initialized():
-                torch.cuda.manual_seed(global_seed)  # this device's generator (GPU dropout)
+            seed_global(global_seed)  # (not torch.manual_seed: see seed_global)
         if training and self.augment is not None:
             gen = torch.Generator().manual_seed(hash((self.seed, step, count, dist.rank())) % 2**62)
             x = self.augment(images, gen)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from pipeline.runtime.seed import seed_global
+
 
 def affine(
     x: torch.Tensor, angle: torch.Tensor, s: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor
@@ -62,7 +64,8 @@ class BatchAugment(nn.Module):
         """uint8 (B, C, H, W) -> float (B, C, H, W) in [0, 1], augmented."""
         if self.randaugment is not None:
             # v2 transforms draw one set of ops per call: chunks give per-chunk randomness.
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            # (RandAugment draws from torch's global generator)
+            seed_global(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             images = torch.cat([self.randaugment(c) for c in images.split(self.chunk)])
         x = images.float().div_(255)
         b, _, h, w = x.shape
