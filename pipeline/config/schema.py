@@ -28,7 +28,7 @@ BALANCE_MODES = ("none", "cap", "duplicate")
 class TrainConfig:
     epochs: int = 60
     batch_size: int = 64
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 256
     min_steps: int = 300
     label_smoothing: float = 0.0
     checkpoint_every_s: float | None = 60.0

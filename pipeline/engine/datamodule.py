@@ -159,7 +159,7 @@ class ImageDataModule(L.LightningDataModule):
         val: Batches | None = None,
         predict: Batches | None = None,
         predict_batches: list[np.ndarray] | None = None,
-        eval_batch_size: int = 1024,
+        eval_batch_size: int = 256,
         predict_views: ViewsFn | None = None,
         on_bad_image: str = "fail",
         channels: int = 3,
