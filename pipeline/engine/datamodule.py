@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config.schema import TrainConfig
 from pipeline.data.arrays import ImageSet
 from pipeline.data.decode import decode_batch
 from pipeline.errors import UserError
@@ -159,7 +160,7 @@ class ImageDataModule(L.LightningDataModule):
         val: Batches | None = None,
         predict: Batches | None = None,
         predict_batches: list[np.ndarray] | None = None,
-        eval_batch_size: int = 256,
+        eval_batch_size: int = TrainConfig.eval_batch_size,
         predict_views: ViewsFn | None = None,
         on_bad_image: str = "fail",
         channels: int = 3,
