@@ -22,7 +22,9 @@ from pipeline.engine import fit as engine_fit
 from pipeline.errors import UserError
 from pipeline.models import checkpoint as models
 from pipeline.runtime.io import save_checkpoint
+from pipeline.runtime.seed import seed_global
 from pipeline.selftrain.merge import merge_labelled_and_pseudo
+from pipeline.selftrain.noise import BatchAugment
 from pipeline.selftrain.select import (
     PseudoLabels,
     balance_target,
@@ -494,9 +496,6 @@ def test_randaugment_noise_depends_on_its_generator_only():
     """The students' RandAugment draws from torch's global generator, seeded from the batch's
     own generator: the same noise for the same seed, whatever ran before (a resumed run draws
     what the uninterrupted one drew), different noise for another seed."""
-    from pipeline.runtime.seed import seed_global
-    from pipeline.selftrain.noise import BatchAugment
-
     augment = BatchAugment(randaugment_ops=2, translate=0.1, cutout=0.25)
     images = torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8)
     first = augment(images, torch.Generator().manual_seed(7))
