@@ -136,7 +136,10 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
         run.on_rank_zero(lambda: print_summary(read_json(done), run.path))
         return 0
     from pipeline.runtime.launch import torch_threads
+    from pipeline.runtime.memory import freeze_imported_objects
 
+    stage = recipe(cfg.stage)  # imports what the stage uses (torch, Lightning, ...)
+    freeze_imported_objects()
     threads = torch_threads(cfg.trainer)  # trainer.num_threads, or SLURM's CPUs per task
     if threads:
         import torch
@@ -150,7 +153,7 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
     try:
         if run.tracker is not None:
             run.tracker.log_params(cfg)
-        result = recipe(cfg.stage)(cfg, run)
+        result = stage(cfg, run)
         status = "success"
     finally:
         if run.tracker is not None:
