@@ -82,6 +82,7 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     from pipeline.data.task import prepare_task
     from pipeline.engine.fit import fit, training_batches
     from pipeline.engine.module import soft_cross_entropy
+    from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
     from pipeline.selftrain.noise import BatchAugment
@@ -115,6 +116,8 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     def raw() -> None:
         torch.manual_seed(0)
         net = build_net(cfg, task.num_classes)
+        if channels_last(cfg.trainer):  # the memory format our path trains in
+            net.to(memory_format=torch.channels_last)
         opt = instantiate(cfg.optimizer)(net.parameters())
         sched = instantiate(cfg.scheduler)(opt, T_max=epochs * per_epoch)
         weight = torch.from_numpy(train_set.weight)
@@ -153,6 +156,7 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
 
     from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
+    from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.runtime.rundir import RunDir
     from pipeline.selftrain.label import pseudo_label
@@ -165,6 +169,8 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     images = task.unlabelled.images.repeat(reps, 1, 1, 1)[:n].contiguous()
     unlabelled = ImageArrays(images, None)
     net = build_net(cfg, task.num_classes).eval()
+    if channels_last(cfg.trainer):  # the memory format our path labels in
+        net.to(memory_format=torch.channels_last)
     work = Path(tempfile.mkdtemp(prefix="bench-pl-"))
     mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
     std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
@@ -301,9 +307,13 @@ def main() -> None:
         return rss_child(args.rss_child)
 
     from pipeline.cli import setup_logging
+    from pipeline.runtime.memory import freeze_imported_objects
+    from pipeline.stages import recipe
 
     setup_logging(rank_zero=True)
     cfg = compose()
+    recipe("selftrain")  # imported, then frozen, as `python -m pipeline` does before a stage
+    freeze_imported_objects()
     result: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}",

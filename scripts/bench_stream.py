@@ -158,6 +158,7 @@ def bench_folder_labelling(work: Path, n: int, repeats: int, compose, medians) -
     from pipeline.data.decode import decode_to_shape
     from pipeline.data.image_folder import load_image_folder
     from pipeline.engine.datamodule import resolve_workers
+    from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.runtime.rundir import RunDir
     from pipeline.selftrain.label import pseudo_label
@@ -168,6 +169,8 @@ def bench_folder_labelling(work: Path, n: int, repeats: int, compose, medians) -
     )
     pool = load_image_folder(cfg.data).extra_unlabelled
     net = build_net(cfg, 3).eval()
+    if channels_last(cfg.trainer):  # the memory format our path labels in
+        net.to(memory_format=torch.channels_last)
     workers = resolve_workers(cfg.data.num_workers, [pool])
     out_dir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)

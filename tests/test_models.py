@@ -384,3 +384,34 @@ def test_small_cnn_learns_digits() -> None:
     with torch.no_grad():
         accuracy = (net(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.9, accuracy
+
+
+@pytest.mark.parametrize("name", ["small_cnn_w8", "resnet18"])
+def test_channels_last_converts_the_network_and_keeps_its_function(name: str) -> None:
+    """trainer.channels_last (the default) puts the conv weights in NHWC, with which oneDNN
+    picks its NHWC kernels even for grayscale input; the function and the state dict's values
+    stay those of the NCHW network."""
+    from functools import partial
+
+    from pipeline.engine.module import LitClassifier
+
+    torch.manual_seed(0)
+    net = BUILDERS[name](1, 10).eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+    plain = {k: v.clone() for k, v in net.state_dict().items()}
+    LitClassifier(net, 10, optimizer=partial(torch.optim.SGD, lr=0.1), channels_last=True)
+    convs = [  # (a one-channel or 1x1 kernel is the same tensor in both layouts)
+        m.weight
+        for m in net.modules()
+        if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)
+    ]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not any(w.is_contiguous() for w in convs)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-4)
+    fresh = BUILDERS[name](1, 10)
+    fresh.load_state_dict(net.state_dict())  # into an NCHW network: the same values
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, plain[k]), k

@@ -20,7 +20,12 @@ from pipeline.data.arrays import ImageSet
 from pipeline.engine.datamodule import Batches, ImageDataModule, resolve_workers
 from pipeline.engine.ema import EMA
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
-from pipeline.engine.trainer import CachedKeyCheckpoint, CheckpointOnSignal, build_trainer
+from pipeline.engine.trainer import (
+    CachedKeyCheckpoint,
+    CheckpointOnSignal,
+    build_trainer,
+    channels_last,
+)
 from pipeline.errors import UserError
 from pipeline.runtime import dist
 from pipeline.selftrain.merge import TrainingSet, mixed_batches
@@ -38,7 +43,7 @@ def datamodule(
         augment=augment,
         seed=seed,
         num_workers=resolve_workers(data_cfg.get("num_workers", "auto"), datasets),
-        channels_last=cfg.trainer.get("channels_last", False),
+        channels_last=channels_last(cfg.trainer),
         eval_batch_size=cfg.train.eval_batch_size,
         on_bad_image=str(data_cfg.get("on_bad_image") or "fail"),
         channels=int(data_cfg.channels),
@@ -158,6 +163,7 @@ def fit(
         compile=cfg.trainer.get("compile", False),
         hparams=hparams,
         log_prefix=log_prefix,
+        channels_last=channels_last(cfg.trainer),
     )
     ckpt_dir = work_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -219,7 +225,12 @@ def evaluate(
     assert test.labels is not None
     num_classes = int(data_cfg.num_classes)
     dm = datamodule(cfg, data_cfg, 0, None, test=batches(data_cfg, test, labels=test.labels))
-    module = LitClassifier(net, num_classes=num_classes, optimizer=instantiate(cfg.optimizer))
+    module = LitClassifier(
+        net,
+        num_classes=num_classes,
+        optimizer=instantiate(cfg.optimizer),
+        channels_last=channels_last(cfg.trainer),
+    )
     trainer = build_trainer(cfg.trainer, progress=cfg.progress)
     out = trainer.test(module, datamodule=dm, verbose=False)[0]
     count = int(round(out[TEST_COUNT]))

@@ -49,6 +49,7 @@ class LitClassifier(L.LightningModule):
         compile: bool = False,
         hparams: Mapping[str, Any] | None = None,
         log_prefix: str = "",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -59,6 +60,10 @@ class LitClassifier(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing, self.backbone_lr_scale = label_smoothing, backbone_lr_scale
         self.frozen_modules = list(frozen_modules or [])
+        if channels_last:
+            # The conv weights in NHWC: with grayscale input (one channel, for which both layouts
+            # are the same tensor) only the weights tell the kernels which layout to use.
+            net.to(memory_format=torch.channels_last)
         # The compiled wrapper is kept out of the module tree so state_dict keys stay plain.
         object.__setattr__(self, "_forward_net", torch.compile(net) if compile else net)
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from pipeline.engine.datamodule import Batches, ViewsFn
 from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
-from pipeline.engine.trainer import build_trainer
+from pipeline.engine.trainer import build_trainer, channels_last
 from pipeline.errors import UserError
 from pipeline.runtime import dist
 from pipeline.runtime.memory import release_free_memory
@@ -121,6 +121,7 @@ def predict_shards(
         num_classes=int(data_cfg.num_classes),
         optimizer=instantiate(cfg.optimizer),
         hparams={"num_classes": int(data_cfg.num_classes)},
+        channels_last=channels_last(cfg.trainer),
     )
     writer = ShardWriter(shard_of_batch, write)
     trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])

@@ -151,6 +151,11 @@ class Trainer(L.Trainer):
             return super().validate(*args, **kwargs)
 
 
+def channels_last(trainer_cfg: Mapping[str, Any]) -> bool:
+    """`trainer.channels_last`: networks and batches in the NHWC memory format."""
+    return bool(trainer_cfg.get("channels_last", False))
+
+
 def trainer_arguments(trainer_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The `trainer` node as Lightning Trainer arguments (checked in config/checks.py)."""
     check_trainer_keys(trainer_cfg)
