@@ -351,9 +351,20 @@ def quote_path_overrides(args: list[str]) -> list[str]:
     return quoted
 
 
+MODE_FLAGS = ("-m", "--multirun", "-r", "--run")
+
+
+def mode_flags_first(args: list[str]) -> list[str]:
+    """`python -m pipeline data=mnist5k -m seed=0,1,2` as if `-m` came first: Hydra's parser
+    takes the overrides as one run of positional arguments, and refuses a second run after a
+    flag (`unrecognized arguments: seed=0,1,2`). The mode flags take no value, so moving them
+    changes no command line that worked before."""
+    return [a for a in args if a in MODE_FLAGS] + [a for a in args if a not in MODE_FLAGS]
+
+
 def main() -> None:
     global _stderr_filter
-    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
+    sys.argv[1:] = mode_flags_first(quote_path_overrides(sys.argv[1:]))
     if os.environ.get("SLURM_JOB_ID") and not os.environ.get("SUBMITIT_EXECUTOR"):
         # A SLURM task (sbatch + srun): a signal during start-up (imports, composing the
         # config) is kept, and stops the stage as it begins (a time-limit USR2 would otherwise

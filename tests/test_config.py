@@ -77,13 +77,17 @@ def test_pretrain_source_is_the_other_bundled_set():
 
 def test_a_datasets_recipe_comes_with_it_and_the_command_line_wins():
     cfg = resolve(compose_cfg("data=mnist5k"))  # conf/recipe/mnist5k.yaml
-    assert (cfg.data.image_size, cfg.train.epochs) == (24, 20)
+    assert (cfg.data.image_size, cfg.train.epochs, cfg.selftrain.rounds) == (24, 20, 3)
+    assert cfg.pseudo_label.balance == "duplicate"
     cfg = resolve(compose_cfg("data=mnist5k", "data.image_size=16", "train.epochs=3"))
     assert (cfg.data.image_size, cfg.train.epochs) == (16, 3)
     cfg = resolve(compose_cfg("data=cifar10"))  # the literature's threshold
     assert cfg.pseudo_label.threshold == 0.95 and cfg.train.epochs == 60
-    cfg = resolve(compose_cfg())  # digits: the root config's settings
+    cfg = resolve(compose_cfg())  # digits: the root config's settings, balanced pseudo-labels
     assert (cfg.data.image_size, cfg.train.epochs, cfg.pseudo_label.threshold) == (8, 60, 0.8)
+    assert (cfg.pseudo_label.balance, cfg.selftrain.rounds) == ("duplicate", 2)
+    cfg = resolve(compose_cfg("data=image_folder", "data.labelled_dir=x", "data.num_classes=3"))
+    assert cfg.pseudo_label.balance == "none"  # (no recipe: the root config's)
 
 
 def test_pretraining_on_the_target_is_refused():
@@ -164,6 +168,22 @@ def test_resolved_config_has_no_interpolations():
     cfg = resolve(compose_cfg())
     text = OmegaConf.to_yaml(cfg)
     assert "${" not in text
+
+
+def test_the_multirun_flag_may_follow_overrides():
+    """`python -m pipeline data=mnist5k -m seed=0,1,2` (the README's form) reaches Hydra with
+    `-m` first: its parser refuses overrides on both sides of a flag."""
+    from pipeline.cli import mode_flags_first
+
+    args = ["data=mnist5k", "data.labels_per_class=10", "-m", "seed=0,1,2"]
+    assert mode_flags_first(args) == [
+        "-m",
+        "data=mnist5k",
+        "data.labels_per_class=10",
+        "seed=0,1,2",
+    ]
+    assert mode_flags_first(["--multirun", "seed=0,1"]) == ["--multirun", "seed=0,1"]
+    assert mode_flags_first(["seed=1", "--cfg", "job"]) == ["seed=1", "--cfg", "job"]
 
 
 def test_paths_holding_equals_signs_are_passed_quoted():
