@@ -83,11 +83,9 @@ def test_a_datasets_recipe_comes_with_it_and_the_command_line_wins():
     assert (cfg.data.image_size, cfg.train.epochs) == (16, 3)
     cfg = resolve(compose_cfg("data=cifar10"))  # the literature's threshold
     assert cfg.pseudo_label.threshold == 0.95 and cfg.train.epochs == 60
-    cfg = resolve(compose_cfg())  # digits: the root config's settings, balanced pseudo-labels
+    cfg = resolve(compose_cfg())  # digits: the root config's settings
     assert (cfg.data.image_size, cfg.train.epochs, cfg.pseudo_label.threshold) == (8, 60, 0.8)
-    assert (cfg.pseudo_label.balance, cfg.selftrain.rounds) == ("duplicate", 2)
-    cfg = resolve(compose_cfg("data=image_folder", "data.labelled_dir=x", "data.num_classes=3"))
-    assert cfg.pseudo_label.balance == "none"  # (no recipe: the root config's)
+    assert (cfg.pseudo_label.balance, cfg.selftrain.rounds) == ("none", 2)
 
 
 def test_pretraining_on_the_target_is_refused():
