@@ -1,4 +1,5 @@
-"""Shared test helpers: run the real CLI as a subprocess, with small but real settings."""
+"""Shared test helpers: run the real CLI as a subprocess, with small but real settings; compose
+the real configs; train a small network with the pipeline's own fit."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,68 @@ def run_cli(
         timeout=timeout,
         env=full_env,
     )
+
+
+def compose_cfg(*overrides: str):
+    """The root config (conf/config.yaml) composed with `overrides`, as the CLI composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import config
+    from pipeline.cli import CONF_DIR
+
+    config.register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["run_dir=/tmp/unused", *overrides])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (pytestmark = pytest.mark.usefixtures("one_thread")): small convs gain
+    little from two, and two threads slow down many times over when another process keeps one
+    of the cores busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callbacks=()):
+    """Train a small net on 24 random 8x8 images of 3 classes with the pipeline's fit (no
+    augmentation, so the training batches can be replayed), `callbacks` added to its Trainer;
+    returns cfg, net, the images, the training set and fit's FitResult."""
+    import numpy as np
+
+    from pipeline.cli import resolve
+    from pipeline.data import ImageArrays
+    from pipeline.engine import fit as engine_fit
+    from pipeline.models import checkpoint as models
+    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+
+    cfg = resolve(
+        compose_cfg(
+            "trainer.accelerator=cpu",
+            "progress=false",
+            "model.net.width=8",
+            "train.min_steps=12",
+            "train.batch_size=8",
+            "train.checkpoint_every_s=null",
+            *overrides,
+        )
+    )
+    torch.manual_seed(1)
+    net = models.build_net(cfg, 3)
+    g = torch.Generator().manual_seed(0)
+    images = ImageArrays(torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8), None)
+    train_set = merge_labelled_and_pseudo(np.arange(24) % 3, None, 3)
+    build = engine_fit.build_trainer
+
+    def build_with(*args, callbacks_=callbacks, callbacks=None, **kwargs):
+        return build(*args, callbacks=[*(callbacks or []), *callbacks_], **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_fit, "build_trainer", build_with)
+        result = engine_fit.fit(
+            cfg, cfg.data, net, images, train_set, tmp_path / name, 0, epochs,
+            models.hparams_for(cfg, cfg.data, 3), None,
+        )  # fmt: skip
+    return cfg, net, images, train_set, result

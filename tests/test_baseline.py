@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg
 from hydra import compose, initialize_config_dir
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -26,17 +27,7 @@ from pipeline.selftrain.merge import merge_labelled_and_pseudo
 config.register()
 
 
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=["run_dir=/tmp/unused", *overrides])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- fine-tune modes, checked on the LightningModule while it trains ---------------------------

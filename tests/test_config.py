@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline import config
-from pipeline.cli import CONF_DIR, resolve
+from pipeline.cli import resolve
 from pipeline.config.keys import differing_keys, run_name
 from pipeline.engine.trainer import build_trainer
 from pipeline.errors import UserError
@@ -21,12 +21,6 @@ config.register()
 
 def plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["run_dir=/tmp/unused", *overrides])
-    return cfg
 
 
 @pytest.mark.parametrize("stage", STAGES)

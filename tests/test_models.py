@@ -48,14 +48,7 @@ FEATURE_DIMS = {
 FAST = ["small_cnn", "resnet18", "wrn10_1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: small convs gain little from two, and two threads slow down many
-    times over when another process keeps one of the cores busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str, in_channels: int = 3, num_classes: int = 7) -> nn.Module:

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg, fit_small
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline import config
-from pipeline.cli import CONF_DIR, resolve
+from pipeline.cli import resolve
 from pipeline.config.architecture import round_config, round_model, round_names
-from pipeline.data import ImageArrays
 from pipeline.engine import ema as engine_ema
 from pipeline.engine import fit as engine_fit
 from pipeline.errors import UserError
@@ -37,17 +36,7 @@ from pipeline.selftrain.select import (
 config.register()
 
 
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=["run_dir=/tmp/unused", *overrides])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- balancing: pure functions on hand-made arrays ---------------------------------------------
@@ -263,35 +252,10 @@ def test_recompute_batchnorm_matches_swa_update_bn():
 
 
 def _fit(tmp_path: Path, name: str, ema: str, epochs: int = 3, callbacks=()):
-    """Train a small net on random 8x8 images with the pipeline's fit (no augmentation, so the
-    training batches can be replayed); returns cfg, net, the data and the training set."""
-    cfg = resolve(
-        compose_cfg(
-            "trainer.accelerator=cpu",
-            "progress=false",
-            "model.net.width=8",
-            "train.min_steps=12",
-            "train.batch_size=8",
-            "train.checkpoint_every_s=null",
-            f"train.ema_decay={ema}",
-        )
+    """fit_small with train.ema_decay=`ema`: cfg, net, the data and the training set."""
+    cfg, net, images, train_set, _ = fit_small(
+        tmp_path, name, f"train.ema_decay={ema}", epochs=epochs, callbacks=callbacks
     )
-    torch.manual_seed(1)
-    net = models.build_net(cfg, 3)
-    g = torch.Generator().manual_seed(0)
-    images = ImageArrays(torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8), None)
-    train_set = merge_labelled_and_pseudo(np.arange(24) % 3, None, 3)
-    build = engine_fit.build_trainer
-
-    def build_with(*args, callbacks_=callbacks, callbacks=None, **kwargs):
-        return build(*args, callbacks=[*(callbacks or []), *callbacks_], **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_fit, "build_trainer", build_with)
-        engine_fit.fit(
-            cfg, cfg.data, net, images, train_set, tmp_path / name, 0, epochs,
-            models.hparams_for(cfg, cfg.data, 3), None,
-        )  # fmt: skip
     return cfg, net, images, train_set
 
 

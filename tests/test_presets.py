@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from hydra.utils import instantiate
 from torchvision.io import encode_jpeg
 
@@ -30,11 +30,6 @@ PRESETS = {
     "svhn_1000": ("svhn", 100, 32),
     "stl10_1000": ("stl10", 100, 96),
 }
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=["run_dir=/tmp/unused", *overrides])
 
 
 def test_every_preset_is_listed():

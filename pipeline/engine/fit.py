@@ -22,7 +22,6 @@ from pipeline.engine.ema import EMA
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
 from pipeline.engine.trainer import (
     CachedKeyCheckpoint,
-    CheckpointOnSignal,
     build_trainer,
     channels_last,
 )
@@ -166,8 +165,8 @@ def fit(
         channels_last=channels_last(cfg.trainer),
     )
     ckpt_dir = work_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    callbacks: list[L.Callback] = [CheckpointOnSignal(last)]  # "time is up": save, stop, requeue
+    last = ckpt_dir / "last.ckpt"  # written by build_trainer's LastCheckpoint
+    callbacks: list[L.Callback] = []
     best = None
     if select == "best_val":
         best = CachedKeyCheckpoint(
@@ -194,7 +193,7 @@ def fit(
         root_dir=work_dir,
         loggers=loggers,
         validate=val is not None,
-        stop_on_signal=False,  # CheckpointOnSignal saves and stops
+        stop_on_signal=False,  # its LastCheckpoint saves and stops
     )
     if last.exists():
         log.info("resuming training from %s", last)

@@ -4,9 +4,10 @@ recorded while Lightning runs, acted upon at the next batch (training saves last
 
 from __future__ import annotations
 
-import datetime
 import logging
+import math
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
@@ -48,40 +49,59 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
-# --- signals (runtime/preemption.py): acted upon at the next batch ----------------------------
+# --- signals (runtime/preemption.py) and last.ckpt ------------------------------------------
 
 
-def _agreed_signal(trainer: L.Trainer) -> int:
-    """The signal any rank received (0: none). Ranks may get it a step apart, so they agree
-    on it every step: one one-element all-reduce."""
-    mine = preemption.pending()
+def _agreed_flags(trainer: L.Trainer, *flags: int) -> list[int]:
+    """Each flag's maximum over the ranks: ranks may get a signal, or see a clock run out, a
+    step apart, so they agree every step in one small all-reduce."""
     if trainer.world_size <= 1:
-        return mine
-    flag = torch.tensor([mine], device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
+        return list(flags)
+    t = torch.tensor(flags, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
 
 
-class CheckpointOnSignal(L.Callback):
-    """During fit: once any rank got a signal, all ranks save `path` at the next step and stop;
-    one that came during the last step is saved when training ends."""
+class LastCheckpoint(Checkpoint):
+    """Writes `path` (checkpoints/last.ckpt), what a killed run resumes from: every `every_s`
+    seconds of training (or, with None, at every epoch's end), and at the next step after a
+    signal, which then stops training (the stage exits or requeues: runtime/preemption.py).
 
-    def __init__(self, path: Path) -> None:
+    One callback and one agreement per step for both: Lightning's ModelCheckpoint with
+    `train_time_interval` broadcasts rank 0's clock as a pickled object every step, and every
+    callback costs the training loop a dispatch per hook per step. A Checkpoint, so Lightning
+    runs its epoch-end hook after the module's (whose epoch record the checkpoint keeps)."""
+
+    def __init__(self, path: Path, every_s: float | None = None) -> None:
         self.path = Path(path)
+        self.every_s = every_s
+        self._due = math.inf
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_s is not None:
+            self._due = time.monotonic() + self.every_s
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        signum = _agreed_signal(trainer)
+        signum, due = _agreed_flags(trainer, preemption.pending(), time.monotonic() >= self._due)
         if signum:
-            self._save(trainer)
+            self._save(trainer, signal=True)
             raise preemption.Preempted(signum)
+        if due:
+            self._save(trainer)
+            self._due = time.monotonic() + (self.every_s or 0.0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_s is None:
+            self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if _agreed_signal(trainer):
-            self._save(trainer)  # the Trainer raises once fit returns
+        (signum,) = _agreed_flags(trainer, preemption.pending())
+        if signum:  # one that came during the last step: the Trainer raises once fit returns
+            self._save(trainer, signal=True)
 
-    def _save(self, trainer: L.Trainer) -> None:
+    def _save(self, trainer: L.Trainer, signal: bool = False) -> None:
         trainer.save_checkpoint(self.path)  # collective: rank 0 writes, all meet at a barrier
-        if trainer.is_global_zero:
+        if signal and trainer.is_global_zero:
             log.warning("saved %s at step %d", self.path, trainer.global_step)
 
 
@@ -180,30 +200,15 @@ def build_trainer(
     handling. `loggers`: the run's Lightning loggers (engine/loggers.py); `validate`: run the
     validation loop every epoch (the data module serves a val set); `stop_on_signal`: a signal
     stops evaluation and labelling at the next batch (StopOnSignal). Training leaves it out: its
-    CheckpointOnSignal saves and stops at the next training batch, after a running validation
-    pass (a stop inside it would lose the steps since the last save), and every callback costs
-    Lightning a dispatch per hook per step."""
+    LastCheckpoint (`ckpt_dir`) saves and stops at the next training batch, after a running
+    validation pass (a stop inside it would lose the steps since the last save), and every
+    callback costs Lightning a dispatch per hook per step."""
     callbacks = [*(callbacks or []), *([StopOnSignal()] if stop_on_signal else [])]
     if ckpt_dir is not None:
         # Only last.ckpt, what a killed run resumes from: every `ckpt_every_s` seconds of
-        # training, or every epoch (None). Saving costs a small model's tiny epochs a few
-        # percent of their time. (save_top_k=0 with save_last=True writes nothing since
-        # Lightning 2.5: keep the latest instead.)
-        every = {"every_n_epochs": 1}
-        if ckpt_every_s:
-            every = {"train_time_interval": datetime.timedelta(seconds=ckpt_every_s)}
-        callbacks.append(
-            CachedKeyCheckpoint(
-                dirpath=ckpt_dir,
-                filename="last",
-                save_top_k=1,
-                enable_version_counter=False,
-                # After the epoch's record (LitClassifier.on_train_epoch_end), also when a
-                # validation loop runs: a resumed training keeps every finished epoch's record.
-                save_on_train_epoch_end=True,
-                **every,
-            )
-        )
+        # training (0: every step), or every epoch (None); and on a signal. Saving costs a small
+        # model's tiny epochs a few percent of their time.
+        callbacks.append(LastCheckpoint(Path(ckpt_dir) / "last.ckpt", ckpt_every_s))
     if progress:
         callbacks.append(RichProgressBar(leave=False))
     # The strategy as named (a spawning ddp variant becomes ddp: the ranks exist already), and
@@ -218,8 +223,7 @@ def build_trainer(
         plugins=[AtomicCheckpointIO(), *settings["plugins"]],
         logger=list(loggers) if loggers else False,
         limit_val_batches=1.0 if validate else 0,
-        enable_checkpointing=ckpt_dir is not None
-        or any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         enable_progress_bar=progress,
         use_distributed_sampler=False,
         default_root_dir=str(root_dir) if root_dir else os.getcwd(),

@@ -1,0 +1,80 @@
+"""The training step and last.ckpt: the module steps its optimizer itself unless a Trainer
+feature needs Lightning's automatic loop, with the same weights either way; last.ckpt is written
+every checkpoint_every_s seconds of training (0: every step) or every epoch (null)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import fit_small
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Mode(L.Callback):
+    """Records the optimization the module used and its optimizer steps."""
+
+    def __init__(self) -> None:
+        self.automatic: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.automatic.append(pl_module.automatic_optimization)
+
+
+def test_manual_and_automatic_optimization_train_the_same_weights(tmp_path):
+    manual, automatic = _Mode(), _Mode()
+    _, net_m, _, _, fit_m = fit_small(tmp_path, "manual", callbacks=[manual])
+    # A clipping norm no gradient reaches: Lightning's automatic loop, gradients multiplied by 1.
+    _, net_a, _, _, fit_a = fit_small(
+        tmp_path, "automatic", "+trainer.gradient_clip_val=1e9", callbacks=[automatic]
+    )
+    assert set(manual.automatic) == {False} and set(automatic.automatic) == {True}
+    assert fit_m.steps == fit_a.steps == len(manual.automatic) >= 12
+    for (name, a), b in zip(net_m.state_dict().items(), net_a.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [e["train_loss"] for e in fit_m.epochs] == [e["train_loss"] for e in fit_a.epochs]
+
+
+def test_gradient_accumulation_takes_lightnings_loop(tmp_path):
+    mode = _Mode()
+    _, net, _, _, fit = fit_small(
+        tmp_path, "acc", "+trainer.accumulate_grad_batches=2", epochs=2, callbacks=[mode]
+    )
+    assert set(mode.automatic) == {True}
+    assert fit.steps * 2 == len(mode.automatic)  # one optimizer step per two batches
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+class _Saves(L.Callback):
+    """The global step of every checkpoint written."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.steps.append(int(checkpoint["global_step"]))
+
+
+@pytest.mark.parametrize(
+    ("every_s", "expected"),
+    [("0", "every step"), ("3600", "never"), ("null", "every epoch")],
+)
+def test_last_checkpoint_interval(tmp_path, every_s, expected):
+    saves = _Saves()
+    _, _, _, _, fit = fit_small(
+        tmp_path, "run", f"train.checkpoint_every_s={every_s}", callbacks=[saves]
+    )
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    per_epoch = fit.steps // 3
+    if expected == "never":
+        assert saves.steps == [] and not last.exists()
+        return
+    want = list(range(1, fit.steps + 1))
+    if expected == "every epoch":
+        want = [per_epoch * (e + 1) for e in range(3)]
+    assert saves.steps == want
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == fit.steps
+    if expected == "every epoch":  # written after the epoch's record
+        assert [e["epoch"] for e in state["pipeline_epochs"]] == [0, 1, 2]
