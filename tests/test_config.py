@@ -71,7 +71,7 @@ def test_pretrain_source_is_the_other_bundled_set():
 
 def test_a_datasets_recipe_comes_with_it_and_the_command_line_wins():
     cfg = resolve(compose_cfg("data=mnist5k"))  # conf/recipe/mnist5k.yaml
-    assert (cfg.data.image_size, cfg.train.epochs, cfg.selftrain.rounds) == (24, 20, 3)
+    assert (cfg.data.image_size, cfg.train.epochs, cfg.selftrain.rounds) == (24, 25, 3)
     assert cfg.pseudo_label.balance == "duplicate"
     cfg = resolve(compose_cfg("data=mnist5k", "data.image_size=16", "train.epochs=3"))
     assert (cfg.data.image_size, cfg.train.epochs) == (16, 3)
