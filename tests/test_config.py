@@ -99,6 +99,7 @@ def test_pretraining_on_the_target_is_refused():
         ("init=imagenet", "init"),
         ("trainer.num_threads=0", "num_threads"),
         ("trainer.num_threads=two", "num_threads"),
+        ("train.checkpoint_every_s=-1", "checkpoint_every_s=-1.0 must be >= 0"),
     ],
 )
 def test_bad_values_are_user_errors(override, message):

@@ -78,3 +78,28 @@ def test_last_checkpoint_interval(tmp_path, every_s, expected):
     assert state["global_step"] == fit.steps
     if expected == "every epoch":  # written after the epoch's record
         assert [e["epoch"] for e in state["pipeline_epochs"]] == [0, 1, 2]
+
+
+class _StopAtEpoch(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 2:
+            raise KeyboardInterrupt  # a kill after epoch 1's last.ckpt
+
+
+def test_a_last_ckpt_of_the_previous_writer_resumes_to_the_same_weights(tmp_path, recwarn):
+    """A last.ckpt written by Lightning's ModelCheckpoint (before LastCheckpoint) holds that
+    callback's state: the training resumes from it, silently, to an uninterrupted run's weights."""
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        fit_small(tmp_path, "killed", callbacks=[_StopAtEpoch()])
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    key = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0}"
+    state["callbacks"] = {key: {"best_model_path": str(last), "last_model_path": ""}}
+    torch.save(state, last)
+    recwarn.clear()
+    _, resumed, _, _, fit = fit_small(tmp_path, "killed")
+    assert not [w for w in recwarn if "callbacks used to create" in str(w.message)]
+    _, whole, _, _, _ = fit_small(tmp_path, "whole")
+    assert fit.steps == int(state["global_step"]) * 3 // 2  # epochs 0-1 saved, epoch 2 redone
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -286,6 +286,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.train.batch_size < 1 or cfg.train.epochs < 0:
         raise UserError("train.batch_size must be >= 1 and train.epochs >= 0")
+    every = cfg.train.get("checkpoint_every_s")
+    if every is not None and every < 0:
+        raise UserError(
+            f"train.checkpoint_every_s={every} must be >= 0 (0: every step) or null (every epoch)"
+        )
     check_trainer_keys(cfg.trainer)  # every trainer.* key is a Trainer argument or ours
     threads = cfg.trainer.get("num_threads")
     if threads is not None and (type(threads) is not int or threads < 1):

@@ -31,6 +31,9 @@ log = logging.getLogger("pipeline")
 # (engine/datamodule.py EpochBatches) goes on with the rest of that epoch's batches, from the
 # optimizer step the checkpoint holds. Lightning cannot see that and warns that it may not be.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+# A last.ckpt written before LastCheckpoint (by Lightning's ModelCheckpoint) holds that callback's
+# state, which nothing needs on resume; Lightning would ask for the callback to be added.
+warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
