@@ -27,13 +27,17 @@ from pipeline.runtime.launch import lightning_settings
 
 log = logging.getLogger("pipeline")
 
-# Resuming from a checkpoint saved mid-epoch is exact here: the train sampler
-# (engine/datamodule.py EpochBatches) goes on with the rest of that epoch's batches, from the
-# optimizer step the checkpoint holds. Lightning cannot see that and warns that it may not be.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-# A last.ckpt written before LastCheckpoint (by Lightning's ModelCheckpoint) holds that callback's
-# state, which nothing needs on resume; Lightning would ask for the callback to be added.
-warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+# Lightning's warnings on resuming that do not apply here, silenced while fit runs:
+RESUME_WARNINGS = (
+    # Resuming from a checkpoint saved mid-epoch is exact here: the train sampler
+    # (engine/datamodule.py EpochBatches) goes on with the rest of that epoch's batches, from
+    # the optimizer step the checkpoint holds. Lightning cannot see that and warns that it may
+    # not be.
+    "You're resuming from a checkpoint that ended before",
+    # A last.ckpt written before LastCheckpoint (by Lightning's ModelCheckpoint) holds that
+    # callback's state, which nothing needs on resume; Lightning asks for the callback.
+    "Be aware that when using `ckpt_path`",
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -158,7 +162,9 @@ class Trainer(L.Trainer):
         self._signal_connector = _NoSignalHandlers(self)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
-        with preemption.lightning_running():
+        with preemption.lightning_running(), warnings.catch_warnings():
+            for message in RESUME_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
             return super().fit(*args, **kwargs)
 
     def test(self, *args: Any, **kwargs: Any) -> Any:
