@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -60,6 +61,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class StopAtEpoch(L.Callback):
+    """A kill (KeyboardInterrupt) when epoch `epoch` starts: after epoch `epoch - 1`'s
+    last.ckpt (with train.checkpoint_every_s=null)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
 
 
 def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callbacks=()):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import fit_small
+from conftest import StopAtEpoch, fit_small
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Mode(L.Callback):
-    """Records the optimization the module used and its optimizer steps."""
+    """Records, at every training batch, whether the module used automatic optimization."""
 
     def __init__(self) -> None:
         self.automatic: list[bool] = []
@@ -80,17 +80,11 @@ def test_last_checkpoint_interval(tmp_path, every_s, expected):
         assert [e["epoch"] for e in state["pipeline_epochs"]] == [0, 1, 2]
 
 
-class _StopAtEpoch(L.Callback):
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == 2:
-            raise KeyboardInterrupt  # a kill after epoch 1's last.ckpt
-
-
 def test_a_last_ckpt_of_the_previous_writer_resumes_to_the_same_weights(tmp_path, recwarn):
     """A last.ckpt written by Lightning's ModelCheckpoint (before LastCheckpoint) holds that
     callback's state: the training resumes from it, silently, to an uninterrupted run's weights."""
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        fit_small(tmp_path, "killed", callbacks=[_StopAtEpoch()])
+        fit_small(tmp_path, "killed", callbacks=[StopAtEpoch(2)])
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     key = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, fit_small
+from conftest import StopAtEpoch, compose_cfg, fit_small
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline import config
@@ -300,15 +300,6 @@ def test_ema_batchnorm_statistics_are_those_of_the_averaged_weights(tmp_path):
     assert any(not torch.allclose(saved[n], _bn_buffers(plain)[n], atol=1e-4) for n in means)
 
 
-class _StopAtEpoch(engine_fit.L.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise KeyboardInterrupt  # a kill after epoch `epoch`'s last.ckpt
-
-
 def test_ema_state_is_in_last_ckpt_and_resumes(tmp_path, monkeypatch):
     seen: list[int] = []
     end = engine_ema.EMA.on_train_end
@@ -319,7 +310,7 @@ def test_ema_state_is_in_last_ckpt_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine_ema.EMA, "on_train_end", record)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        _fit(tmp_path, "killed", "0.9", callbacks=[_StopAtEpoch(2)])
+        _fit(tmp_path, "killed", "0.9", callbacks=[StopAtEpoch(2)])
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert "current_model_state" in last and "averaging_state" in last
     steps_before = int(last["averaging_state"]["n_averaged"])
