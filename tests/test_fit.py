@@ -97,3 +97,38 @@ def test_a_last_ckpt_of_the_previous_writer_resumes_to_the_same_weights(tmp_path
     assert fit.steps == int(state["global_step"]) * 3 // 2  # epochs 0-1 saved, epoch 2 redone
     for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def _two_groups(self):
+    """configure_optimizers as it was before one group: body and head apart, same settings."""
+    named = list(self.net.named_parameters())
+    body = [p for n, p in named if not n.startswith("head.")]
+    head = [p for n, p in named if n.startswith("head.")]
+    optimizer = self.optimizer_factory([{"params": body}, {"params": head}])
+    scheduler = self.scheduler_factory(optimizer, T_max=self._total_steps())
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_last_ckpt_with_two_param_groups_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The optimizer keeps body and head in one group unless fine-tuning scales the body's lr;
+    a last.ckpt written with the two groups of earlier versions resumes into the one group, to
+    the weights of an uninterrupted run."""
+    from pipeline.engine.module import LitClassifier
+
+    with monkeypatch.context() as mp:
+        mp.setattr(LitClassifier, "configure_optimizers", _two_groups)
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            fit_small(tmp_path, "killed", callbacks=[StopAtEpoch(2)])
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    old = torch.load(last, weights_only=True)
+    assert len(old["optimizer_states"][0]["param_groups"]) == 2
+    assert len(old["lr_schedulers"][0]["base_lrs"]) == 2
+    _, resumed, _, _, fit = fit_small(tmp_path, "killed")
+    new = torch.load(last, weights_only=True)  # (rewritten at the last epoch's end)
+    assert len(new["optimizer_states"][0]["param_groups"]) == 1
+    assert len(new["lr_schedulers"][0]["base_lrs"]) == 1
+    assert new["optimizer_states"][0]["state"].keys() == old["optimizer_states"][0]["state"].keys()
+    _, whole, _, _, _ = fit_small(tmp_path, "whole")
+    assert fit.steps == int(old["global_step"]) * 3 // 2  # epochs 0-1 saved, epoch 2 trained
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -34,6 +34,25 @@ def soft_cross_entropy(
     return (weight * loss).mean()
 
 
+def merge_equal_param_groups(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint whose optimizer kept body and head in two groups with the same settings
+    (written before configure_optimizers made one group of them), as one group: the same
+    parameter ids in the same order, each parameter's state unchanged, and the schedule's
+    per-group lists cut to one entry. Lightning restores the optimizer after this hook."""
+    for opt in checkpoint.get("optimizer_states", []):
+        groups = opt.get("param_groups", [])
+        if len(groups) != 2:
+            continue
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        if settings[0] != settings[1]:
+            return  # not two copies of one group: leave it for the optimizer to refuse
+        opt["param_groups"] = [{**groups[0], "params": groups[0]["params"] + groups[1]["params"]}]
+    for sched in checkpoint.get("lr_schedulers", []):
+        for key in ("base_lrs", "_last_lr"):
+            if isinstance(sched.get(key), list) and len(sched[key]) == 2:
+                sched[key] = sched[key][:1]
+
+
 class LitClassifier(L.LightningModule):
     """A thin LightningModule around a plain network (`net`): each step is a few lines."""
 
@@ -195,6 +214,8 @@ class LitClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.epochs = [dict(e) for e in checkpoint.get(HISTORY, [])]
+        if self.backbone_lr_scale == 1.0:
+            merge_equal_param_groups(checkpoint)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if len(batch["image"]):  # (a batch of unreadable images only is empty)
@@ -236,17 +257,17 @@ class LitClassifier(L.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
-        head = [
-            p for n, p in self.net.named_parameters() if n.startswith("head.") and p.requires_grad
-        ]
-        body = [
-            p
-            for n, p in self.net.named_parameters()
-            if not n.startswith("head.") and p.requires_grad
-        ]
-        optimizer = self.optimizer_factory(
-            [{"params": body, "lr_scale": self.backbone_lr_scale}, {"params": head}]
-        )
+        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        head = [p for n, p in trainable if n.startswith("head.")]
+        body = [p for n, p in trainable if not n.startswith("head.")]
+        if self.backbone_lr_scale == 1.0:
+            # One group (body, then head): a second group with the same settings updates the
+            # same weights, at the cost of a second pass of the optimizer's and the schedule's
+            # per-group work every step (about 0.15 ms a step for SmallCNN's AdamW on 2 cores).
+            groups: list[dict[str, Any]] = [{"params": body + head}]
+        else:  # fine-tuning: the body at lr_scale x the head's lr
+            groups = [{"params": body, "lr_scale": self.backbone_lr_scale}, {"params": head}]
+        optimizer = self.optimizer_factory(groups)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)
         if self.scheduler_factory is None:
