@@ -75,6 +75,12 @@ class StopAtEpoch(L.Callback):
             raise KeyboardInterrupt
 
 
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every tensor of a's state dict equal, bit for bit, to b's (named on failure)."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callbacks=()):
     """Train a small net on 24 random 8x8 images of 3 classes with the pipeline's fit (no
     augmentation, so the training batches can be replayed), `callbacks` added to its Trainer;

@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import StopAtEpoch, fit_small
+from conftest import StopAtEpoch, assert_same_weights, fit_small
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,8 +31,7 @@ def test_manual_and_automatic_optimization_train_the_same_weights(tmp_path):
     )
     assert set(manual.automatic) == {False} and set(automatic.automatic) == {True}
     assert fit_m.steps == fit_a.steps == len(manual.automatic) >= 12
-    for (name, a), b in zip(net_m.state_dict().items(), net_a.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(net_m, net_a)
     assert [e["train_loss"] for e in fit_m.epochs] == [e["train_loss"] for e in fit_a.epochs]
 
 
@@ -95,8 +94,7 @@ def test_a_last_ckpt_of_the_previous_writer_resumes_to_the_same_weights(tmp_path
     assert not [w for w in recwarn if "callbacks used to create" in str(w.message)]
     _, whole, _, _, _ = fit_small(tmp_path, "whole")
     assert fit.steps == int(state["global_step"]) * 3 // 2  # epochs 0-1 saved, epoch 2 redone
-    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(resumed, whole)
 
 
 def _two_groups(self):
@@ -130,5 +128,4 @@ def test_a_last_ckpt_with_two_param_groups_resumes_to_the_same_weights(tmp_path,
     assert new["optimizer_states"][0]["state"].keys() == old["optimizer_states"][0]["state"].keys()
     _, whole, _, _, _ = fit_small(tmp_path, "whole")
     assert fit.steps == int(old["global_step"]) * 3 // 2  # epochs 0-1 saved, epoch 2 trained
-    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(resumed, whole)
