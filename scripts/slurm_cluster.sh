@@ -31,6 +31,7 @@ MIN_JOB_AGE="${SLURM_CI_MIN_JOB_AGE:-30}"
 NODES=(n1 n2)
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 MYSQL_SOCKET=/run/mysqld/mysqld.sock
+CTLD_RECOVERED=0
 
 say() { printf 'slurm_cluster: %s\n' "$*"; }
 die() { printf 'slurm_cluster: error: %s\n' "$*" >&2; exit 1; }
@@ -228,6 +229,7 @@ start_slurmctld() {
         return
     fi
     /usr/sbin/slurmctld
+    CTLD_RECOVERED=1
     local i
     for i in $(seq 150); do
         ctld_up && break
@@ -284,12 +286,32 @@ cmd_start() {
     start_slurmctld
     local n
     for n in "${NODES[@]}"; do start_slurmd "$n"; done
+    # A slurmctld started afresh recovers the jobs of its state dir: when the cluster was not
+    # stopped with `stop` (the machine or session ended under it), they are jobs whose processes
+    # are gone, that would hold a node "mixed" for ever, or pending jobs of a test run that
+    # no longer exists. None of them can be wanted: cancel them.
+    if [ "$CTLD_RECOVERED" = 1 ]; then cancel_all_jobs "cancelling jobs left from a cluster that was not stopped"; fi
     wait_idle 120 || die "the nodes did not become idle (see $STATE/log/)"
     say "cluster '$CLUSTER' is up: config $ETC/slurm.conf, state, pids and logs in $STATE"
     sinfo
 }
 
 # ----------------------------------------------------------------------------------------------
+cancel_all_jobs() { # message: scancel every job in the queue, wait until the queue is empty
+    # %i names an array task as ARRAY_ID_TASK (29_0): scancel refuses its own job id (30).
+    local jobs i
+    jobs="$(squeue -h -r -o %i 2>/dev/null | sort -u | tr '\n' ' ')"
+    [ -n "${jobs// /}" ] || return 0
+    say "$1: $jobs"
+    # shellcheck disable=SC2086
+    scancel $jobs 2>/dev/null || true
+    for i in $(seq $((KILL_WAIT + 30))); do
+        [ -z "$(squeue -h -o %i 2>/dev/null)" ] && return 0
+        sleep 1
+    done
+    say "jobs still in the queue after $((KILL_WAIT + 30)) s: $(squeue -h -r -o %i | tr '\n' ' ')"
+}
+
 stop_pid() { # name pidfile
     local name=$1 pidfile=$2 pid i
     pid="$(pid_from "$pidfile")"
@@ -314,20 +336,7 @@ stop_pid() { # name pidfile
 cmd_stop() {
     need_root stop
     # Jobs first, so that no slurmstepd (nor the jobs' processes) outlives the daemons.
-    if ctld_up; then
-        local jobs
-        jobs="$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')"
-        if [ -n "${jobs// /}" ]; then
-            say "cancelling jobs: $jobs"
-            # shellcheck disable=SC2086
-            scancel $jobs 2>/dev/null || true
-            local i
-            for i in $(seq $((KILL_WAIT + 30))); do
-                [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
-                sleep 1
-            done
-        fi
-    fi
+    if ctld_up; then cancel_all_jobs "cancelling jobs"; fi
     local n
     for n in "${NODES[@]}"; do stop_pid "slurmd -N $n" "$STATE/run/slurmd-$n.pid"; done
     stop_pid slurmctld "$STATE/run/slurmctld.pid"
