@@ -388,6 +388,16 @@ def main() -> None:
                 print(f"error: {hydra_error_line(held)}", file=stderr, flush=True)
             sys.exit(2)
         sys.exit(code)
+    except ValueError as e:
+        # Hydra's own check of the mode flags (`--cfg job -m ...`) raises rather than exits.
+        if _job_started or _sweep_started or not str(e).startswith("Only one of"):
+            raise
+        print(
+            f"error: {e}: use one per command (--cfg job prints one job's config: drop -m)",
+            file=stderr,
+            flush=True,
+        )
+        sys.exit(2)
     finally:
         _release_stderr()
         sys.stderr = stderr

@@ -141,6 +141,13 @@ CONFIG_ERRORS = [
 ]
 
 
+def test_two_mode_flags_are_refused_in_one_line(tmp_path):
+    """Hydra raises (a traceback) for `--cfg job -m`: one line, exit 2, nothing written."""
+    proc = cli("--cfg", "job", "-m", "seed=0,1", cwd=tmp_path)
+    assert_bad_input(proc, "Only one of --run, --multirun, --cfg", "drop -m")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "overrides, needles", CONFIG_ERRORS, ids=[" ".join(o) for o, _ in CONFIG_ERRORS]
 )
