@@ -4,8 +4,10 @@ the real configs; train a small network with the pipeline's own fit."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +40,62 @@ def run_cli(
         timeout=timeout,
         env=full_env,
     )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until path exists (or proc ends, or timeout): asserts it does."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"{path} never appeared"
+
+
+def stop_mid_epoch_and_resume(
+    tmp_path: Path, signum: signal.Signals, *overrides: str, env: dict[str, str]
+) -> str:
+    """`stage=train` of 2 epochs of 200 steps, sent signum once the end of epoch 1 has written
+    checkpoints/last.ckpt: the job saves last.ckpt at the next step (mid-epoch 2) and exits 1
+    naming the signal, without a traceback or a model; the same command then resumes and
+    finishes. Returns the stopped run's stderr."""
+    run_dir = tmp_path / "run"
+    args = [
+        *FAST,
+        "stage=train",
+        "train.epochs=2",
+        "train.min_steps=400",  # 200 steps per epoch: the signal lands inside epoch 2
+        *overrides,
+        f"run_dir={run_dir}",
+    ]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    err_log = tmp_path / "stderr.log"
+    with open(err_log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *args],
+            cwd=REPO,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            wait_for(last, proc)
+            proc.send_signal(signum)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_log.read_text()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 200 < step < 400, step  # saved on the signal, mid-epoch 2 (not at an epoch end)
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "model.ckpt").exists()
+
+    again = run_cli(*args, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming training from" in again.stdout + again.stderr
+    assert (run_dir / "summary.json").is_file() and not last.exists()
+    return stderr
 
 
 def compose_cfg(*overrides: str):

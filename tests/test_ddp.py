@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import FAST, REPO, run_cli
+from conftest import FAST, REPO, run_cli, stop_mid_epoch_and_resume
 
 DDP = ["trainer.devices=2", "trainer.strategy=ddp"]
 # Smaller than FAST: these tests are about who runs what and where, not about accuracy.
@@ -198,43 +194,7 @@ def test_submitit_local_sweep_of_ddp_jobs(sweep, tmp_path):
 def test_requeue_signal_saves_last_ckpt_and_the_rerun_resumes(tmp_path):
     """USR2 (what SLURM sends before the time limit) during training: the job saves
     checkpoints/last.ckpt mid-epoch and stops; running the same command again resumes."""
-    run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        *FAST,
-        "stage=train",
-        "train.epochs=2",
-        "train.min_steps=400",  # 200 steps per epoch: the signal lands inside epoch 2
-        f"run_dir={run_dir}",
-    ]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    env = {**os.environ, **THREADS, "PYTHONUNBUFFERED": "1"}
-    err_log = tmp_path / "stderr.log"
-    with open(err_log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.monotonic() + 240
-            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)  # the end of epoch 1 writes last.ckpt
-            assert last.exists(), "training never reached the end of epoch 1"
-            proc.send_signal(signal.SIGUSR2)
-            proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    stderr = err_log.read_text()
-    assert proc.returncode == 1, stderr[-3000:]
-    assert "stopped by SIGUSR2" in stderr
-    assert not (run_dir / "summary.json").exists() and not (run_dir / "model.ckpt").exists()
-    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    assert 200 < step < 400  # saved on the signal, mid-epoch 2 (not at an epoch end)
-
-    again = cli(*FAST, "stage=train", "train.epochs=2", "train.min_steps=400", f"run_dir={run_dir}")
-    ok(again)
-    assert "resuming training from" in again.stdout + again.stderr
-    assert (run_dir / "summary.json").is_file() and not last.exists()
+    stop_mid_epoch_and_resume(tmp_path, signal.SIGUSR2, env=THREADS)
 
 
 # --- fast checks of the launch decisions and the SLURM launcher config -----------------------

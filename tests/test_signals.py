@@ -10,12 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_cli
+from conftest import FAST, REPO, run_cli, stop_mid_epoch_and_resume
 
 THREADS = {"OMP_NUM_THREADS": "1"}
 TINY = [*FAST, "train.epochs=2", "train.min_steps=30", "trainer.num_threads=1"]
@@ -103,13 +101,6 @@ def test_a_signal_at_any_moment_stops_cleanly_and_the_rerun_finishes(tmp_path, w
         assert "resuming training from" in again.stdout + again.stderr
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert path.exists(), f"{path} never appeared"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2])
 def test_sigterm_during_training_saves_mid_epoch_and_the_rerun_resumes(tmp_path, devices):
@@ -117,46 +108,14 @@ def test_sigterm_during_training_saves_mid_epoch_and_the_rerun_resumes(tmp_path,
     process or to a job that started 2 DDP ranks: every rank saves last.ckpt at the next step,
     the job exits 1 naming the signal; Lightning's own TERM handling (stop without saving, exit
     0) is off. The same command resumes."""
-    run_dir = tmp_path / "run"
-    overrides = [
-        *FAST,
-        "stage=train",
-        "train.epochs=2",
-        "train.min_steps=400",  # 200 steps per epoch: the signal lands inside epoch 2
+    stderr = stop_mid_epoch_and_resume(
+        tmp_path,
+        signal.SIGTERM,
         f"trainer.devices={devices}",
         "trainer.strategy=ddp",
-        f"run_dir={run_dir}",
-    ]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    err_log = tmp_path / "stderr.log"
-    env = {**os.environ, **THREADS, "PYTHONUNBUFFERED": "1"}
-    with open(err_log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *overrides],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        try:
-            wait_for(last, proc)  # the end of epoch 1 writes last.ckpt
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    stderr = err_log.read_text()
-    assert proc.returncode == 1, stderr[-3000:]
+        env=THREADS,
+    )
     assert "stopped by SIGTERM after saving the run's state" in stderr, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    assert 200 < step < 400, step  # saved on the signal, mid-epoch 2
-    assert not (run_dir / "model.ckpt").exists()
-
-    again = run_cli(*overrides, env=THREADS)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming training from" in again.stdout + again.stderr
-    assert (run_dir / "summary.json").is_file() and not last.exists()
 
 
 @pytest.mark.slow
