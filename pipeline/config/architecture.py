@@ -11,13 +11,13 @@ architecture: its checkpoint names it (models/checkpoint.py).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config.paths import CONF_DIR
 from pipeline.errors import UserError
 
-MODEL_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "model"
+MODEL_DIR = CONF_DIR / "model"
 SAME = "same"
 
 

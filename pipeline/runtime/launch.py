@@ -2,7 +2,7 @@
 
 Lightning's own DDP launcher re-executes the Hydra script in every rank, and under `-m` each rank
 then re-runs the whole sweep. Instead, the Hydra job resolves its config once, writes it to a
-temporary file and starts one `python -m pipeline.runtime.rank FILE` process per device with the same
+temporary file and starts one `python -m pipeline.rank FILE` process per device with the same
 environment torchrun sets; Lightning sees an externally launched world and starts nothing.
 Under srun (SLURM tasks) or torchrun the processes already exist and nothing is started here.
 """
@@ -96,7 +96,7 @@ def ranks_to_start(trainer_cfg: Any) -> int:
     if int(trainer_cfg.get("num_nodes", 1)) > 1:
         raise UserError(
             "trainer.num_nodes > 1 needs one process per device started by srun or torchrun "
-            "(see the README's cluster section, or use hydra/launcher=slurm)"
+            "(see docs/cluster.md, or use hydra/launcher=slurm)"
         )
     if n > 1 and int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
         raise UserError(
@@ -199,9 +199,7 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
             TORCHELASTIC_RUN_ID=f"pipeline-{port}",
         )
         env.setdefault("OMP_NUM_THREADS", threads)  # as torchrun does; the user's value wins
-        procs.append(
-            subprocess.Popen([sys.executable, "-m", "pipeline.runtime.rank", str(path)], env=env)
-        )
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.rank", str(path)], env=env))
 
     received: list[int] = []
 

@@ -1,0 +1,139 @@
+"""The package's layers: a module imports only from its own package or from lower layers.
+
+Low to high (docs/design.md, "Layers"): the leaves (errors, console, consistency) -> runtime ->
+config -> data, models -> engine -> selftrain, baseline, deploy, report -> stages -> the entry
+points (cli, ...). Packages of one layer do not import each other either (baseline and
+selftrain are two recipes side by side), but for the entry points, which are one program.
+Imports are read with `ast`, at the top of a module and inside functions alike: a lazy import
+still ties the two layers together.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+
+# A unit is a subpackage or a top-level module of pipeline/; `__version__` is the version
+# string of pipeline/__init__.py, which any layer may read.
+LAYERS: list[set[str]] = [
+    {"errors", "console", "consistency", "__version__"},  # leaves: nothing of the pipeline below
+    {"runtime"},  # processes, files, signals
+    {"config"},  # the typed config and its checks
+    {"data", "models"},
+    {"engine"},  # Lightning
+    {"selftrain", "baseline", "deploy", "report"},  # the recipes
+    {"stages"},  # stage name -> recipe
+    # The entry points: one program (`python -m pipeline`, its --help, its DDP ranks), so the
+    # only layer whose units import each other.
+    {"cli", "usage", "rank", "__main__", "__init__"},
+]
+
+# Imports that point up or sideways today, each with the module and the unit it imports. The
+# list only shrinks: the test also fails when one of these is gone, so that it is removed here.
+KNOWN_VIOLATIONS: set[tuple[str, str]] = {
+    # runtime -> config: the resume check compares configs with config.keys.differing_keys.
+    ("pipeline.runtime.rundir", "config"),
+    # config -> stages: checks.py validates `stage=` against the stage names.
+    ("pipeline.config.checks", "stages"),
+    # engine -> selftrain: fit.py trains on selftrain.merge's TrainingSet and mixed batches.
+    ("pipeline.engine.fit", "selftrain"),
+    # baseline <-> selftrain: the baseline trains with selftrain's teacher and merge, and the
+    # loop takes its pretrained start from the baseline.
+    ("pipeline.baseline.pretrain", "selftrain"),
+    ("pipeline.baseline.finetune", "selftrain"),
+    ("pipeline.selftrain.loop", "baseline"),
+    ("pipeline.selftrain.stages", "baseline"),
+    # deploy -> selftrain: predict's test-time views are selftrain.noise.views_fn.
+    ("pipeline.deploy.model", "selftrain"),
+    ("pipeline.deploy.predict", "selftrain"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def unit_of(module: str) -> str:
+    """`pipeline.engine.fit` -> `engine`; `pipeline` (its __init__) -> `__init__`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every pipeline module `path` imports, anywhere in the file (`from pipeline import x`
+    names the submodule x when there is one)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, f"{path}: relative import; the pipeline imports absolutely"
+            found.add(node.module)
+            if node.module == "pipeline":
+                found.update(f"pipeline.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] == "pipeline" and m != "pipeline"}
+
+
+def layer_of(unit: str) -> int:
+    for level, units in enumerate(LAYERS):
+        if unit in units:
+            return level
+    raise AssertionError(
+        f"pipeline/{unit} has no layer: add it to LAYERS in tests/test_layers.py "
+        "and to the Layers section of docs/design.md"
+    )
+
+
+def upward_imports() -> set[tuple[str, str]]:
+    """(module, unit) for each import of a unit on the same layer or above the module's."""
+    bad = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(path)
+        unit = unit_of(module)
+        for target in imported_modules(path):
+            other = unit_of(target)
+            up = layer_of(other) > layer_of(unit)
+            sideways = layer_of(other) == layer_of(unit) and unit not in LAYERS[-1]
+            if other != unit and (up or sideways):
+                bad.add((module, other))
+    return bad
+
+
+def test_every_unit_has_a_layer() -> None:
+    units = {unit_of(module_name(p)) for p in PACKAGE.rglob("*.py")}
+    for unit in units:
+        layer_of(unit)
+    assert {"runtime", "config", "engine", "selftrain", "cli"} <= units
+
+
+def test_imports_point_down_the_layers() -> None:
+    new = upward_imports() - KNOWN_VIOLATIONS
+    assert not new, "imports that point up or sideways (see docs/design.md, Layers): " + ", ".join(
+        f"{module} -> pipeline.{unit}" for module, unit in sorted(new)
+    )
+
+
+def test_known_violations_are_still_there() -> None:
+    """An entry of KNOWN_VIOLATIONS that no longer happens is removed from the list."""
+    gone = KNOWN_VIOLATIONS - upward_imports()
+    assert not gone, "fixed, remove from KNOWN_VIOLATIONS: " + ", ".join(
+        f"{module} -> pipeline.{unit}" for module, unit in sorted(gone)
+    )
+
+
+def test_the_checker_sees_lazy_imports(tmp_path: Path) -> None:
+    """An import inside a function counts as much as one at the top of the file."""
+    source = tmp_path / "lazy.py"
+    source.write_text(
+        "import os\n\ndef f():\n    from pipeline.cli import main\n    import pipeline.engine.fit\n"
+        "from pipeline import errors, __version__\n"
+    )
+    assert imported_modules(source) == {
+        "pipeline.cli",
+        "pipeline.engine.fit",
+        "pipeline.errors",
+        "pipeline.__version__",
+    }
