@@ -34,6 +34,19 @@ def finetune(cfg: DictConfig, task: Task, step: Step, ckpt: Path | None) -> dict
     return step.finish(metrics)
 
 
+def model_weights_source(model: DictConfig) -> str:
+    """Where a model's own pretrained weights come from: "torchvision IMAGENET1K_V1",
+    "timm resnet50 (pretrained)", "timm resnet50 /path/w.safetensors"."""
+    zoo = model.get("zoo") or "torchvision"
+    if model.get("weights"):
+        return (
+            f"{zoo} {model.weights}"
+            if zoo == "torchvision"
+            else f"{zoo} {model.name} {model.weights}"
+        )
+    return f"{zoo} {model.name} (pretrained)"
+
+
 def run_baseline(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     """Pretrain (or take pretrained weights) -> fine-tune on the labelled target -> evaluate."""
     start = time.time()
@@ -42,7 +55,7 @@ def run_baseline(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     metrics = finetune(cfg, task, run.step("finetune"), ckpt)
     extra: dict[str, Any] = {
         "finetune_mode": str(cfg.finetune.mode),
-        "pretrain_source": str(ckpt) if ckpt else f"torchvision {cfg.model.weights}",
+        "pretrain_source": str(ckpt) if ckpt else model_weights_source(cfg.model),
     }
     if run.exists(run / "pretrain" / DONE):
         pre = io.read_json(run / "pretrain" / DONE)

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config.checks import has_own_weights
 from pipeline.config.keys import result_keys
 from pipeline.data.task import prepare_task
 from pipeline.runtime.rundir import DONE, RunDir, Step
@@ -90,7 +91,7 @@ def pretrained_checkpoint(cfg: DictConfig, run: RunDir, step_name: str = "pretra
     run_dir/<step_name>."""
     if cfg.pretrain.ckpt:
         return Path(cfg.pretrain.ckpt)
-    if cfg.model.get("weights"):
+    if has_own_weights(cfg.model):
         return None
     step = run.step(step_name)
     if not step.done and not take_cached_pretraining(cfg, step):

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,7 +60,14 @@ def _plain_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-    return instantiate(cfg.model.net, num_classes=num_classes)
+    """The configured network (`model.net`) for `num_classes`; a constructor's UserError (an
+    unknown zoo name, weights that cannot be fetched) stays one, not Hydra's wrapper of it."""
+    try:
+        return instantiate(cfg.model.net, num_classes=num_classes)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def recorded_model(ckpt: dict[str, Any]) -> dict[str, Any] | None:
@@ -73,7 +81,8 @@ def recorded_model(ckpt: dict[str, Any]) -> dict[str, Any] | None:
 def build_recorded_net(model: dict[str, Any], num_classes: int, what: str) -> torch.nn.Module:
     """The network a checkpoint names, built without running anything else it might name: the
     target must be one of the pipeline's networks (`pipeline.models.NAME`), its arguments plain
-    values; torchvision weights are not fetched (the checkpoint's own weights replace them)."""
+    values; no pretrained weights are fetched (torchvision's or timm's: the checkpoint's own
+    weights replace them, so a zoo network rebuilds without a network)."""
     import pipeline.models as networks
 
     net = model["net"]
@@ -88,8 +97,7 @@ def build_recorded_net(model: dict[str, Any], num_classes: int, what: str) -> to
     kwargs = {k: v for k, v in net.items() if not str(k).startswith("_")}
     if any(isinstance(v, dict) for v in kwargs.values()):
         raise UserError(f"{what} gives {target} a nested argument; expected plain values")
-    if "weights" in kwargs:
-        kwargs["weights"] = None
+    kwargs.update({k: v for k, v in networks.OFFLINE_REBUILD.items() if k in kwargs})
     kwargs["num_classes"] = num_classes
     return getattr(networks, name)(**kwargs)
 

@@ -1,8 +1,10 @@
-"""Transfer helpers: load pretrained weights into a network, freeze parts of it, new head."""
+"""Transfer helpers: load pretrained weights into a network, freeze parts of it, new head, the
+optimizer's parameter groups (body lr factor, layer-wise lr decay)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -102,6 +104,39 @@ def freeze_for_finetune(net: nn.Module, mode: str, trainable_blocks: int = 1) ->
             p.requires_grad_(False)
     keep_bn = {id(m) for b in trainable for m in _batchnorms(b)}
     return [m for m in _batchnorms(net.features) if id(m) not in keep_bn]
+
+
+def param_groups(
+    net: nn.Module, lr_scale: float = 1.0, layer_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups (trainable parameters only), each with the factor
+    ``"lr_scale"`` its learning rate is multiplied by (engine/module.py applies it).
+
+    - ``layer_decay=None``: one group (body, then head) when ``lr_scale == 1``, else two: the
+      body at ``lr_scale``, the head at 1 (as configure_optimizers always made them).
+    - ``layer_decay=d``: layer-wise decay as in ViT fine-tuning (BEiT, MAE): block i of the
+      n blocks of ``net.blocks()`` (i = 0 the stem, input first) at ``lr_scale * d ** (n - i)``,
+      the head at ``d ** 0 = 1``; blocks without trainable parameters give no group. With
+      ``finetune.lr_scale=1`` this is exactly those papers' rule.
+    """
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if n.startswith("head.")]
+    body = [p for n, p in trainable if not n.startswith("head.")]
+    if layer_decay is None:
+        if lr_scale == 1.0:
+            return [{"params": body + head, "lr_scale": 1.0}]
+        return [{"params": body, "lr_scale": float(lr_scale)}, {"params": head, "lr_scale": 1.0}]
+    blocks = net.blocks()
+    n = len(blocks)
+    position = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
+    if any(id(p) not in position for p in body):  # (every network's blocks cover its body)
+        raise ValueError(f"{type(net).__name__}.blocks() do not hold every body parameter")
+    groups = []
+    for i in range(n):
+        params = [p for p in body if position[id(p)] == i]
+        if params:
+            groups.append({"params": params, "lr_scale": float(lr_scale * layer_decay ** (n - i))})
+    return [*groups, {"params": head, "lr_scale": 1.0}]
 
 
 def reset_head(net: nn.Module) -> None:
