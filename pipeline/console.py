@@ -13,6 +13,10 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
 
+def _auroc(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     console = Console()
     rounds = summary.get("rounds")
@@ -31,10 +35,11 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     networks = [r.get("model") for r in rounds]
     show_networks = len({n for n in networks if n}) > 1
     columns = ["round", "model", *(["network"] if show_networks else []), "val acc"]
-    columns += ["test acc", "pseudo-labels", "pseudo acc"]
+    columns += ["test acc", "bal acc", "pseudo-labels", "pseudo acc"]
     if not val:
         columns.remove("val acc")
-    for col in (*columns, "class coverage min/max"):
+    columns.insert(columns.index("pseudo acc") + 1, "class coverage min/max")
+    for col in columns:
         table.add_column(col, justify="right")
     for r in rounds:
         cov = [c for c in (r.get("per_class_coverage") or []) if c is not None]
@@ -49,12 +54,21 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             *([str(r.get("model") or "–")] if show_networks else []),
             *([_pct(r.get("val_accuracy"))] if val else []),
             _pct(r.get("test_accuracy")),
+            _pct(r.get("balanced_accuracy")),
             str(r.get("num_pseudo", 0)),
             _pct(r.get("pseudo_accuracy")),
             f"{_pct(min(cov))} / {_pct(max(cov))}" if cov else "–",
         ]
         table.add_row(*row)
     console.print(table)
+    # Open-set pools (data.open_set), below the table to keep it narrow: what each merge let
+    # in, and how well the OOD score told the foreign images apart.
+    for r in rounds:
+        if r.get("merged_foreign_fraction") is not None or r.get("ood_auroc") is not None:
+            console.print(
+                f"round {r['round']}: foreign images {_pct(r.get('merged_foreign_fraction'))} "
+                f"of the merged pseudo-labels, OOD AUROC {_auroc(r.get('ood_auroc'))}"
+            )
     chosen = (
         "the best val epoch (train.select=best_val)"
         if summary.get("selected_by") == "val"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,14 +22,23 @@ class Splits:
     labelled: np.ndarray
     val: np.ndarray  # may be empty
     unlabelled: np.ndarray
+    # Open-set pools (data.open_set): the dataset class of each network class (label k of the
+    # network is class known_classes[k]); None: every class is known, labels as they are.
+    known_classes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ("labelled", "val", "unlabelled"):
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.int64))
+        if self.known_classes is not None:
+            self.known_classes = np.asarray(self.known_classes, dtype=np.int64)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """What splits.npz holds (written atomically by the run dir)."""
-        return {"labelled": self.labelled, "val": self.val, "unlabelled": self.unlabelled}
+        """What splits.npz holds (written atomically by the run dir); `known_classes` only
+        with an open-set pool, so that a default run writes the same file as before."""
+        out = {"labelled": self.labelled, "val": self.val, "unlabelled": self.unlabelled}
+        if self.known_classes is not None:
+            out["known_classes"] = self.known_classes
+        return out
 
     def save(self, path: Path) -> None:
         write_npz(path, self.arrays())
@@ -36,7 +47,104 @@ class Splits:
     def load(cls, path: Path) -> Splits:
         """Read a file written by ``save``."""
         with np.load(path, allow_pickle=False) as z:
-            return cls(labelled=z["labelled"], val=z["val"], unlabelled=z["unlabelled"])
+            known = z.get("known_classes")
+            return cls(z["labelled"], z["val"], z["unlabelled"], known)
+
+
+UNLABELLED_ORDERS = ("same", "reversed", "uniform")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What data.imbalance and data.open_set ask of the splits (all off by default).
+
+    `labelled_ratio` / `unlabelled_ratio`: max / min class count of the labelled set and of the
+    pool (None or 1: balanced), with the exponential profile of DARP / CReST
+    N_k = N_1 * ratio^(-(k-1)/(C-1)) over the known classes in index order (the first the most
+    frequent); `unlabelled_order`: the pool's profile in the same order, reversed, or uniform
+    (the pool keeps every image). `known_classes`: the classes of the labelled, val and test
+    sets; the pool also holds the others (None: every class is known)."""
+
+    labelled_ratio: float | None = None
+    unlabelled_ratio: float | None = None
+    unlabelled_order: str = "same"
+    known_classes: tuple[int, ...] | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self == PoolSpec()
+
+
+def pool_spec(data_cfg: Mapping[str, Any], num_classes: int) -> PoolSpec:
+    """The PoolSpec of a data config node (data.imbalance.*, data.open_set.known_classes),
+    checked; `num_classes` is the dataset's."""
+    imbalance = data_cfg.get("imbalance") or {}
+    open_set = data_cfg.get("open_set") or {}
+    ratios = []
+    for key in ("labelled_ratio", "unlabelled_ratio"):
+        value = imbalance.get(key)
+        if value is not None and (isinstance(value, bool) or float(value) < 1):
+            raise UserError(
+                f"data.imbalance.{key}={value} must be >= 1 (max/min class count) or null"
+            )
+        ratios.append(None if value is None or float(value) == 1 else float(value))
+    order = str(imbalance.get("unlabelled_order") or "same")
+    if order not in UNLABELLED_ORDERS:
+        raise UserError(
+            f"data.imbalance.unlabelled_order={order!r}; choose one of {', '.join(UNLABELLED_ORDERS)}"
+        )
+    if order == "uniform" and ratios[1] is not None:
+        raise UserError(
+            "data.imbalance.unlabelled_order=uniform keeps every pool image; drop "
+            "data.imbalance.unlabelled_ratio (or pass unlabelled_order=same|reversed)"
+        )
+    known = resolve_known_classes(open_set.get("known_classes"), num_classes)
+    return PoolSpec(ratios[0], ratios[1], order, known)
+
+
+def resolve_known_classes(value: Any, num_classes: int) -> tuple[int, ...] | None:
+    """data.open_set.known_classes as sorted class indices: an int K means 0..K-1, a list names
+    them; None: off. At least two known classes and at least one unknown one."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise UserError("data.open_set.known_classes must be an int K or a list of class indices")
+    known = (
+        tuple(range(int(value)))
+        if isinstance(value, int)
+        else tuple(sorted({int(v) for v in value}))
+    )
+    if len(known) < 2 or len(known) >= num_classes or min(known) < 0 or max(known) >= num_classes:
+        raise UserError(
+            f"data.open_set.known_classes={value} must name 2 to {num_classes - 1} classes in "
+            f"0..{num_classes - 1} (the others become the pool's unknown classes), or be null"
+        )
+    return known
+
+
+def network_classes(data_cfg: Mapping[str, Any]) -> int:
+    """The classes of the network trained on this data: data.num_classes, or with an open-set
+    pool the number of known classes (labels remapped 0..K-1)."""
+    num_classes = int(data_cfg["num_classes"])
+    open_set = data_cfg.get("open_set") or {}
+    known = resolve_known_classes(open_set.get("known_classes"), num_classes)
+    return num_classes if known is None else len(known)
+
+
+def remap_labels(labels: np.ndarray, known: Sequence[int]) -> np.ndarray:
+    """Dataset labels -> network labels: known class known[k] -> k, any other -> -1."""
+    table = np.full(max(int(np.max(labels, initial=0)), max(known)) + 1, -1, np.int64)
+    table[np.asarray(known, np.int64)] = np.arange(len(known))
+    labels = np.asarray(labels, np.int64)
+    return np.where(labels >= 0, table[np.clip(labels, 0, None)], -1)
+
+
+def long_tail_counts(n_first: float, ratio: float | None, num: int) -> np.ndarray:
+    """N_k = N_1 * ratio^(-(k-1)/(C-1)) for k = 1..num (at least 1 each, rounded down)."""
+    if ratio is None or num < 2:
+        return np.full(num, int(n_first), np.int64)
+    k = np.arange(num, dtype=np.float64)
+    return np.maximum(1, np.floor(n_first * ratio ** (-k / (num - 1)) + 1e-9)).astype(np.int64)
 
 
 def make_splits(
@@ -45,6 +153,7 @@ def make_splits(
     val_per_class: int,
     seed: int,
     num_classes: int,
+    pool: PoolSpec | None = None,
 ) -> Splits:
     """Stratified split: per class a seeded permutation; its first ``labels_per_class`` are the
     label budget, of which the last ``val_per_class`` are val and the others labelled (train);
@@ -54,8 +163,21 @@ def make_splits(
 
     ``labels_per_class=None`` labels everything (after the val images are taken) and leaves the
     unlabelled set empty.
+
+    ``pool`` (data.imbalance, data.open_set; default: off, the splits above unchanged): the
+    known class of rank k keeps N_k = (labels_per_class - val_per_class) *
+    labelled_ratio^(-k/(K-1)) labelled images (then its val images); the pool keeps the first
+    N_k of each class's remaining images, N_k following unlabelled_ratio in the same or the
+    reversed order, N_1 the largest count every class can give; unknown classes give all their
+    images to the pool. The same seeded permutations as the balanced splits.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    pool = pool or PoolSpec()
+    known = pool.known_classes if pool.known_classes is not None else tuple(range(num_classes))
+    if not pool.is_default and labels_per_class is None:
+        raise UserError(
+            "data.imbalance and data.open_set need data.labels_per_class (a number per class)"
+        )
     if labels_per_class is not None and labels_per_class < 1:
         raise UserError(f"data.labels_per_class must be at least 1, got {labels_per_class}")
     if val_per_class < 0:
@@ -80,7 +202,7 @@ def make_splits(
         )
     # With labels_per_class=None at least one image per class must stay labelled.
     needed = labels_per_class if labels_per_class is not None else 1 + val_per_class
-    smallest = int(np.argmin(counts))
+    smallest = known[int(np.argmin(counts[list(known)]))]  # unknown classes need no labels
     if needed > counts[smallest]:
         what = "labels_per_class" if labels_per_class is not None else "val_per_class + 1"
         raise UserError(
@@ -89,22 +211,48 @@ def make_splits(
         )
 
     rng = np.random.default_rng(seed)
+    rank = {c: r for r, c in enumerate(known)}
+    if labels_per_class is not None:
+        train_counts = long_tail_counts(
+            labels_per_class - val_per_class, pool.labelled_ratio, len(known)
+        )
     labelled, val, unlabelled = [], [], []
+    rest: dict[int, np.ndarray] = {}
     for c in range(num_classes):
         order = rng.permutation(np.flatnonzero(labels == c))
         if labels_per_class is None:
             val.append(order[:val_per_class])
             labelled.append(order[val_per_class:])
+        elif c not in rank:  # an unknown class of an open-set pool: all of it in the pool
+            unlabelled.append(order)
         else:
-            train = labels_per_class - val_per_class
+            train = int(train_counts[rank[c]])
             labelled.append(order[:train])
-            val.append(order[train:labels_per_class])
-            unlabelled.append(order[labels_per_class:])
+            val.append(order[train : train + val_per_class])
+            rest[c] = order[train + val_per_class :]
+    if pool.unlabelled_ratio is not None and pool.unlabelled_order != "uniform":
+        rest = long_tail_pool(rest, known, pool.unlabelled_ratio, pool.unlabelled_order)
+    unlabelled += [rest[c] for c in known if c in rest]
     return Splits(
         labelled=np.sort(np.concatenate(labelled)),
         val=np.sort(np.concatenate(val)),
         unlabelled=np.sort(np.concatenate(unlabelled)) if unlabelled else np.empty(0, np.int64),
+        known_classes=np.asarray(pool.known_classes) if pool.known_classes is not None else None,
     )
+
+
+def long_tail_pool(
+    rest: dict[int, np.ndarray], known: Sequence[int], ratio: float, order: str
+) -> dict[int, np.ndarray]:
+    """The first N_k of each known class's pool images, N_k on the long-tailed profile in
+    class order (`same`) or reversed; N_1 is the largest head count every class can follow."""
+    k = len(known)
+    position = np.arange(k) if order == "same" else k - 1 - np.arange(k)
+    available = np.array([len(rest[c]) for c in known], dtype=np.float64)
+    scale = ratio ** (position / max(1, k - 1))
+    head = float(np.min(available * scale))
+    counts = long_tail_counts(head, ratio, k)[position]
+    return {c: rest[c][: int(counts[i])] for i, c in enumerate(known)}
 
 
 def check_disjoint(**index_sets: np.ndarray) -> None:

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 
+from pipeline.data.splits import network_classes
 from pipeline.engine.datamodule import Batches, ViewsFn
 from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
@@ -35,8 +36,10 @@ class Unreadable:
         return len(self.index)
 
 
-# (shard number, index of its readable rows, their probabilities, its unreadable rows)
-WriteShard = Callable[[int, np.ndarray, np.ndarray, Unreadable], None]
+# (shard number, index of its readable rows, their probabilities, its unreadable rows); with
+# `extras` asked of predict_shards, also those per-row outputs of predict_step as keywords
+# (e.g. energy=...).
+WriteShard = Callable[..., None]
 NO_SHARD = -1  # the batch of a rank that has no shard to predict
 
 
@@ -57,14 +60,17 @@ class ShardWriter(BasePredictionWriter):
     """Collects this rank's predictions of the current shard; when its last batch is in,
     calls `write` with them."""
 
-    def __init__(self, shard_of_batch: list[int], write: WriteShard) -> None:
+    def __init__(
+        self, shard_of_batch: list[int], write: WriteShard, extras: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(write_interval="batch")
-        self.shard_of_batch, self.write = shard_of_batch, write
+        self.shard_of_batch, self.write, self.extras = shard_of_batch, write, extras
         self._reset()
 
     def _reset(self) -> None:
         self.index: list[np.ndarray] = []
         self.probs: list[np.ndarray] = []
+        self.extra: dict[str, list[np.ndarray]] = {name: [] for name in self.extras}
         self.bad_index: list[np.ndarray] = []
         self.bad_why: list[str] = []
 
@@ -73,6 +79,8 @@ class ShardWriter(BasePredictionWriter):
     ) -> None:
         self.index.append(prediction["index"].cpu().numpy().astype(np.int64))
         self.probs.append(prediction["probs"].float().cpu().numpy())
+        for name in self.extras:
+            self.extra[name].append(prediction[name].float().cpu().numpy())
         bad_index = prediction.get("bad_index")
         if bad_index is not None and len(bad_index):
             self.bad_index.append(bad_index.cpu().numpy().astype(np.int64))
@@ -84,7 +92,8 @@ class ShardWriter(BasePredictionWriter):
         last = batch_idx + 1 == len(self.shard_of_batch)
         if last or self.shard_of_batch[batch_idx + 1] != shard:
             bad = Unreadable(np.concatenate([np.zeros(0, np.int64), *self.bad_index]), self.bad_why)
-            self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), bad)
+            extra = {name: np.concatenate(parts) for name, parts in self.extra.items()}
+            self.write(shard, np.concatenate(self.index), np.concatenate(self.probs), bad, **extra)
             self._reset()
             release_free_memory()  # resident memory flat over the pass (runtime/memory.py)
 
@@ -97,12 +106,14 @@ def predict_shards(
     shards: dict[int, np.ndarray],
     write: WriteShard,
     views: ViewsFn | None = None,
+    extras: tuple[str, ...] = (),
 ) -> None:
     """Predict `shards` ({shard number: its rows}) with `net`, averaging the clean image and
     `views` when given: every rank calls it with the same shards and takes shards r, r + W, ...;
     `write` receives each of this rank's shards as soon as it is done (and writes it from this
-    rank). Returns when every rank is done; bad input met by any rank (UserError) is raised on
-    every rank."""
+    rank), with the per-row `extras` of predict_step (e.g. "energy") as keywords. Returns when
+    every rank is done; bad input met by any rank (UserError) is raised on every rank."""
+    num_classes = network_classes(data_cfg)
     bs = int(cfg.train.eval_batch_size)
     batches, shard_of_batch = [], []
     mine = list(shards)[dist.rank() :: dist.world_size()]
@@ -118,12 +129,12 @@ def predict_shards(
     dm.predict_views = views
     module = LitClassifier(
         net,
-        num_classes=int(data_cfg.num_classes),
+        num_classes=num_classes,
         optimizer=instantiate(cfg.optimizer),
-        hparams={"num_classes": int(data_cfg.num_classes)},
+        hparams={"num_classes": num_classes},
         channels_last=channels_last(cfg.trainer),
     )
-    writer = ShardWriter(shard_of_batch, write)
+    writer = ShardWriter(shard_of_batch, write, extras)
     trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])
     problem = None
     try:
@@ -146,7 +157,25 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every row's probabilities in memory: (index, probs). For tests and small sets in one
     process; pseudo-labelling uses predict_shards."""
-    out = [(np.zeros(0, np.int64), np.zeros((0, int(data_cfg.num_classes)), np.float32))]
+    index, probs, _ = predict_scores(cfg, data_cfg, net, dataset, views)
+    return index, probs
+
+
+def predict_scores(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    net: torch.nn.Module,
+    dataset: Batches,
+    views: ViewsFn | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row's (index, probs, energy) in memory on rank 0 (empty on the others): small
+    sets, e.g. the labelled images whose OOD scores set the pool's rejection threshold."""
+    n = network_classes(data_cfg)
+    out = [(np.zeros(0, np.int64), np.zeros((0, n), np.float32), np.zeros(0, np.float32))]
+
+    def keep(shard: int, index: np.ndarray, probs: np.ndarray, bad: Unreadable, energy) -> None:
+        out.append((index, probs, energy))
+
     plan = {0: np.arange(len(dataset))}
-    predict_shards(cfg, data_cfg, net, dataset, plan, lambda s, i, p, b: out.append((i, p)), views)
+    predict_shards(cfg, data_cfg, net, dataset, plan, keep, views, extras=("energy",))
     return out[-1]

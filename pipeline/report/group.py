@@ -29,11 +29,14 @@ METRIC_COLUMNS = (
     "num_unlabelled",
     "teacher_test_accuracy",
     "final_test_accuracy",
+    "final_balanced_accuracy",
     "final_val_accuracy",
     "selected_by",
     "rounds",
     "final_num_pseudo",
     "final_pseudo_accuracy",
+    "final_merged_foreign_fraction",
+    "final_ood_auroc",
     "models",
     "wall_time_s",
 )
@@ -42,8 +45,11 @@ INT_COLUMNS = ("num_labelled", "num_unlabelled", "rounds", "final_num_pseudo")
 FLOAT_COLUMNS = (
     "teacher_test_accuracy",
     "final_test_accuracy",
+    "final_balanced_accuracy",
     "final_val_accuracy",
     "final_pseudo_accuracy",
+    "final_merged_foreign_fraction",
+    "final_ood_auroc",
 )
 
 
@@ -75,12 +81,17 @@ def job_metrics(job: Job) -> dict[str, Any]:
         "num_unlabelled": _first(summary.get("num_unlabelled"), first.get("num_unlabelled")),
         "teacher_test_accuracy": first.get("test_accuracy"),
         "final_test_accuracy": final,
+        # Mean per-class recall on the test set (imbalanced pools); open-set pools: the share
+        # of foreign images among the last merge's pseudo-labels and the OOD score's AUROC.
+        "final_balanced_accuracy": last.get("balanced_accuracy"),
         "final_val_accuracy": _first(summary.get("val_accuracy"), last.get("val_accuracy")),
         # Which split chose each round's weights: "val" (train.select=best_val) or "last".
         "selected_by": _first(summary.get("selected_by"), last.get("selected_by")),
         "rounds": last_round,
         "final_num_pseudo": last.get("num_pseudo"),
         "final_pseudo_accuracy": last.get("pseudo_accuracy"),
+        "final_merged_foreign_fraction": last.get("merged_foreign_fraction"),
+        "final_ood_auroc": last.get("ood_auroc"),
         "models": models,
         "wall_time_s": summary.get("wall_time_s"),
     }

@@ -7,6 +7,11 @@ per shard, atomically: a killed pass redoes only the shards without a file. Sele
 (select.py) and the diagnostics (per-class precision and coverage, confidence histogram, the
 teacher's calibration) then stream over the shard files: memory grows with what is kept, never
 with the pool times the classes.
+
+Real pools (pseudo_label.dist_align, rebalance_alpha, ood_score): the shards then also keep every
+class's probability (to re-weight them) or each image's energy (logsumexp of the clean view's
+logits, not of the views' mean), and selection compares the pool with the labelled (and val)
+set: its class counts, and the teacher's OOD scores on its images (selection_context).
 """
 
 from __future__ import annotations
@@ -20,20 +25,27 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.data.arrays import ImageSet
-from pipeline.data.streamed import check_unchanged
+from pipeline.data.splits import network_classes
+from pipeline.data.streamed import check_unchanged, concat
 from pipeline.data.task import Task
 from pipeline.engine.datamodule import ViewsFn
 from pipeline.engine.fit import batches
-from pipeline.engine.predict import ShardPlan, Unreadable, predict_shards
+from pipeline.engine.predict import ShardPlan, Unreadable, predict_scores, predict_shards
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
 from pipeline.runtime import io
 from pipeline.runtime.rundir import RunDir, Step
 from pipeline.selftrain import noise
 from pipeline.selftrain.select import (
+    PoolHandling,
     PseudoLabels,
+    alignment_weights,
     balance_target,
+    crest_keep_rates,
     duplicate_to_k,
+    em_prior,
+    ood_score,
+    ood_threshold,
     per_class_stats,
     select_from_shards,
 )
@@ -58,7 +70,7 @@ def label_unlabelled(
     with run.timed("labelling"):
         teacher = load_net(cfg, teacher_ckpt, task.num_classes)
         pseudo, diagnostics = pseudo_label(
-            cfg, cfg.data, teacher, task.unlabelled, out, run, task.unlabelled_truth()
+            cfg, cfg.data, teacher, task.unlabelled, out, run, task.unlabelled_truth(), task
         )
     run.write_json(diagnostics_path, diagnostics)
     return pseudo, diagnostics
@@ -72,12 +84,85 @@ def pseudo_label(
     out: Path,
     run: RunDir,
     truth: np.ndarray | None,
+    task: Task | None = None,
 ) -> tuple[PseudoLabels, dict[str, Any]]:
     """Label every shard of the pool (those not labelled yet), select, write `out`
-    (pseudo_labels.npz) atomically. The kept pseudo-labels and their diagnostics."""
+    (pseudo_labels.npz) atomically. The kept pseudo-labels and their diagnostics. `task`
+    gives what pseudo_label.dist_align=labelled|estimated, rebalance_alpha and ood_score
+    compare the pool with (the labelled and val sets), and an open-set pool's truth."""
     shard_dir = out.parent / SHARDS if out.name == PSEUDO_LABELS else out.with_suffix(".shards")
     plan = label_shards(cfg, data_cfg, net, pool, shard_dir, run)
-    return select_and_write(cfg, plan, shard_dir, out, run, truth, int(data_cfg.num_classes))
+    context = selection_context(cfg, data_cfg, net, task)  # every rank: it predicts
+    num_classes = network_classes(data_cfg)
+    return select_and_write(cfg, plan, shard_dir, out, run, truth, num_classes, context)
+
+
+def selection_context(
+    cfg: DictConfig, data_cfg: DictConfig, net: torch.nn.Module, task: Task | None
+) -> dict[str, Any]:
+    """What selection needs of the task beyond the pool: the labelled class counts, the
+    teacher's OOD scores on the labelled and val images (the same views as the pool's; msp
+    is their mean probability's max, energy the clean view's) and the pool's foreign flags."""
+    pl = cfg.pseudo_label
+    needs_task = (
+        pl.get("dist_align", "none") in ("labelled", "estimated")
+        or pl.get("rebalance_alpha") is not None
+        or pl.get("ood_score", "none") != "none"
+    )
+    if task is None:
+        if needs_task:
+            raise UserError(
+                "pseudo_label.dist_align=labelled|estimated, rebalance_alpha and ood_score need "
+                "the labelled set: use them with stage=selftrain"
+            )
+        return {}
+    context: dict[str, Any] = {
+        "labelled_counts": np.bincount(task.labelled.labels.numpy(), minlength=task.num_classes),
+        "foreign": task.pool_foreign,
+    }
+    kind = str(pl.get("ood_score", "none"))
+    if kind != "none":
+        reference = concat([task.labelled, *([task.val] if task.val is not None else [])])
+        views = teacher_views(cfg, data_cfg)
+        _, probs, energy = predict_scores(cfg, data_cfg, net, batches(data_cfg, reference), views)
+        context["reference_scores"] = ood_score(kind, probs.max(axis=1, initial=0.0), energy)
+    return context
+
+
+def pool_handling(
+    pl: DictConfig, files: list[Path], context: dict[str, Any]
+) -> tuple[PoolHandling, dict[str, Any]]:
+    """The PoolHandling of pseudo_label.dist_align / prior / rebalance_alpha / ood_score over
+    this pass's shard files, and what it found (for the diagnostics)."""
+    mode = str(pl.get("dist_align", "none"))
+    counts = context.get("labelled_counts")
+    prior = counts / max(1, counts.sum()) if counts is not None else None
+    found: dict[str, Any] = {}
+    weights = None
+
+    def chunks():
+        return (io.read_npz(f)["probs"].astype(np.float64) for f in files)
+
+    if mode != "none":
+        total, n = 0.0, 0
+        for p in chunks():
+            total, n = total + p.sum(axis=0), n + len(p)
+        pool_mean = np.asarray(total) / max(1, n)
+        given = np.asarray(pl.prior, np.float64) if pl.get("prior") is not None else None
+        estimated = em_prior(chunks, prior) if mode == "estimated" else None
+        weights = alignment_weights(mode, pool_mean, prior, given, estimated)
+        found["dist_align_weights"] = [round(float(w), 6) for w in weights]
+        if estimated is not None:
+            found["estimated_prior"] = [round(float(x), 6) for x in estimated]
+    rates = None
+    if pl.get("rebalance_alpha") is not None:
+        rates = crest_keep_rates(counts, float(pl.rebalance_alpha))
+        found["rebalance_keep_rates"] = [round(float(r), 6) for r in rates]
+    kind = str(pl.get("ood_score", "none"))
+    threshold = None
+    if kind != "none":
+        threshold = ood_threshold(context["reference_scores"], float(pl.ood_quantile))
+    return PoolHandling(weights, rates, kind, threshold), found
 
 
 def shard_plan(cfg: DictConfig, n: int) -> ShardPlan:
@@ -114,17 +199,22 @@ def label_shards(
     )
     if not todo:
         return plan
-    soft_topk = cfg.pseudo_label.get("soft_topk") if cfg.pseudo_label.soft else None
+    pl = cfg.pseudo_label
+    soft_topk = pl.get("soft_topk") if pl.soft else None
+    # Distribution alignment re-weights every class's probability: the shards keep them all.
+    keep_probs = pl.soft or pl.get("dist_align", "none") != "none"
+    extras = ("energy",) if pl.get("ood_score", "none") == "energy" else ()
 
-    def write(shard: int, index: np.ndarray, probs: np.ndarray, bad: Unreadable) -> None:
-        io.write_npz(
-            shard_file(shard_dir, shard, plan),
-            shard_arrays(pool, index, probs, len(bad), cfg.pseudo_label.soft, soft_topk),
-        )
+    def write(
+        shard: int, index: np.ndarray, probs: np.ndarray, bad: Unreadable, **extra: np.ndarray
+    ) -> None:
+        arrays = shard_arrays(pool, index, probs, len(bad), keep_probs, soft_topk)
+        arrays.update({name: v.astype(np.float32) for name, v in extra.items()})
+        io.write_npz(shard_file(shard_dir, shard, plan), arrays)
 
     views = teacher_views(cfg, data_cfg)
     todo_rows = {s: plan.rows(s) for s in todo}
-    predict_shards(cfg, data_cfg, net, batches(data_cfg, pool), todo_rows, write, views)
+    predict_shards(cfg, data_cfg, net, batches(data_cfg, pool), todo_rows, write, views, extras)
     return plan
 
 
@@ -163,8 +253,11 @@ def select_and_write(
     run: RunDir,
     truth: np.ndarray | None,
     num_classes: int,
+    context: dict[str, Any] | None = None,
 ) -> tuple[PseudoLabels, dict[str, Any]]:
-    """Rank 0 selects over the shard files and writes `out`; every rank gets the result."""
+    """Rank 0 selects over the shard files and writes `out`; every rank gets the result.
+    `context`: selection_context's (labelled counts, OOD reference scores, foreign flags)."""
+    context = context or {}
     files = [shard_file(shard_dir, s, plan) for s in range(plan.num_shards)]
 
     def select() -> dict[str, Any]:
@@ -176,11 +269,13 @@ def select_and_write(
             )
         pl = cfg.pseudo_label
         balance = str(pl.get("balance", "none"))
+        handling, found = pool_handling(pl, files, context)
         kept, stats = select_from_shards(
-            files, plan, pl.threshold, pl.max_per_class, pl.soft, pl.temperature, truth, balance
-        )
+            files, plan, pl.threshold, pl.max_per_class, pl.soft, pl.temperature, truth, balance,
+            handling, context.get("foreign"),
+        )  # fmt: skip
         io.write_npz(out, kept.arrays())
-        diagnostics: dict[str, Any] = {"num_pseudo": len(kept)}
+        diagnostics: dict[str, Any] = {"num_pseudo": len(kept), **found}
         if balance != "none":
             diagnostics["balance"] = balance
             diagnostics["balance_k"] = balance_target(kept.label, pl.max_per_class)

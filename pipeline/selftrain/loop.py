@@ -54,9 +54,23 @@ def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             metrics.update(diagnostics)
             _, test = train_student(net_cfg, task, step, seed, pseudo, pretrained)
         metrics.update(test)
+        metrics.update(open_set_metrics(task, metrics))
         metrics.update({"num_labelled": len(task.labelled), "num_unlabelled": len(task.unlabelled)})
         rounds.append(step.finish(metrics))
     return summary(cfg, run, "selftrain", task, rounds, start)
+
+
+def open_set_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
+    """An open-set pool's round metrics: `known_class_accuracy` (the test set holds the known
+    classes only, so it is the test accuracy), and `merged_foreign_fraction` and `ood_auroc`
+    of the round's selection (None for the teacher, which merged nothing)."""
+    if not task.open_set:
+        return {}
+    return {
+        "known_class_accuracy": metrics.get("test_accuracy"),
+        "merged_foreign_fraction": metrics.get("merged_foreign_fraction"),
+        "ood_auroc": metrics.get("ood_auroc"),
+    }
 
 
 def pretrained_for(cfg: DictConfig, net_cfg: DictConfig, run: RunDir) -> Path | None:
@@ -88,6 +102,11 @@ def summary(
         "round",
         "model",
         "test_accuracy",
+        "balanced_accuracy",
+        "per_class_recall",
+        "known_class_accuracy",
+        "merged_foreign_fraction",
+        "ood_auroc",
         "val_accuracy",
         "selected_by",
         "num_pseudo",
@@ -104,6 +123,7 @@ def summary(
         "num_test": len(task.test),
         "rounds": [{k: r.get(k) for k in keep if k in r} for r in rounds],
         "final_test_accuracy": rounds[-1]["test_accuracy"],
+        "final_balanced_accuracy": rounds[-1].get("balanced_accuracy"),
         "teacher_test_accuracy": rounds[0]["test_accuracy"],
         "val_accuracy": rounds[-1].get("val_accuracy"),
         "num_val": len(task.val) if task.val is not None else 0,

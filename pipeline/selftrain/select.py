@@ -7,6 +7,7 @@ Nothing here knows about Lightning, files or configs, so each piece is tested on
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,151 @@ def duplicate_to_k(label: np.ndarray, confidence: np.ndarray, k: int) -> np.ndar
     return np.concatenate(rows)
 
 
+# Handling of real pools (imbalanced, open-set) at selection: pseudo_label.dist_align,
+# pseudo_label.rebalance_alpha, pseudo_label.ood_score (their values: config/checks.py).
+
+
+def align_distribution(probs: torch.Tensor, weights: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Re-weighted probabilities p'(c|x) = p(c|x) w(c) / sum_j p(j|x) w(j) (rows of `probs`)."""
+    w = torch.as_tensor(np.asarray(weights), dtype=probs.dtype)
+    p = probs * w
+    return p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def em_prior(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    train_prior: np.ndarray,
+    iterations: int = 100,
+    tol: float = 1e-6,
+) -> np.ndarray:
+    """The pool's class prior by Saerens et al. (2002)'s EM: from prior_0 = prior_train,
+    p_t(c|x) = p(c|x) prior_t(c) / prior_train(c) (renormalised over c) and
+    prior_{t+1}(c) = mean_i p_t(c|x_i), until the prior moves less than `tol`.
+
+    `chunks()` yields the teacher's probabilities on the pool, a chunk at a time (each call a
+    new pass), so the pool never has to fit in memory."""
+    train = np.clip(np.asarray(train_prior, np.float64), 1e-12, None)
+    train = train / train.sum()
+    prior = train.copy()
+    for _ in range(iterations):
+        total, n = np.zeros_like(prior), 0
+        for p in chunks():
+            adapted = align_distribution(torch.from_numpy(np.asarray(p, np.float64)), prior / train)
+            total += adapted.sum(dim=0).numpy()
+            n += len(p)
+        new = total / max(1, n)
+        done = np.abs(new - prior).max() < tol
+        prior = new
+        if done:
+            break
+    return prior
+
+
+def alignment_weights(
+    mode: str,
+    pool_mean: np.ndarray | None = None,
+    labelled_prior: np.ndarray | None = None,
+    given: np.ndarray | None = None,
+    estimated: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """w(c) of p'(c|x) ∝ p(c|x) w(c) for pseudo_label.dist_align (None: none):
+
+    - labelled: w = prior_labelled / mean_pool_p (distribution alignment, ReMixMatch, toward
+      the labelled set's class distribution);
+    - given: w = prior_given / mean_pool_p (pseudo_label.prior, renormalised);
+    - estimated: w = prior_EM / prior_labelled (Saerens et al. 2002, em_prior: the teacher was
+      trained on the labelled distribution; the pool's is estimated by EM).
+    """
+    if mode == "none":
+        return None
+    if mode == "estimated":
+        assert estimated is not None and labelled_prior is not None
+        return estimated / np.clip(labelled_prior, 1e-12, None)
+    target = labelled_prior if mode == "labelled" else given
+    assert target is not None and pool_mean is not None
+    target = np.asarray(target, np.float64) / np.sum(target)
+    return target / np.clip(pool_mean, 1e-12, None)
+
+
+def crest_keep_rates(labelled_counts: np.ndarray, alpha: float) -> np.ndarray:
+    """CReST's per-class keep rate (Wei et al. 2021): with the classes sorted by labelled count,
+    most frequent first (k = 1..L, ties by class index), class k keeps (N_{L+1-k} / N_1)^alpha
+    of its pseudo-labels: the rarest class keeps all, the most frequent the least."""
+    counts = np.asarray(labelled_counts, np.float64)
+    order = np.argsort(-counts, kind="stable")
+    by_rank = counts[order]
+    rates = np.empty_like(counts)
+    rates[order] = (by_rank[::-1] / max(by_rank[0], 1e-12)) ** alpha
+    return rates
+
+
+def keep_fraction_per_class(
+    label: torch.Tensor, confidence: torch.Tensor, mask: torch.Tensor, rates: np.ndarray
+) -> torch.Tensor:
+    """Of the selected predictions of each class c, the floor(n_c * rates[c]) most confident
+    (ties: lower position first)."""
+    keep = torch.zeros_like(mask)
+    for c in label[mask].unique().tolist():
+        members = torch.nonzero(mask & label.eq(c)).flatten()
+        n = int(np.floor(len(members) * float(rates[c]) + 1e-9))
+        order = torch.sort(-confidence[members], stable=True).indices
+        keep[members[order[:n]]] = True
+    return keep
+
+
+def ood_score(kind: str, confidence: np.ndarray, energy: np.ndarray | None) -> np.ndarray:
+    """Per image, higher = more in-distribution: msp, the max softmax probability (the
+    teacher's confidence); energy, logsumexp of the logits (the negative free energy, Liu et
+    al. 2020)."""
+    if kind == "msp":
+        return np.asarray(confidence, np.float64)
+    if kind == "energy":
+        if energy is None:
+            raise ValueError("pseudo_label.ood_score=energy needs the energy of each image")
+        return np.asarray(energy, np.float64)
+    raise ValueError(f"unknown OOD score {kind!r}")
+
+
+def ood_threshold(reference: np.ndarray, quantile: float) -> float:
+    """The `quantile` of the score on the labelled (and val) images: a pool image scoring
+    below it is rejected as out-of-distribution."""
+    return float(np.quantile(np.asarray(reference, np.float64), quantile))
+
+
+def ood_auroc(score: np.ndarray, foreign: np.ndarray) -> float | None:
+    """AUROC of `score` separating known (positive) from foreign pool images, over the images
+    whose status is known (foreign 0 or 1); None without both kinds."""
+    from sklearn.metrics import roc_auc_score
+
+    told = np.asarray(foreign) >= 0
+    known = np.asarray(foreign)[told] == 0
+    if known.all() or not known.any():
+        return None
+    return float(roc_auc_score(known, np.asarray(score)[told]))
+
+
+def foreign_fraction(index: np.ndarray, foreign: np.ndarray) -> float | None:
+    """Share of the kept pseudo-labels whose image is foreign, over those whose status is
+    known; None when none is."""
+    status = np.asarray(foreign)[np.asarray(index, np.int64)]
+    told = status >= 0
+    return float((status[told] == 1).mean()) if told.any() else None
+
+
+@dataclass(frozen=True)
+class PoolHandling:
+    """What selection does beyond the threshold and the cap (all off by default):
+    `align_weights` w of p'(c|x) ∝ p(c|x) w(c) before thresholding (pseudo_label.dist_align),
+    `keep_rates` per class (pseudo_label.rebalance_alpha), and the OOD score whose values
+    below `ood_threshold` are rejected (pseudo_label.ood_score; "none": none, but msp still
+    gives the AUROC on open-set pools)."""
+
+    align_weights: np.ndarray | None = None
+    keep_rates: np.ndarray | None = None
+    ood_score: str = "none"
+    ood_threshold: float | None = None
+
+
 def select_pseudo_labels(
     index: torch.Tensor,
     probs: torch.Tensor,
@@ -122,18 +268,33 @@ def select_pseudo_labels(
     soft: bool = False,
     temperature: float = 1.0,
     balance: str = "none",
+    handling: PoolHandling | None = None,
+    energy: torch.Tensor | None = None,
 ) -> PseudoLabels:
     """From the teacher's probabilities on the unlabelled set, the pseudo-labels to keep
     (each sample at most once: duplication for balance=duplicate happens in the merge).
 
     `index` holds each row's position in the unlabelled set (gathered by index, never by order).
+    `handling`: distribution alignment before the threshold, then OOD rejection (on the
+    teacher's own scores: msp, or `energy` per row), then CReST's per-class keep rates, then
+    the cap.
     """
     if index.numel() != torch.unique(index).numel():
         raise ValueError("duplicate unlabelled index in predictions")
+    h = handling or PoolHandling()
     order = torch.argsort(index)
     index, probs = index[order], probs[order].float()
+    raw_confidence = probs.max(dim=1).values
+    if h.align_weights is not None:
+        probs = align_distribution(probs, h.align_weights)
     confidence, label = probs.max(dim=1)
     mask = select_confident(confidence, threshold)
+    if h.ood_score != "none" and h.ood_threshold is not None:
+        e = energy[order].numpy() if energy is not None else None
+        score = ood_score(h.ood_score, raw_confidence.numpy(), e)
+        mask &= torch.from_numpy(score >= h.ood_threshold)
+    if h.keep_rates is not None:
+        mask = keep_fraction_per_class(label, confidence, mask, h.keep_rates)
     cap = class_cap(balance, label[mask].numpy(), max_per_class)
     mask = cap_per_class(label, confidence, mask, cap)
     kept = torch.nonzero(mask).flatten()
@@ -154,15 +315,27 @@ def select_from_shards(
     temperature: float,
     truth: np.ndarray | None,
     balance: str = "none",
+    handling: PoolHandling | None = None,
+    foreign: np.ndarray | None = None,
 ) -> tuple[PseudoLabels, dict[str, Any]]:
     """select_pseudo_labels over the shard files of a labelling pass, one file at a time: the
     same pseudo-labels as over all predictions at once, with memory for what passes the
     threshold only. Also the teacher's confidence histogram and calibration error (ECE, 15
     bins: torchmetrics' stateful metric on the predicted class's confidence and correctness),
-    and the count of unreadable images. Checks that every row of every shard is there once."""
+    and the count of unreadable images. Checks that every row of every shard is there once.
+
+    `handling` as in select_pseudo_labels (aligned probabilities need shards with `probs`,
+    the energy score shards with `energy`); with `foreign` (per pool position: 1 foreign, 0
+    known, -1 untold) also `ood_auroc` (of the OOD score, msp when none) and
+    `merged_foreign_fraction`."""
     from torchmetrics.classification import BinaryCalibrationError
 
     from pipeline.runtime.io import read_npz
+
+    h = handling or PoolHandling()
+    scores: list[np.ndarray] = []  # each row's OOD score (for the AUROC), and its index
+    score_index: list[np.ndarray] = []
+    rejected = 0
 
     kept: list[dict[str, np.ndarray]] = []
     counts = np.zeros(20, np.int64)
@@ -186,12 +359,32 @@ def select_from_shards(
             correct = torch.from_numpy((label[known] == truth[index][known]).astype(np.int64))
             ece.update(torch.from_numpy(confidence[known]), correct)
             calibrated = True
-        mask = select_confident(torch.from_numpy(confidence), threshold).numpy()
+        if h.align_weights is not None:  # after the diagnostics: those are the teacher's own
+            if "probs" not in rows:
+                raise RuntimeError(f"{file} has no probabilities to align")
+            aligned = align_distribution(torch.from_numpy(rows["probs"]).float(), h.align_weights)
+            top = aligned.max(dim=1)
+            rows["probs"] = aligned.numpy()
+            rows["confidence"] = top.values.numpy().astype(np.float32)
+            rows["label"] = top.indices.numpy().astype(np.int64)
+        mask = select_confident(torch.from_numpy(rows["confidence"]), threshold).numpy()
+        kind = h.ood_score if h.ood_score != "none" else "msp"
+        if h.ood_score != "none" or foreign is not None:
+            score = ood_score(kind, confidence, rows.get("energy"))
+            scores.append(score)
+            score_index.append(index)
+            if h.ood_score != "none" and h.ood_threshold is not None:
+                inside = score >= h.ood_threshold
+                rejected += int((mask & ~inside).sum())
+                mask &= inside
         kept.append({k: v[mask] for k, v in rows.items()})
     c = {k: np.concatenate([part[k] for part in kept]) for k in kept[0]} if kept else {}
     label, confidence = torch.from_numpy(c["label"]), torch.from_numpy(c["confidence"])
-    cap = class_cap(balance, c["label"], max_per_class) if c else max_per_class
-    keep = cap_per_class(label, confidence, torch.ones_like(label, dtype=torch.bool), cap)
+    keep = torch.ones_like(label, dtype=torch.bool)
+    if h.keep_rates is not None:
+        keep = keep_fraction_per_class(label, confidence, keep, h.keep_rates)
+    cap = class_cap(balance, c["label"][keep.numpy()], max_per_class) if c else max_per_class
+    keep = cap_per_class(label, confidence, keep, cap)
     keep_np = keep.numpy()
     probs, classes = None, None
     if soft and "probs" in c:
@@ -215,6 +408,13 @@ def select_from_shards(
     }
     if bad:
         stats["num_bad_images"] = bad
+    if h.ood_score != "none":
+        stats.update(ood_threshold=h.ood_threshold, num_ood_rejected=rejected)
+    if foreign is not None:
+        all_index = np.concatenate(score_index) if score_index else np.zeros(0, np.int64)
+        all_scores = np.concatenate(scores) if scores else np.zeros(0)
+        stats["ood_auroc"] = ood_auroc(all_scores, np.asarray(foreign)[all_index])
+        stats["merged_foreign_fraction"] = foreign_fraction(pseudo.index, foreign)
     return pseudo, stats
 
 

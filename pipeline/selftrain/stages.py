@@ -63,7 +63,7 @@ def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             "num_unlabelled": len(task.unlabelled),
         }
     pseudo, diagnostics = pseudo_label(
-        cfg, cfg.data, net, task.unlabelled, out, run, task.unlabelled_truth()
+        cfg, cfg.data, net, task.unlabelled, out, run, task.unlabelled_truth(), task
     )
     return {
         "stage": "pseudolabel",

@@ -1,0 +1,420 @@
+"""Real unlabelled pools: long-tailed and open-set splits (data.imbalance, data.open_set), their
+handling at selection (distribution alignment, CReST rebalancing, OOD rejection) on hand-made
+tensors, and the metrics (balanced accuracy, per-class recall, foreign share, OOD AUROC)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.data.splits import (
+    PoolSpec,
+    Splits,
+    check_disjoint,
+    long_tail_counts,
+    make_splits,
+    network_classes,
+    pool_spec,
+    remap_labels,
+)
+from pipeline.errors import UserError
+from pipeline.selftrain.select import (
+    PoolHandling,
+    align_distribution,
+    alignment_weights,
+    crest_keep_rates,
+    em_prior,
+    foreign_fraction,
+    keep_fraction_per_class,
+    ood_auroc,
+    ood_score,
+    ood_threshold,
+    select_from_shards,
+    select_pseudo_labels,
+)
+
+# 5 classes of 100 images each, interleaved.
+LABELS = np.tile(np.arange(5), 100)
+
+
+def class_counts(index: np.ndarray) -> list[int]:
+    return np.bincount(LABELS[index], minlength=5).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_defaults_leave_the_splits_as_they_were():
+    # Pinned from the balanced splits before the pool options existed (seed 0, 2 labels per
+    # class, 1 of them val): a default PoolSpec, or the digits config's defaults, change nothing.
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    plain = make_splits(labels, 2, 1, seed=0, num_classes=3)
+    assert plain.labelled.tolist() == [5, 6, 10]
+    assert plain.val.tolist() == [0, 7, 11]
+    assert plain.unlabelled.tolist() == [1, 2, 3, 4, 8, 9]
+    from test_config import compose_cfg
+
+    spec = pool_spec(compose_cfg().data, 10)
+    assert spec == PoolSpec() and spec.is_default
+    same = make_splits(labels, 2, 1, seed=0, num_classes=3, pool=spec)
+    assert list(same.arrays()) == ["labelled", "val", "unlabelled"]  # splits.npz as before
+    for a, b in zip(plain.arrays().values(), same.arrays().values(), strict=True):
+        assert a.tolist() == b.tolist()
+
+
+def test_every_data_option_inherits_the_pool_defaults():
+    from test_config import compose_cfg
+
+    for name in ("digits", "mnist5k", "cifar10", "stl10", "image_folder"):
+        data = compose_cfg(f"data={name}").data
+        assert dict(data.imbalance) == {
+            "labelled_ratio": None,
+            "unlabelled_ratio": None,
+            "unlabelled_order": "same",
+        }, name
+        assert dict(data.open_set) == {"known_classes": None, "extra_pool": None}, name
+
+
+def test_long_tail_profile():
+    # N_k = N_1 * ratio^(-(k-1)/(C-1)), rounded down: 20 * 10^(-k/4) for k = 0..4
+    assert long_tail_counts(20, 10.0, 5).tolist() == [20, 11, 6, 3, 2]
+    assert long_tail_counts(20, None, 5).tolist() == [20] * 5
+
+
+def test_long_tailed_labelled_set_and_pool_same_order():
+    spec = PoolSpec(labelled_ratio=10.0, unlabelled_ratio=10.0, unlabelled_order="same")
+    splits = make_splits(LABELS, 20, 0, seed=3, num_classes=5, pool=spec)
+    assert class_counts(splits.labelled) == [20, 11, 6, 3, 2]
+    # left per class: 80, 89, 94, 97, 98; the head count every class can follow is 80
+    assert class_counts(splits.unlabelled) == [80, 44, 25, 14, 8]
+    check_disjoint(labelled=splits.labelled, val=splits.val, unlabelled=splits.unlabelled)
+    again = make_splits(LABELS, 20, 0, seed=3, num_classes=5, pool=spec)
+    assert splits.unlabelled.tolist() == again.unlabelled.tolist()  # deterministic by seed
+
+
+def test_reversed_and_uniform_pools():
+    reversed_ = PoolSpec(labelled_ratio=10.0, unlabelled_ratio=10.0, unlabelled_order="reversed")
+    splits = make_splits(LABELS, 20, 0, seed=3, num_classes=5, pool=reversed_)
+    # the rarest labelled class is the pool's head: 98 * 10^(-k/4) = 98, 55, 30, 17, 9
+    assert class_counts(splits.unlabelled) == [9, 17, 30, 55, 98]
+    uniform = PoolSpec(labelled_ratio=10.0, unlabelled_order="uniform")
+    splits = make_splits(LABELS, 20, 2, seed=3, num_classes=5, pool=uniform)
+    # 18 train labels at the head, then the val images: every other image stays in the pool
+    assert class_counts(splits.labelled) == [18, 10, 5, 3, 1]
+    assert class_counts(splits.val) == [2] * 5
+    assert class_counts(splits.unlabelled) == [80, 88, 93, 95, 97]
+
+
+def test_open_set_splits_keep_unknown_classes_in_the_pool(tmp_path):
+    spec = PoolSpec(known_classes=(0, 2, 4))
+    splits = make_splits(LABELS, 10, 2, seed=1, num_classes=5, pool=spec)
+    assert class_counts(splits.labelled) == [8, 0, 8, 0, 8]
+    assert class_counts(splits.val) == [2, 0, 2, 0, 2]
+    assert class_counts(splits.unlabelled) == [90, 100, 90, 100, 90]
+    assert splits.known_classes.tolist() == [0, 2, 4]
+    splits.save(tmp_path / "splits.npz")
+    loaded = Splits.load(tmp_path / "splits.npz")
+    assert loaded.known_classes.tolist() == [0, 2, 4]
+    assert loaded.unlabelled.tolist() == splits.unlabelled.tolist()
+    assert remap_labels(np.array([4, 1, 0, 2, -1, 3]), (0, 2, 4)).tolist() == [2, -1, 0, 1, -1, -1]
+
+
+def test_pool_options_are_checked():
+    with pytest.raises(UserError, match="known_classes"):
+        pool_spec({"open_set": {"known_classes": 10}}, 10)  # no unknown class left
+    with pytest.raises(UserError, match="known_classes"):
+        pool_spec({"open_set": {"known_classes": [0, 12]}}, 10)
+    with pytest.raises(UserError, match="labelled_ratio"):
+        pool_spec({"imbalance": {"labelled_ratio": 0.5}}, 10)
+    with pytest.raises(UserError, match="uniform"):
+        pool_spec({"imbalance": {"unlabelled_ratio": 10, "unlabelled_order": "uniform"}}, 10)
+    assert pool_spec({"open_set": {"known_classes": 3}}, 10).known_classes == (0, 1, 2)
+    assert network_classes({"num_classes": 10, "open_set": {"known_classes": [1, 5, 7]}}) == 3
+    assert network_classes({"num_classes": 10}) == 10
+
+
+def test_config_checks_of_the_new_keys():
+    from test_config import compose_cfg
+
+    from pipeline.config.checks import validate
+
+    bad = {
+        "pseudo_label.dist_align=bogus": "dist_align",
+        "pseudo_label.prior=[1,2]": "dist_align=given",
+        "pseudo_label.ood_score=maha": "ood_score",
+        "pseudo_label.ood_quantile=1.0": "ood_quantile",
+        "pseudo_label.rebalance_alpha=-1": "rebalance_alpha",
+        "data.imbalance.unlabelled_order=sideways": "unlabelled_order",
+        "data.open_set.extra_pool=mnist5k": "known_classes",
+        "pseudo_label.dist_align=given pseudo_label.prior=[1,2,3]": "3 weights for the network's 10",
+    }
+    for override, message in bad.items():
+        with pytest.raises(UserError, match=message):
+            validate(compose_cfg(*override.split()))
+    validate(
+        compose_cfg("pseudo_label.dist_align=given", "pseudo_label.prior=[1,1,1,1,1,1,1,1,1,1]")
+    )
+    known = ("data.open_set.known_classes=[1,3,5]", "pseudo_label.dist_align=given")
+    validate(compose_cfg(*known, "pseudo_label.prior=[0.5,0.25,0.25]"))  # K = 3 weights
+
+
+@pytest.fixture(scope="module")
+def open_task():
+    """digits with the even classes known and mnist5k's train images as foreign pool images."""
+    from omegaconf import OmegaConf
+    from test_config import compose_cfg
+
+    from pipeline.data.task import prepare_task
+
+    data = compose_cfg(
+        "data.open_set.known_classes=[0,2,4,6,8]", "data.open_set.extra_pool=mnist5k"
+    ).data
+    return prepare_task(data, 0, None), OmegaConf.to_container(data)
+
+
+def test_open_set_task(open_task):
+    task, data = open_task
+    assert task.num_classes == 5 and task.bundle.classes == ["0", "2", "4", "6", "8"]
+    assert network_classes(data) == 5
+    assert np.bincount(task.labelled.labels.numpy()).tolist() == [4] * 5
+    assert set(task.test.labels.tolist()) == {0, 1, 2, 3, 4}  # the known classes only
+    # the pool: digits' train images of every class but the 20 labelled, then mnist5k's 4000
+    digits_train = len(task.bundle.train)
+    assert len(task.unlabelled) == digits_train - 20 + 4000
+    truth, foreign = task.unlabelled_truth(), task.pool_foreign
+    assert foreign.tolist().count(1) == (truth == -1).sum()
+    assert foreign[-4000:].tolist() == [1] * 4000 and (truth[-4000:] == -1).all()
+    assert ((truth >= 0) == (foreign == 0)).all()
+    assert tuple(task.unlabelled.load(np.arange(2))[0].shape) == (2, 1, 8, 8)  # shaped like digits
+
+
+# ---------------------------------------------------------------------------------------------
+# Handling at selection
+
+
+def test_alignment_formula():
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    # p'(c) = p(c) w(c) / sum_j p(j) w(j): [0.1, 0.3, 0.2] / 0.6
+    out = align_distribution(probs, np.array([0.2, 1.0, 1.0]))
+    np.testing.assert_allclose(out.numpy(), [[1 / 6, 1 / 2, 1 / 3]], rtol=1e-6)
+    # labelled / given: target prior over the pool's mean prediction
+    w = alignment_weights(
+        "labelled", pool_mean=np.array([0.5, 0.5]), labelled_prior=np.array([0.75, 0.25])
+    )
+    np.testing.assert_allclose(w, [1.5, 0.5])
+    w = alignment_weights("given", pool_mean=np.array([0.5, 0.5]), given=np.array([3.0, 1.0]))
+    np.testing.assert_allclose(w, [1.5, 0.5])
+    w = alignment_weights(
+        "estimated", labelled_prior=np.array([0.5, 0.5]), estimated=np.array([0.6, 0.4])
+    )
+    np.testing.assert_allclose(w, [1.2, 0.8])
+    assert alignment_weights("none") is None
+
+
+def test_em_prior_by_hand():
+    probs = np.array([[0.8, 0.2], [0.4, 0.6]])
+    train = np.array([0.5, 0.5])
+    # step 1: the mean prediction [0.6, 0.4]; step 2: rows [6/7, 1/7] and [1/2, 1/2] -> 19/28
+    np.testing.assert_allclose(em_prior(lambda: [probs], train, iterations=1), [0.6, 0.4])
+    np.testing.assert_allclose(em_prior(lambda: [probs], train, iterations=2), [19 / 28, 9 / 28])
+    # converged: a fixed point of the update, also when the pool comes in chunks
+    prior = em_prior(lambda: [probs[:1], probs[1:]], train, iterations=500, tol=1e-12)
+    again = align_distribution(torch.from_numpy(probs), prior / train).mean(0).numpy()
+    np.testing.assert_allclose(again, prior, atol=1e-9)
+
+
+def test_crest_keep_rates_and_fraction():
+    # by labelled count: class 0 (100), class 2 (50), class 1 (10): keep N_3/N_1, N_2/N_1, 1
+    np.testing.assert_allclose(crest_keep_rates(np.array([100, 10, 50]), 1.0), [0.1, 1.0, 0.5])
+    np.testing.assert_allclose(
+        crest_keep_rates(np.array([100, 10, 50]), 0.5), [0.1**0.5, 1.0, 0.5**0.5]
+    )
+    label = torch.tensor([0] * 10 + [2] * 4)
+    conf = torch.tensor([0.5, 0.9, 0.6, 0.7, 0.8, 0.55, 0.65, 0.75, 0.85, 0.95, 0.9, 0.8, 0.7, 0.6])
+    keep = keep_fraction_per_class(
+        label, conf, torch.ones(14, dtype=torch.bool), np.array([0.1, 1.0, 0.5])
+    )
+    assert torch.nonzero(keep).flatten().tolist() == [9, 10, 11]  # 1 of class 0, 2 of class 2
+
+
+def test_ood_scores_threshold_and_auroc():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    energy = torch.logsumexp(logits, 1).numpy()
+    np.testing.assert_allclose(
+        ood_score("energy", np.zeros(2), energy), [2.126928, 0.693147], rtol=1e-5
+    )
+    assert ood_score("msp", np.array([0.7, 0.4]), None).tolist() == [0.7, 0.4]
+    assert ood_threshold(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 0.25) == 2.0
+    assert ood_auroc(np.array([0.9, 0.8, 0.3, 0.6]), np.array([0, 0, 1, 1])) == 1.0
+    assert ood_auroc(np.array([0.5, 0.8, 0.3, 0.6, 0.1]), np.array([0, 0, 1, 1, -1])) == 0.75
+    assert ood_auroc(np.array([0.5, 0.8]), np.array([0, 0])) is None
+    assert foreign_fraction(np.array([0, 1, 2, 4]), np.array([1, 0, -1, 0, 1])) == 2 / 3
+
+
+PROBS = torch.tensor(
+    [
+        [0.90, 0.05, 0.05],
+        [0.50, 0.30, 0.20],
+        [0.05, 0.95, 0.00],
+        [0.10, 0.80, 0.10],
+        [0.01, 0.01, 0.98],
+        [0.85, 0.10, 0.05],
+    ]
+)
+INDEX = torch.tensor([10, 11, 12, 13, 14, 15])
+
+
+def test_select_with_alignment_ood_and_rebalance():
+    # Alignment first: w halves class 0, so row 11 becomes [0.25, 0.3, 0.2]/0.75 -> class 1
+    w = np.array([0.5, 1.0, 1.0])
+    pl = select_pseudo_labels(INDEX, PROBS, 0.0, handling=PoolHandling(align_weights=w))
+    assert pl.label.tolist() == [0, 1, 1, 1, 2, 0]
+    np.testing.assert_allclose(pl.confidence[1], 0.4, rtol=1e-6)
+    # OOD on the teacher's own max probability (msp): below 0.85 is rejected
+    ood = PoolHandling(ood_score="msp", ood_threshold=0.85)
+    assert select_pseudo_labels(INDEX, PROBS, 0.0, handling=ood).index.tolist() == [10, 12, 14, 15]
+    energy = torch.tensor([1.0, 5.0, 0.0, 5.0, 5.0, 0.5])
+    ood = PoolHandling(ood_score="energy", ood_threshold=0.9)
+    kept = select_pseudo_labels(INDEX, PROBS, 0.0, handling=ood, energy=energy)
+    assert kept.index.tolist() == [10, 11, 13, 14]
+    # CReST: class 0 keeps half of its 3 (one: the most confident), classes 1, 2 all
+    crest = PoolHandling(keep_rates=np.array([0.5, 1.0, 1.0]))
+    assert select_pseudo_labels(INDEX, PROBS, 0.0, handling=crest).index.tolist() == [
+        10,
+        12,
+        13,
+        14,
+    ]
+
+
+def test_select_from_shards_with_handling(tmp_path):
+    from pipeline.engine.predict import ShardPlan
+    from pipeline.runtime.io import write_npz
+
+    plan = ShardPlan(6, 2)
+    files = []
+    energy = np.array([1.0, 5.0, 0.0, 5.0, 5.0, 0.5], np.float32)
+    for shard in range(2):
+        rows = plan.rows(shard)
+        probs = PROBS[rows].numpy()
+        path = tmp_path / f"shard-{shard}.npz"
+        write_npz(
+            path,
+            {
+                "index": rows.astype(np.int64),
+                "key": np.array([f"k{r}" for r in rows]),
+                "label": probs.argmax(1).astype(np.int64),
+                "confidence": probs.max(1).astype(np.float32),
+                "probs": probs,
+                "energy": energy[rows],
+                "num_bad": np.array(0, np.int64),
+            },
+        )
+        files.append(path)
+    foreign = np.array([0, 1, 0, 1, 0, 1], np.int8)
+    handling = PoolHandling(
+        align_weights=np.array([0.5, 1.0, 1.0]), ood_score="energy", ood_threshold=0.9
+    )
+    kept, stats = select_from_shards(
+        files, plan, 0.3, None, False, 1.0, None, "none", handling, foreign
+    )
+    # energy keeps rows 0, 1, 3, 4; aligned row 1 is class 1 at 0.4 (>= 0.3)
+    assert kept.index.tolist() == [0, 1, 3, 4]
+    assert kept.label.tolist() == [0, 1, 1, 2]
+    assert stats["num_ood_rejected"] == 2 and stats["ood_threshold"] == 0.9
+    assert stats["merged_foreign_fraction"] == 0.5
+    # energy of known rows [1, 0, 5] vs foreign [5, 5, 0.5]: 2 wins + 2 ties (1/2 each) of 9
+    assert stats["ood_auroc"] == pytest.approx(3 / 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class ConstantNet(nn.Module):
+    """Predicts class 0 for every image."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(x), self.num_classes)
+        out[:, 0] = 1.0
+        return out
+
+
+def test_evaluate_reports_per_class_recall_and_balanced_accuracy():
+    from test_config import compose_cfg
+
+    from pipeline.data import load_data
+    from pipeline.engine.fit import evaluate
+
+    cfg = compose_cfg("progress=false", "trainer.accelerator=cpu")
+    test = load_data(cfg.data).test
+    metrics = evaluate(cfg, cfg.data, ConstantNet(10), test)
+    share = float((test.labels == 0).float().mean())
+    assert metrics["test_accuracy"] == pytest.approx(share)
+    assert metrics["per_class_recall"] == [1.0] + [0.0] * 9
+    assert metrics["balanced_accuracy"] == pytest.approx(0.1)
+    assert "balanced_accuracy" not in evaluate(cfg, cfg.data, ConstantNet(10), test, split="val")
+
+
+def test_predict_step_gives_the_clean_views_energy():
+    from pipeline.engine.module import LitClassifier
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    module = LitClassifier(net, num_classes=3, optimizer=torch.optim.SGD)
+    x = torch.randn(2, 1, 2, 2)
+    views = [x, x.flip(-1)]
+    out = module.predict_step({"image": x, "views": views, "index": torch.arange(2)}, 0)
+    with torch.no_grad():
+        expected = (net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2
+        assert torch.allclose(out["probs"], expected)
+        assert torch.allclose(out["energy"], torch.logsumexp(net(x), 1))
+
+
+@pytest.mark.slow
+def test_open_set_selftrain_through_the_cli(tmp_path):
+    from conftest import FAST, run_cli
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        *FAST,
+        "train.epochs=2",
+        "train.min_steps=20",
+        "pseudo_label.tta_views=1",
+        "data.open_set.known_classes=6",
+        "data.imbalance.labelled_ratio=4",
+        "pseudo_label.ood_score=energy",
+        "pseudo_label.dist_align=labelled",
+        "pseudo_label.rebalance_alpha=0.5",
+        f"run_dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(run_dir / "splits.npz") as z:
+        assert z["known_classes"].tolist() == [0, 1, 2, 3, 4, 5]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_labelled"] == 4 + 3 + 2 + 1 + 1 + 1  # 4 * 4^(-k/5), rounded down
+    teacher, student = summary["rounds"]
+    for r in (teacher, student):
+        assert len(r["per_class_recall"]) == 6
+        held = [x for x in r["per_class_recall"] if x is not None]
+        assert r["balanced_accuracy"] == pytest.approx(sum(held) / len(held))
+        assert r["known_class_accuracy"] == r["test_accuracy"]
+    assert teacher["merged_foreign_fraction"] is None and teacher["ood_auroc"] is None
+    assert 0.0 <= student["merged_foreign_fraction"] <= 1.0
+    assert 0.0 <= student["ood_auroc"] <= 1.0
+    diagnostics = json.loads((run_dir / "round_1" / "pseudo_diagnostics.json").read_text())
+    assert len(diagnostics["dist_align_weights"]) == 6
+    assert len(diagnostics["rebalance_keep_rates"]) == 6
+    assert diagnostics["num_ood_rejected"] >= 0
+    assert "bal acc" in proc.stdout
+    line = f"round 1: foreign images {100 * student['merged_foreign_fraction']:.2f}% of the merged"
+    assert line in proc.stdout and f"OOD AUROC {student['ood_auroc']:.3f}" in proc.stdout
