@@ -146,6 +146,89 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     }
 
 
+def bench_consistency(steps: int, repeats: int, batch: int = 8, mu: int = 7) -> dict:
+    """A training step with online pseudo-labelling (consistency=fixmatch, through engine.fit)
+    vs a raw PyTorch FixMatch step on the same WRN-28-2 at 32 px: same init, batches (each
+    `batch` labelled and `mu` x `batch` pool images), weak and strong views, optimizer and
+    schedule. The labelled batch gets the weak view in both (data.augment = shift only)."""
+    import torch.nn.functional as F
+    from hydra.utils import instantiate
+
+    from pipeline.config.specs import consistency_spec
+    from pipeline.data import ImageArrays
+    from pipeline.data.task import prepare_task
+    from pipeline.engine.datamodule import with_pool
+    from pipeline.engine.fit import OnlinePool, fit, training_batches
+    from pipeline.engine.module import soft_cross_entropy
+    from pipeline.models.checkpoint import build_net
+    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+    from pipeline.selftrain.noise import BatchAugment
+
+    cfg = compose(
+        "model=wide_resnet28_2", "consistency=fixmatch", f"consistency.mu={mu}",
+        "data.image_size=32", "data.channels=3", "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.5,0.5,0.5]", f"train.batch_size={batch}", "train.min_steps=0",
+        f"data.labels_per_class={-(-steps * batch // 10)}", "trainer.channels_last=false",
+    )  # fmt: skip
+    task = prepare_task(cfg.data, cfg.seed, None)
+    spec = consistency_spec(cfg)
+    train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), None, task.num_classes)
+    images, pool_images = task.labelled, task.unlabelled
+    weak = BatchAugment(translate=0.125, flip=True)
+    strong = BatchAugment(translate=0.125, flip=True, cutout=0.5, randaugment_ops=2,
+                          randaugment_magnitude=10)  # fmt: skip
+    pool = OnlinePool(pool_images, spec, weak, strong, None)
+    make = with_pool(training_batches(train_set, cfg, 1), len(pool_images), mu)
+    batches = make(np.random.default_rng([0, 0]))
+    n_steps = len(batches)
+    n_images = n_steps * batch * (1 + 2 * mu)  # forward passes per step: labelled, weak, strong
+    work = Path(tempfile.mkdtemp(prefix="bench-consistency-"))
+    mean, std = 0.5, 0.5
+
+    def ours() -> None:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        net = build_net(cfg, task.num_classes)
+        done = fit(cfg, cfg.data, net, images, train_set, work, 0, 1, {"num_classes": 10},
+                   weak, pool=pool).steps  # fmt: skip
+        if done != n_steps:
+            raise RuntimeError(f"our path trained {done} steps, the raw loop {n_steps}")
+
+    def raw() -> None:
+        torch.manual_seed(0)
+        net = build_net(cfg, task.num_classes)
+        opt = instantiate(cfg.optimizer)(net.parameters())
+        sched = instantiate(cfg.scheduler)(opt, T_max=n_steps)
+        net.train()
+        for i, (rows, pool_rows) in enumerate(batches):
+            gen = [torch.Generator().manual_seed(i * 10 + k) for k in range(3)]
+            x = (weak(images.images[torch.as_tensor(rows)], gen[0]) - mean) / std
+            u = pool_images.images[torch.as_tensor(pool_rows)]
+            uw = (weak(u, gen[1]) - mean) / std
+            us = (strong(u, gen[2]) - mean) / std
+            logits = net(torch.cat([x, uw, us]))
+            n, m = len(x), len(uw)
+            sup = soft_cross_entropy(logits[:n], train_set.target_rows(rows),
+                                     torch.ones(n))  # fmt: skip
+            max_p, target = logits[n : n + m].detach().softmax(1).max(1)
+            mask = max_p.ge(spec.threshold).float()
+            unsup = (F.cross_entropy(logits[n + m :], target, reduction="none") * mask).mean()
+            loss = sup + spec.weight * unsup
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    t_ours, t_raw = alternating_medians(ours, raw, repeats)
+    return {
+        "consistency_model": "wide_resnet28_2 at 32 px",
+        "consistency_batch": f"{batch} labelled + {mu} x {batch} pool (weak and strong)",
+        "consistency_steps": n_steps,
+        "consistency_ours_images_per_s": round(n_images / t_ours, 1),
+        "consistency_raw_images_per_s": round(n_images / t_raw, 1),
+        "consistency_ratio_vs_raw_fixmatch": round(t_raw / t_ours, 3),
+    }
+
+
 def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     """Our pseudo-labelling stage (selection and writing included) vs a bare forward loop.
 
@@ -292,6 +375,9 @@ def main() -> None:
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--skip-default", action="store_true")
     p.add_argument("--skip-stream", action="store_true")
+    p.add_argument("--skip-consistency", action="store_true")
+    p.add_argument("--only-consistency", action="store_true")
+    p.add_argument("--consistency-steps", type=int, default=20)
     p.add_argument("--stream-small", type=int, default=20_000)
     p.add_argument("--stream-large", type=int, default=160_000)
     p.add_argument("--stream-train-images", type=int, default=5_000)
@@ -321,6 +407,10 @@ def main() -> None:
         "dataset": str(cfg.data.name),
         "batch_size": int(cfg.train.batch_size),
     }
+    if args.only_consistency:
+        result.update(bench_consistency(args.consistency_steps, args.repeats))
+        print(json.dumps(result, indent=2))
+        return
     result.update(bench_training(cfg, args.train_steps, args.repeats))
     if cfg.data.augment.randaugment_ops:
         # The same without RandAugment (digits' default noise before it had two ops): shorter
@@ -348,6 +438,8 @@ def main() -> None:
                 work, args.stream_train_images, args.repeats, compose, alternating_medians
             )
         )
+    if not args.skip_consistency:
+        result.update(bench_consistency(args.consistency_steps, args.repeats))
     if not args.skip_default:
         result.update(bench_default_run(args.default_runs))
     width = max(len(k) for k in result)

@@ -110,3 +110,54 @@ def test_preset_runs_a_few_steps_on_images_of_its_shape(preset, tmp_path):
     assert ckpt["pipeline"] is not None
     saved = (run_dir / "config.yaml").read_text()
     assert "ema_decay: 0.999" in saved and "min_steps: 2" in saved
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "flexmatch", "freematch", "softmatch"])
+def test_preset_with_an_online_method_composes_to_usbs_protocol(method):
+    """experiment=cifar10_40 consistency=METHOD: one training (no student rounds) of 2^20 steps,
+    each of 64 labelled and 7 x 64 pool images, SGD 0.03 with cosine decay, EMA 0.999."""
+    cfg = resolve(compose_cfg("experiment=cifar10_40", f"consistency={method}"))
+    assert cfg.consistency.method == method
+    assert cfg.train.batch_size == 64 and cfg.consistency.mu == 7
+    assert cfg.selftrain.rounds == 0 and cfg.train.min_steps == 2**20
+    assert cfg.train.ema_decay == 0.999 and cfg.consistency.threshold == 0.95
+    assert cfg.optimizer.lr == 0.03 and cfg.scheduler._target_.endswith("CosineAnnealingLR")
+    assert cfg.model.name == "wide_resnet28_2"
+    # the command line still wins over the preset
+    cfg = resolve(compose_cfg("experiment=cifar10_40", f"consistency={method}", "consistency.mu=3"))
+    assert cfg.consistency.mu == 3
+
+
+@pytest.mark.slow
+def test_preset_with_freematch_runs_a_few_steps(tmp_path):
+    from conftest import run_cli
+
+    _write_folder(tmp_path / "lab", 32, 6, 0)
+    _write_folder(tmp_path / "test", 32, 1, 1)
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "experiment=cifar10_40",
+        "consistency=freematch",
+        "consistency.mu=2",
+        "data=image_folder",
+        "data.num_classes=10",
+        f"data.labelled_dir={tmp_path / 'lab'}",
+        f"data.test_dir={tmp_path / 'test'}",
+        "data.labels_per_class=4",
+        "data.image_size=32",
+        "train.epochs=1",
+        "train.min_steps=3",
+        "train.batch_size=8",
+        "train.eval_batch_size=64",
+        "progress=false",
+        "trainer.accelerator=cpu",
+        f"run_dir={run_dir}",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0]  # USB's protocol: one training
+    metrics = json.loads((run_dir / "round_0" / "metrics.json").read_text())
+    (epoch,) = metrics["epochs"]
+    assert len(epoch["class_thresholds"]) == 10 and 0.0 <= epoch["mask_rate"] <= 1.0
+    assert metrics["train_steps"] == 5  # ceil(40 labelled / 8) batches, more than min_steps

@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.config.architecture import check_student_models
+from pipeline.config.paths import CONF_DIR
 from pipeline.config.schema import (
     BALANCE_MODES,
+    CONSISTENCY_METHODS,
     EXPORT_FORMATS,
     FINETUNE_MODES,
     OBJECTIVES,
@@ -22,8 +24,6 @@ from pipeline.config.schema import (
 )
 from pipeline.errors import UserError
 from pipeline.stages import STAGES
-
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 # The arguments of lightning.Trainer (2.6), listed here so that checking a config needs no
 # Lightning import (tests/test_config.py checks the list against the installed Lightning).
@@ -87,12 +87,18 @@ def uses_pretrained(cfg: DictConfig) -> bool:
     )
 
 
+def has_own_weights(model: DictConfig) -> bool:
+    """Whether a model config brings its own pretrained weights: `model.weights` (torchvision
+    enum, a local file) or timm's `model.pretrained=true`."""
+    return bool(model.get("weights")) or bool(model.get("pretrained"))
+
+
 def runs_pretraining(cfg: DictConfig) -> bool:
     """Whether this run trains on pretrain_data (stage=pretrain, or a stage that starts from
-    pretrained weights without pretrain.ckpt or torchvision's model.weights)."""
+    pretrained weights without pretrain.ckpt or the model's own weights)."""
     if cfg.stage == "pretrain":
         return True
-    return uses_pretrained(cfg) and not cfg.pretrain.ckpt and cfg.model.get("weights") is None
+    return uses_pretrained(cfg) and not cfg.pretrain.ckpt and not has_own_weights(cfg.model)
 
 
 def resolve_pretrain_source(cfg: DictConfig) -> None:
@@ -261,6 +267,7 @@ def validate(cfg: DictConfig) -> None:
             "(cap: at most K per class, K = pseudo_label.max_per_class or the median class count; "
             "duplicate: also repeat the images of classes below K up to K)"
         )
+    check_pool_handling(cfg)
     ema = cfg.train.get("ema_decay")
     if ema is not None and not 0.0 <= ema < 1.0:
         raise UserError(
@@ -307,6 +314,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.finetune.lr_scale <= 0:
         raise UserError(f"finetune.lr_scale={cfg.finetune.lr_scale} must be > 0")
+    decay = cfg.finetune.get("layer_decay")
+    if decay is not None and not 0 < decay <= 1:
+        raise UserError(
+            f"finetune.layer_decay={decay} must be in (0, 1] (e.g. 0.75), or null for off"
+        )
     if cfg.model.get("weights") and "weights" not in cfg.model.get("net", {}):
         raise UserError(
             f"model={cfg.model.name} has no torchvision weights (model.weights="
@@ -328,6 +340,105 @@ def validate(cfg: DictConfig) -> None:
     check_validation(cfg)
     check_logger_packages(cfg)
     check_pretrained_students(cfg)
+    check_consistency(cfg.consistency)
+
+
+def check_consistency(c: DictConfig) -> None:
+    """The online pseudo-labelling settings (consistency=...)."""
+    if c.method not in CONSISTENCY_METHODS:
+        raise UserError(
+            f"consistency.method={c.method!r}; choose one of {', '.join(CONSISTENCY_METHODS)} "
+            "(consistency=NAME picks a method with its settings)"
+        )
+    if c.mu < 1:
+        raise UserError(f"consistency.mu={c.mu} must be >= 1 (pool images per training image)")
+    if c.weight < 0:
+        raise UserError(f"consistency.weight={c.weight} must be >= 0")
+    if not _in_range(c.threshold, 0.0, 1.0):
+        raise UserError(f"consistency.threshold={c.threshold} is outside [0, 1]; e.g. 0.95")
+    if c.temperature <= 0:
+        raise UserError(f"consistency.temperature={c.temperature} must be > 0 (1: hard labels)")
+    if not 0.0 <= c.ema_momentum < 1.0:
+        raise UserError(f"consistency.ema_momentum={c.ema_momentum} is outside [0, 1); e.g. 0.999")
+    if c.mapping not in ("convex", "linear"):
+        raise UserError(f"consistency.mapping={c.mapping!r}; choose convex or linear")
+    if c.fairness_weight < 0 or c.n_sigma <= 0:
+        raise UserError("consistency.fairness_weight must be >= 0 and consistency.n_sigma > 0")
+    if c.randaugment_ops < 0 or not 0 <= c.randaugment_magnitude <= 30:
+        raise UserError(
+            "consistency.randaugment_ops must be >= 0 and consistency.randaugment_magnitude "
+            "in [0, 30]"
+        )
+    if not _in_range(c.cutout, 0.0, 1.0):
+        raise UserError(f"consistency.cutout={c.cutout} is outside [0, 1] (a side fraction)")
+
+
+# pseudo_label.dist_align and pseudo_label.ood_score (pipeline/selftrain/select.py).
+DIST_ALIGN_MODES = ("none", "labelled", "estimated", "given")
+OOD_SCORES = ("none", "msp", "energy")
+UNLABELLED_ORDERS = ("same", "reversed", "uniform")
+
+
+def check_pool_handling(cfg: DictConfig) -> None:
+    """data.imbalance, data.open_set and their handling at selection (pseudo_label.dist_align,
+    prior, rebalance_alpha, ood_score, ood_quantile): known values and ranges."""
+    pl, data = cfg.pseudo_label, cfg.data
+    if pl.dist_align not in DIST_ALIGN_MODES:
+        raise UserError(
+            f"pseudo_label.dist_align={pl.dist_align!r}; choose one of {', '.join(DIST_ALIGN_MODES)}"
+        )
+    if (pl.dist_align == "given") != (pl.prior is not None):
+        raise UserError(
+            "pseudo_label.prior goes with pseudo_label.dist_align=given: pass both (a weight per "
+            "class, e.g. pseudo_label.prior=[0.5,0.3,0.2]) or neither"
+        )
+    if pl.prior is not None and (min(pl.prior) < 0 or sum(pl.prior) <= 0):
+        raise UserError(f"pseudo_label.prior={list(pl.prior)} needs weights >= 0 with a sum > 0")
+    if pl.dist_align != "none" and pl.soft_topk is not None:
+        raise UserError(
+            "pseudo_label.dist_align re-weights every class's probability; drop "
+            "pseudo_label.soft_topk (or pass pseudo_label.dist_align=none)"
+        )
+    if pl.rebalance_alpha is not None and pl.rebalance_alpha < 0:
+        raise UserError(f"pseudo_label.rebalance_alpha={pl.rebalance_alpha} must be >= 0 or null")
+    if pl.ood_score not in OOD_SCORES:
+        raise UserError(
+            f"pseudo_label.ood_score={pl.ood_score!r}; choose one of {', '.join(OOD_SCORES)}"
+        )
+    if not 0.0 <= pl.ood_quantile < 1.0:
+        raise UserError(f"pseudo_label.ood_quantile={pl.ood_quantile} is outside [0, 1)")
+    imbalance = data.get("imbalance") or {}
+    for key in ("labelled_ratio", "unlabelled_ratio"):
+        ratio = imbalance.get(key)
+        if ratio is not None and (isinstance(ratio, bool) or ratio < 1):
+            raise UserError(
+                f"data.imbalance.{key}={ratio} must be >= 1 (max/min class count) or null"
+            )
+    order = imbalance.get("unlabelled_order", "same")
+    if order not in UNLABELLED_ORDERS:
+        raise UserError(
+            f"data.imbalance.unlabelled_order={order!r}; choose one of {', '.join(UNLABELLED_ORDERS)}"
+        )
+    open_set = data.get("open_set") or {}
+    known = open_set.get("known_classes")
+    if isinstance(known, bool) or (known is not None and not isinstance(known, int | ListConfig)):
+        raise UserError(
+            f"data.open_set.known_classes={known!r} must be an int K (classes 0..K-1), a list of "
+            "class indices, or null"
+        )
+    classes = len(set(known)) if isinstance(known, ListConfig) else known
+    if classes is None and not OmegaConf.is_missing(data, "num_classes"):
+        classes = data.get("num_classes")
+    if pl.prior is not None and classes is not None and len(pl.prior) != classes:
+        raise UserError(
+            f"pseudo_label.prior has {len(pl.prior)} weights for the network's {classes} classes "
+            "(data.num_classes, or the known classes of data.open_set); give one per class"
+        )
+    if open_set.get("extra_pool") and known is None:
+        raise UserError(
+            "data.open_set.extra_pool adds foreign images to an open-set pool; pass "
+            "data.open_set.known_classes too"
+        )
 
 
 def check_predict(cfg: DictConfig) -> None:

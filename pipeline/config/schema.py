@@ -22,6 +22,7 @@ SELECT_MODES = ("last", "best_val")
 # objective= -> the summary.json key a Hydra job returns to its sweeper (final round).
 OBJECTIVES = {"val_accuracy": "val_accuracy", "test_accuracy": "final_test_accuracy"}
 BALANCE_MODES = ("none", "cap", "duplicate")
+CONSISTENCY_METHODS = ("none", "fixmatch", "flexmatch", "freematch", "softmatch")
 
 
 @dataclass
@@ -50,6 +51,32 @@ class PseudoLabelConfig:
     shard: int | None = None
     num_shards: int | None = None
     shard_size: int = 4096
+    dist_align: str = "none"
+    prior: list[float] | None = None
+    rebalance_alpha: float | None = None
+    ood_score: str = "none"
+    ood_quantile: float = 0.05
+
+
+@dataclass
+class ConsistencyConfig:
+    """Online pseudo-labelling (conf/consistency/): what pipeline.consistency.ConsistencySpec
+    holds, with the same defaults (tests/test_consistency.py checks they agree)."""
+
+    method: str = "none"
+    mu: int = 7
+    weight: float = 1.0
+    threshold: float = 0.95
+    temperature: float = 1.0
+    dist_align: bool = False
+    ema_momentum: float = 0.999
+    warmup: bool = True
+    mapping: str = "convex"
+    fairness_weight: float = 0.0
+    n_sigma: float = 2.0
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 10
+    cutout: float = 0.5
 
 
 @dataclass
@@ -77,6 +104,7 @@ class FinetuneConfig:
     mode: str = "full"
     lr_scale: float = 0.1
     trainable_blocks: int = 1
+    layer_decay: float | None = None  # block i of n at lr x layer_decay^(n - i); null: off
 
 
 @dataclass
@@ -110,6 +138,7 @@ class PipelineConfig:
     logger: Any = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -120,8 +149,8 @@ class PipelineConfig:
 def register() -> None:
     """Register the schema and the resolvers (before Hydra composes anything): `run_name` (the
     default run_dir's name), `job_dir_name` (a sweep job's dir, conf/config.yaml),
-    `slurm_gpus_per_node` (conf/hydra/launcher/slurm.yaml) and those of the logger group
-    (conf/logger/)."""
+    `slurm_gpus_per_node` (conf/hydra/launcher/slurm.yaml), `online_or` (the benchmark presets)
+    and those of the logger group (conf/logger/)."""
     ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
     resolvers = {
         "run_name": run_name,
@@ -130,10 +159,18 @@ def register() -> None:
         "logger_cwd": logger_cwd,
         "job_dir_name": dir_name,
         "slurm_gpus_per_node": _slurm_gpus_per_node,
+        "online_or": online_or,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def online_or(method: str, online: Any, offline: Any) -> Any:
+    """`${online_or:${consistency.method},A,B}`: A with online pseudo-labelling (a consistency
+    method), B without; what the benchmark presets (conf/experiment/_ssl_protocol.yaml) use to
+    follow the protocol of either kind of method."""
+    return offline if method == "none" else online
 
 
 def _hydra_config() -> Any:
@@ -178,6 +215,7 @@ TYPED_SECTIONS = {
     "": PipelineConfig,
     "train.": TrainConfig,
     "pseudo_label.": PseudoLabelConfig,
+    "consistency.": ConsistencyConfig,
     "predict.": PredictConfig,
     "selftrain.": SelfTrainConfig,
     "pretrain.": PretrainConfig,

@@ -75,6 +75,59 @@ class Batches(torch.utils.data.Dataset):
         return batch
 
 
+class PairedBatches(torch.utils.data.Dataset):
+    """A training set and an unlabelled pool served together (online pseudo-labelling): indexed
+    by a pair (training rows, pool rows), it returns the training batch with the pool's batch
+    under `u_*` keys (`u_image` or `u_encoded`, `u_index`: the rows' positions in the pool, and
+    `u_truth`: the pool's true labels where known, for diagnostics only, never a target)."""
+
+    def __init__(self, train: Batches, pool: Batches) -> None:
+        self.train, self.pool = train, pool
+        self.images = train.images  # (what resolve_workers and the EMA's BatchNorm pass look at)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def __getitem__(self, rows: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        train_rows, pool_rows = rows
+        batch = self.train[train_rows]
+        pool = self.pool[pool_rows]
+        if "label" in pool:
+            pool["truth"] = pool.pop("label")
+        return {**batch, **{f"u_{k}": v for k, v in pool.items()}}
+
+
+def with_pool(
+    make: Callable[[np.random.Generator], list[np.ndarray]], pool_size: int, mu: int
+) -> Callable[[np.random.Generator], list[tuple[np.ndarray, np.ndarray]]]:
+    """Pairs each of an epoch's batches with `mu` x its size of pool rows: the pool is walked in
+    seeded permutations (the next one starts where the last ended), drawn after the batches from
+    the same (seed, epoch) generator, so a resumed epoch pairs its batches as before."""
+
+    def paired(rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        batches = make(rng)
+        sizes = [mu * len(b) for b in batches]
+        need = sum(sizes)
+        order = np.concatenate(
+            [rng.permutation(pool_size) for _ in range(-(-need // pool_size))]
+        ) if need else np.zeros(0, np.int64)  # fmt: skip
+        ends = np.cumsum(sizes)
+        return [(b, order[e - n : e]) for b, n, e in zip(batches, sizes, ends, strict=True)]
+
+    return paired
+
+
+def _rows(batch: np.ndarray | tuple[np.ndarray, ...]) -> int:
+    return len(batch[0]) if isinstance(batch, tuple) else len(batch)
+
+
+def _share(batch: Any, rank: int, world: int) -> Any:
+    """Rank `rank`'s rows of a global batch (of each part of a paired batch)."""
+    if isinstance(batch, tuple):
+        return tuple(part[rank::world] for part in batch)
+    return batch[rank::world]
+
+
 class EpochBatches(torch.utils.data.Sampler):
     """Yields this rank's share of an epoch's global batches (arrays of rows).
 
@@ -104,7 +157,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def _mine(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         # A last batch smaller than the world (a tiny set's remainder) would leave a rank empty.
-        return [b[self.rank :: self.world] for b in batches if len(b) >= self.world]
+        return [_share(b, self.rank, self.world) for b in batches if _rows(b) >= self.world]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -165,8 +218,12 @@ class ImageDataModule(L.LightningDataModule):
         on_bad_image: str = "fail",
         channels: int = 3,
         size: int = 32,
+        pool_views: tuple[nn.Module, nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        # Online pseudo-labelling: the weak and the strong view of each pool image of a
+        # training batch (PairedBatches), made per sample on the device like `augment`.
+        self.pool_views = pool_views
         self.channels, self.size = channels, size  # what images decoded on the device become
         self.predict_views = predict_views
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
@@ -255,6 +312,9 @@ class ImageDataModule(L.LightningDataModule):
     def _prepare(
         self, batch: dict, training: bool, predicting: bool, step: int | None = None
     ) -> dict:
+        pool = {k[2:]: v for k, v in batch.items() if k.startswith("u_")}
+        if pool:
+            batch = {k: v for k, v in batch.items() if not k.startswith("u_")}
         if "encoded" in batch:
             batch = self._decode(batch)
         if "bad" in batch:
@@ -282,13 +342,39 @@ class ImageDataModule(L.LightningDataModule):
         if self.predict_views is not None and predicting:
             # Test-time augmentation for pseudo-labels: the clean image and fixed views.
             views += self.predict_views(x)
-        views = [(v - self.mean.to(v.device)) / self.std.to(v.device) for v in views]
-        if self.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        views = [self._normalise(v) for v in views]
         batch = {**batch, "image": views[0]}
         if len(views) > 1:
             batch["views"] = views
+        if pool and training and self.pool_views is not None:
+            batch.update(self._pool_views(pool, (self.seed, step, count, dist.rank())))
         return batch
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _pool_views(self, pool: dict, key: tuple) -> dict:
+        """The pool part of a training batch: its weak and strong views (`u_weak`, `u_strong`),
+        `u_index` and, where known, `u_truth`. Unreadable pool images are left out (or stop the
+        run: data.on_bad_image)."""
+        if "encoded" in pool:
+            pool = self._decode(pool)
+        if "bad" in pool:
+            pool = self._drop_bad(pool)
+        weak, strong = self.pool_views
+        images = pool["image"]
+        # Each view its own generator, seeded like the labelled batch's augmentation.
+        x_weak = weak(images, torch.Generator().manual_seed(hash((*key, 2)) % 2**62))
+        x_strong = strong(images, torch.Generator().manual_seed(hash((*key, 3)) % 2**62))
+        out = {
+            "u_weak": self._normalise(x_weak),
+            "u_strong": self._normalise(x_strong),
+            "u_index": pool["index"],
+        }
+        if "truth" in pool:
+            out["u_truth"] = pool["truth"]
+        return out
 
     def _decode(self, batch: dict) -> dict:
         """Decode a batch of files on the device (nvJPEG on a GPU)."""

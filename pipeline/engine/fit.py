@@ -16,8 +16,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from pipeline.consistency import ConsistencySpec
+from pipeline.consistency import build as build_consistency
 from pipeline.data.arrays import ImageSet
-from pipeline.engine.datamodule import Batches, ImageDataModule, resolve_workers
+from pipeline.engine.datamodule import (
+    Batches,
+    ImageDataModule,
+    PairedBatches,
+    resolve_workers,
+    with_pool,
+)
 from pipeline.engine.ema import EMA
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
 from pipeline.engine.trainer import (
@@ -33,9 +41,15 @@ log = logging.getLogger("pipeline")
 
 
 def datamodule(
-    cfg: DictConfig, data_cfg: DictConfig, seed: int, augment: torch.nn.Module | None, **sets: Any
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    seed: int,
+    augment: torch.nn.Module | None,
+    pool_views: tuple[torch.nn.Module, torch.nn.Module] | None = None,
+    **sets: Any,
 ) -> ImageDataModule:
     datasets = [v.images for v in sets.values() if isinstance(v, Batches)]
+    datasets += [v.pool.images for v in sets.values() if isinstance(v, PairedBatches)]
     return ImageDataModule(
         mean=list(data_cfg.mean),
         std=list(data_cfg.std),
@@ -47,6 +61,7 @@ def datamodule(
         on_bad_image=str(data_cfg.get("on_bad_image") or "fail"),
         channels=int(data_cfg.channels),
         size=int(data_cfg.image_size or 0),
+        pool_views=pool_views,
         **sets,
     )
 
@@ -77,6 +92,19 @@ def training_batches(
         return mixed_batches(n_lab, n_ps, bs, frac, rng, min_batches)
 
     return make
+
+
+@dataclass(frozen=True)
+class OnlinePool:
+    """The unlabelled pool a training labels online (consistency=...): its images, the method,
+    and the weak and strong views made of each pool image. `truth` (the pool's true labels,
+    -1 unknown) feeds the diagnostics only, never a loss."""
+
+    images: ImageSet
+    spec: ConsistencySpec
+    weak: torch.nn.Module
+    strong: torch.nn.Module
+    truth: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,13 +150,17 @@ def fit(
     select: str = "last",
     loggers: list[Logger] | None = None,
     log_prefix: str = "",
+    pool: OnlinePool | None = None,
+    layer_decay: float | None = None,
 ) -> FitResult:
     """Train `net` on a TrainingSet (images given in TrainingSet row order), with `augment` as
     the per-batch noise, evaluating `val` (if given) after every epoch. Resumes from
     work_dir/checkpoints/last.ckpt when a killed run left one. `select="best_val"` leaves in
     `net` the weights of the epoch with the best val accuracy (Lightning's ModelCheckpoint on
     VAL_ACC; the first such epoch on ties), "last" those of the last epoch. Test accuracy is
-    never looked at here. Per-epoch metrics go to `loggers` named `log_prefix` + metric."""
+    never looked at here. Per-epoch metrics go to `loggers` named `log_prefix` + metric. With
+    a `pool`, every batch also carries `consistency.mu` pool images per training image, and the
+    online pseudo-label loss of `pool.spec.method` is added to the supervised one."""
     L.seed_everything(seed, workers=True, verbose=False)
     if epochs == 0:
         return FitResult(0)
@@ -140,13 +172,20 @@ def fit(
         data_cfg, images, targets=train_set.target_rows, weight=torch.from_numpy(train_set.weight)
     )
     val_data = batches(data_cfg, val, labels=val.labels) if val is not None else None
+    make = training_batches(train_set, cfg, epochs)
+    method = None
+    if pool is not None:
+        method = build_consistency(pool.spec, train_set.num_classes, len(pool.images))
+        data = PairedBatches(data, batches(data_cfg, pool.images, labels=pool.truth))
+        make = with_pool(make, len(pool.images), pool.spec.mu)
     dm = datamodule(
         cfg,
         data_cfg,
         seed,
         augment,
+        pool_views=(pool.weak, pool.strong) if pool is not None else None,
         train=data,
-        train_batches=training_batches(train_set, cfg, epochs),
+        train_batches=make,
         val=val_data,
     )
     module = LitClassifier(
@@ -163,6 +202,9 @@ def fit(
         hparams=hparams,
         log_prefix=log_prefix,
         channels_last=channels_last(cfg.trainer),
+        consistency=method,
+        consistency_weight=pool.spec.weight if pool is not None else 1.0,
+        layer_decay=layer_decay,
     )
     ckpt_dir = work_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"  # written by build_trainer's LastCheckpoint
@@ -217,12 +259,16 @@ def fit(
 
 def evaluate(
     cfg: DictConfig, data_cfg: DictConfig, net: torch.nn.Module, test: ImageSet, split: str = "test"
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Accuracy on a labelled set (the test set, or split="val"), each sample counted exactly
     once (also under DDP); unreadable images (data.on_bad_image=skip) are counted apart. Keys:
-    `{split}_accuracy`, `num_{split}`."""
+    `{split}_accuracy`, `num_{split}`; for the test set also `per_class_recall` (None for a
+    class it does not hold) and `balanced_accuracy` (their mean over the classes it holds).
+    The network's classes are the known ones with an open-set pool (data.open_set)."""
+    from pipeline.data.splits import network_classes
+
     assert test.labels is not None
-    num_classes = int(data_cfg.num_classes)
+    num_classes = network_classes(data_cfg)
     dm = datamodule(cfg, data_cfg, 0, None, test=batches(data_cfg, test, labels=test.labels))
     module = LitClassifier(
         net,
@@ -236,7 +282,12 @@ def evaluate(
     bad = int(dist.all_reduce_sum(dm.num_bad))
     if count + bad != len(test):
         raise RuntimeError(f"evaluation counted {count} {split} samples, expected {len(test)}")
-    metrics = {f"{split}_accuracy": float(out[TEST_ACC]), f"num_{split}": count}
+    metrics: dict[str, Any] = {f"{split}_accuracy": float(out[TEST_ACC]), f"num_{split}": count}
+    if split == "test":
+        recall = module.test_per_class_recall or []
+        held = [r for r in recall if r is not None]
+        metrics["balanced_accuracy"] = sum(held) / len(held) if held else None
+        metrics["per_class_recall"] = recall
     if bad:
         metrics[f"num_bad_{split}_images"] = bad
     return metrics

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import SumMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
+
+from pipeline.consistency import ConsistencyMethod, Sync
+from pipeline.models.finetune import param_groups
 
 # Metric names, defined once for the module, the stages, the loggers and the reports. Per-epoch
 # metrics reach the loggers prefixed with their step (`round_1/val/acc`, step = epoch).
@@ -22,6 +25,13 @@ VAL_COUNT = "val/count"
 TEST_ACC = "test/acc"
 TEST_COUNT = "test/count"
 HISTORY = "pipeline_epochs"  # the per-epoch record in a checkpoint (plain containers)
+CONSISTENCY_STATE = "pipeline_consistency"  # the online pseudo-labelling method's state_dict
+# Online pseudo-labelling (consistency=...), per epoch: the share of the pool's images whose
+# pseudo-label was kept (weight for SoftMatch), the accuracy of the kept ones where the truth is
+# known, and each class's threshold at the epoch's end (`.../threshold_<c>`).
+MASK_RATE = "consistency/mask_rate"
+MASKED_PSEUDO_ACC = "consistency/pseudo_acc"
+CLASS_THRESHOLD = "consistency/threshold_"
 
 
 def soft_cross_entropy(
@@ -53,6 +63,34 @@ def merge_equal_param_groups(checkpoint: dict[str, Any]) -> None:
                 sched[key] = sched[key][:1]
 
 
+class RankSync(Sync):
+    """How an online pseudo-labelling method combines its per-step statistics across the DDP
+    ranks: means all-reduced, per-sample records all-gathered in rank order (padded with -1
+    where the ranks' batches differ in size: images left out as unreadable)."""
+
+    def __init__(self, module: L.LightningModule) -> None:
+        self.module = module
+
+    def _world(self) -> int:
+        trainer = self.module._trainer
+        return 1 if trainer is None else trainer.world_size
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self._world() == 1:
+            return t
+        return self.module.trainer.strategy.reduce(t, reduce_op="mean")
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        world = self._world()
+        if world == 1:
+            return t
+        sizes = self.module.all_gather(torch.tensor([len(t)], device=t.device)).view(-1)
+        padded = t.new_full((int(sizes.max()), *t.shape[1:]), -1)
+        padded[: len(t)] = t
+        gathered = self.module.all_gather(padded)  # (world, size, ...)
+        return torch.cat([gathered[r, : int(sizes[r])] for r in range(world)])
+
+
 class LitClassifier(L.LightningModule):
     """A thin LightningModule around a plain network (`net`): each step is a few lines."""
 
@@ -69,6 +107,9 @@ class LitClassifier(L.LightningModule):
         hparams: Mapping[str, Any] | None = None,
         log_prefix: str = "",
         channels_last: bool = False,
+        consistency: ConsistencyMethod | None = None,
+        consistency_weight: float = 1.0,
+        layer_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -78,6 +119,7 @@ class LitClassifier(L.LightningModule):
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing, self.backbone_lr_scale = label_smoothing, backbone_lr_scale
+        self.layer_decay = layer_decay
         self.frozen_modules = list(frozen_modules or [])
         if channels_last:
             # The conv weights in NHWC: with grayscale input (one channel, for which both layouts
@@ -87,6 +129,10 @@ class LitClassifier(L.LightningModule):
         object.__setattr__(self, "_forward_net", torch.compile(net) if compile else net)
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_count = SumMetric()  # each test sample must be counted exactly once
+        # Per class: true positives and support of the test set (summed over the ranks: each
+        # sample counted once), for per-class recall and balanced accuracy (on_test_epoch_end).
+        self.test_stats = MulticlassStatScores(num_classes=num_classes, average=None)
+        self.test_per_class_recall: list[float | None] | None = None
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_count = SumMetric()
         self.log_prefix = log_prefix
@@ -99,6 +145,15 @@ class LitClassifier(L.LightningModule):
         # One entry per finished epoch: epoch, train_loss, val_accuracy, images_per_s. Kept in
         # the checkpoints, so a resumed training still has the epochs before the kill.
         self.epochs: list[dict[str, Any]] = []
+        # Online pseudo-labelling on the pool. Its state (per-class thresholds, running means,
+        # FlexMatch's record per pool image) is saved in the checkpoints (CONSISTENCY_STATE), so
+        # a resumed training continues it exactly. Kept out of the module tree: DDP would
+        # broadcast its buffers every step (the ranks already agree: the method syncs its
+        # statistics), and a `-true` precision would cast its float32 statistics.
+        object.__setattr__(self, "consistency", consistency)
+        self.consistency_weight = consistency_weight
+        self._sync = RankSync(self)
+        self._pool_stats: torch.Tensor | float = 0.0  # seen, kept, kept with truth, right
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` (a str or None) before and after every hook it
@@ -130,9 +185,15 @@ class LitClassifier(L.LightningModule):
 
     def train(self, mode: bool = True) -> LitClassifier:
         super().train(mode)
+        if self.consistency is not None:  # (its state is updated in training mode only)
+            self.consistency.train(mode)
         for m in self.frozen_modules:  # frozen BatchNorm keeps its running statistics
             m.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        if self.consistency is not None:
+            self.consistency.to(self.device)
 
     def on_train_start(self) -> None:
         # Lightning (>= 2.2) no longer calls .train() when fitting starts: put the module in
@@ -147,8 +208,13 @@ class LitClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._epoch_start is None:  # resumed mid-epoch: on_train_epoch_start was skipped
             self._epoch_start = time.perf_counter()
-        logits = self(batch["image"])
-        loss = soft_cross_entropy(logits, batch["target"], batch["weight"], self.label_smoothing)
+        if self.consistency is not None and len(batch.get("u_weak", ())):
+            loss = self._step_with_pool(batch)
+        else:
+            logits = self(batch["image"])
+            loss = soft_cross_entropy(
+                logits, batch["target"], batch["weight"], self.label_smoothing
+            )
         # The epoch's mean loss is logged once at its end: a per-step self.log costs more than a
         # small model's step is worth keeping it for.
         self._loss_sum = self._loss_sum + loss.detach()
@@ -166,6 +232,46 @@ class LitClassifier(L.LightningModule):
             if scheduler is not None:
                 scheduler.step()
         return loss
+
+    def _step_with_pool(self, batch: dict) -> torch.Tensor:
+        """The supervised loss plus the weighted online pseudo-label loss: one forward pass over
+        the training batch and the weak and strong views of the pool batch (as FixMatch does:
+        BatchNorm sees all three), the weak logits becoming the strong view's targets."""
+        x, weak, strong = batch["image"], batch["u_weak"], batch["u_strong"]
+        n, m = len(x), len(weak)
+        logits = self(torch.cat([x, weak, strong]))
+        loss = soft_cross_entropy(
+            logits[:n], batch["target"], batch["weight"], self.label_smoothing
+        )
+        out = self.consistency(logits[n : n + m], logits[n + m :], batch["u_index"], self._sync)
+        with torch.no_grad():  # diagnostics only: the truth never reaches a loss
+            mask = out.mask.float()
+            stats = [float(m), mask.sum()]
+            truth = batch.get("u_truth")
+            if truth is not None:
+                known = (truth >= 0).float() * mask
+                right = (out.pseudo_label == truth).float() * known
+                stats += [known.sum(), right.sum()]
+            else:
+                stats += [0.0, 0.0]
+            self._pool_stats = self._pool_stats + torch.tensor(stats, device=mask.device)
+        return loss + self.consistency_weight * out.loss
+
+    def _pool_record(self) -> dict[str, Any]:
+        """The epoch's online pseudo-labelling diagnostics (summed over the ranks)."""
+        record: dict[str, Any] = {}
+        if isinstance(self._pool_stats, torch.Tensor):
+            seen, kept, known, right = (
+                float(v) for v in self.trainer.strategy.reduce(self._pool_stats, reduce_op="sum")
+            )
+            record["mask_rate"] = round(kept / max(seen, 1.0), 6)
+            if known > 0:
+                record["masked_pseudo_accuracy"] = round(right / known, 6)
+        record["class_thresholds"] = [
+            round(float(t), 6) for t in self.consistency.class_thresholds()
+        ]
+        self._pool_stats = 0.0
+        return record
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()
@@ -201,41 +307,72 @@ class LitClassifier(L.LightningModule):
             )
             seconds = max(self._last_batch_end - self._epoch_start, 1e-9)
             record["images_per_s"] = round(float(images) / seconds, 1)
+        if self.consistency is not None:
+            record.update(self._pool_record())
         self.epochs.append(record)
         self._loss_sum, self._loss_steps, self._epoch_start = 0.0, 0, None
-        names = {"train_loss": TRAIN_LOSS, "val_accuracy": VAL_ACC, "images_per_s": IMAGES_PER_S}
+        names = {
+            "train_loss": TRAIN_LOSS,
+            "val_accuracy": VAL_ACC,
+            "images_per_s": IMAGES_PER_S,
+            "mask_rate": MASK_RATE,
+            "masked_pseudo_accuracy": MASKED_PSEUDO_ACC,
+        }
         metrics = {f"{self.log_prefix}{names[k]}": v for k, v in record.items() if k in names}
+        for c, t in enumerate(record.get("class_thresholds", [])):
+            metrics[f"{self.log_prefix}{CLASS_THRESHOLD}{c}"] = t
         for logger in self.loggers:  # (none on ranks other than 0)
             logger.log_metrics(metrics, step=record["epoch"])
             logger.save()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HISTORY] = [dict(e) for e in self.epochs]
+        if self.consistency is not None:
+            checkpoint[CONSISTENCY_STATE] = self.consistency.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.epochs = [dict(e) for e in checkpoint.get(HISTORY, [])]
+        if self.consistency is not None and CONSISTENCY_STATE in checkpoint:
+            self.consistency.load_state_dict(checkpoint[CONSISTENCY_STATE])
         if self.one_param_group:
             merge_equal_param_groups(checkpoint)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if len(batch["image"]):  # (a batch of unreadable images only is empty)
-            self.test_acc.update(self(batch["image"]), batch["label"])
+            logits = self(batch["image"])
+            self.test_acc.update(logits, batch["label"])
+            self.test_stats.update(logits, batch["label"])
         self.test_count.update(torch.tensor(float(len(batch["image"])), device=self.device))
         self.log(TEST_ACC, self.test_acc, on_step=False, on_epoch=True)
         self.log(TEST_COUNT, self.test_count, on_step=False, on_epoch=True)
 
+    def on_test_epoch_end(self) -> None:
+        # Every rank computes (the states are summed over the ranks); None: a class the set
+        # does not hold.
+        stats = self.test_stats.compute()  # (classes, [tp, fp, tn, fn, support])
+        tp, support = stats[:, 0].tolist(), stats[:, 4].tolist()
+        self.test_per_class_recall = [
+            t / n if n else None for t, n in zip(tp, support, strict=True)
+        ]
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         """Each readable row's `index` and `probs` (with test-time augmentation: the mean of
-        the views' probabilities); `bad`: the count of rows that could not be read, and
-        `bad_index` / `bad_why` which ones and why (data.on_bad_image=skip)."""
+        the views' probabilities) and `energy` (logsumexp of the clean view's logits: the OOD
+        score of pseudo_label.ood_score=energy, higher = more in-distribution); `bad`: the
+        count of rows that could not be read, and `bad_index` / `bad_why` which ones and why
+        (data.on_bad_image=skip)."""
         views = batch.get("views", [batch["image"]])
         if len(batch["image"]):
-            probs = sum(self(v).float().softmax(1) for v in views) / len(views)
+            logits = [self(v).float() for v in views]  # views[0] is the clean image
+            probs = sum(z.softmax(1) for z in logits) / len(views)
+            energy = torch.logsumexp(logits[0], dim=1)
         else:  # every image of the batch was unreadable
             probs = torch.zeros((0, self.num_classes), device=self.device)
+            energy = torch.zeros(0, device=self.device)
         return {
             "index": batch["index"],
             "probs": probs,
+            "energy": energy,
             "bad": batch.get("num_bad", 0),
             "bad_index": batch.get("bad_index", batch["index"][:0]),
             "bad_why": batch.get("bad_why", []),
@@ -262,16 +399,12 @@ class LitClassifier(L.LightningModule):
         scales the body's lr: a second group with the same settings updates the same weights, at
         the cost of a second pass of the optimizer's and the schedule's per-group work every
         step (about 0.15 ms a step for SmallCNN's AdamW on 2 cores)."""
-        return self.backbone_lr_scale == 1.0
+        return self.backbone_lr_scale == 1.0 and self.layer_decay is None
 
     def configure_optimizers(self) -> Any:
-        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-        head = [p for n, p in trainable if n.startswith("head.")]
-        body = [p for n, p in trainable if not n.startswith("head.")]
-        if self.one_param_group:
-            groups: list[dict[str, Any]] = [{"params": body + head}]
-        else:  # fine-tuning: the body at lr_scale x the head's lr
-            groups = [{"params": body, "lr_scale": self.backbone_lr_scale}, {"params": head}]
+        # One group (body, then head); fine-tuning: the body at lr_scale x the head's lr, or
+        # per block with layer-wise decay (models/finetune.py).
+        groups = param_groups(self.net, self.backbone_lr_scale, self.layer_decay)
         optimizer = self.optimizer_factory(groups)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)

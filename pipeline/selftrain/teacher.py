@@ -14,10 +14,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config.checks import has_own_weights
+from pipeline.config.specs import consistency_spec
+from pipeline.consistency import ConsistencySpec
 from pipeline.data.arrays import ImageSet, subset
 from pipeline.data.streamed import concat
 from pipeline.data.task import Task
-from pipeline.engine.fit import evaluate, fit
+from pipeline.engine.fit import OnlinePool, evaluate, fit
+from pipeline.errors import UserError
 from pipeline.models.checkpoint import (
     build_net,
     finetune_setup,
@@ -70,18 +74,19 @@ def train_model(
     select = str(cfg.train.get("select", "last")) if task.val is not None else "last"
     tracker = run.tracker
     steps = None
-    if run.exists(model_path):  # trained before a kill: evaluate it
+    if run.checkpoint_intact(model_path):  # trained before a kill (and intact): evaluate it
         net = load_net(cfg, model_path, task.num_classes, int(data_cfg.channels))
         trained = {k: v for k, v in (load_checkpoint(model_path).get("pipeline") or {}).items()
                    if k in TRAINING_RECORD}  # fmt: skip
     else:
         torch.manual_seed(seed)  # the init depends on the seed only, also when a run resumes
         net = build_net(cfg, task.num_classes)
-        lr_scale, frozen = 1.0, []
+        lr_scale, frozen, layer_decay = 1.0, [], None
         if pretrained is not None:
             init_from_pretrained(cfg, net, pretrained)
-        if pretrained is not None or cfg.model.get("weights"):
+        if pretrained is not None or has_own_weights(cfg.model):
             lr_scale, frozen = finetune_setup(cfg, net)
+            layer_decay = cfg.finetune.layer_decay
         with run.timed(phase):
             images = training_images(task, train_set)
             augment = noise.from_config(data_augment(data_cfg))
@@ -91,6 +96,8 @@ def train_model(
                 lr_scale, frozen, val=task.val, select=select,
                 loggers=tracker.lightning if tracker is not None else None,
                 log_prefix=tracker.prefix(step.path) if tracker is not None else "",
+                pool=online_pool(consistency_spec(cfg), data_cfg, task, phase),
+                layer_decay=layer_decay,
             )  # fmt: skip
             steps, trained = result.steps, result.record()
             checkpoint = model_checkpoint(net, hparams, {**(record or {"seed": seed}), **trained})
@@ -104,6 +111,32 @@ def train_model(
     if steps is not None:
         metrics["train_steps"] = steps
     return net, metrics
+
+
+def online_pool(
+    spec: ConsistencySpec, data_cfg: DictConfig, task: Task, phase: str
+) -> OnlinePool | None:
+    """The pool a training labels online (consistency=...): the task's unlabelled set, with
+    the weak view (the data's shift and flip) and the strong one (the weak one plus
+    RandAugment and cutout). None without a method, and for pretraining (a labelled source)."""
+    if spec.method == "none" or phase == "pretraining":
+        return None
+    if len(task.unlabelled) == 0:
+        raise UserError(
+            f"consistency={spec.method} trains on the unlabelled pool, and this data has none: "
+            "set data.labels_per_class (or data.unlabelled_dir), or consistency=none"
+        )
+    aug = data_augment(data_cfg) or {}
+    shift = {"translate": float(aug.get("translate", 0.125)), "flip": bool(aug.get("flip", False))}
+    strong = noise.BatchAugment(
+        **shift,
+        cutout=spec.cutout,
+        randaugment_ops=spec.randaugment_ops,
+        randaugment_magnitude=spec.randaugment_magnitude,
+    )
+    return OnlinePool(
+        task.unlabelled, spec, noise.BatchAugment(**shift), strong, task.unlabelled.labels
+    )
 
 
 def data_augment(data_cfg: DictConfig) -> dict[str, Any] | None:
