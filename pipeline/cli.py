@@ -1,7 +1,8 @@
 """The entry point: compose the config with Hydra, check it and the run_dir, run the stage.
 
 Exit codes (docs/design.md): 0 done; 2 bad input or config (one line on stderr, nothing in an
-existing run_dir changed); 1 anything unexpected.
+existing run_dir changed); 1 anything unexpected (and a stop by a cluster's signal); 130
+stopped by Ctrl-C (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import config
+from pipeline import config, usage
 from pipeline.config.sweep import check_optimising_sweeper, shared_job_dir
 from pipeline.errors import UserError
 
@@ -35,6 +36,7 @@ _job_started = False
 _sweep_started = False
 
 config.register()
+usage.register_resolvers()  # the stage and group lists of --help
 
 
 def setup_logging(rank_zero: bool) -> None:
@@ -86,9 +88,10 @@ def run_resolved(
 ) -> int:
     """Run one job (on this rank) from a resolved config; returns the exit code."""
     from pipeline.runtime import dist, launch, preemption
-    from pipeline.runtime.rundir import RunDir
+    from pipeline.runtime.rundir import RunDir, RunDirBusy
 
-    preemption.install(cfg.get("max_requeues"))  # first: from here a signal stops cleanly
+    # First: from here a signal stops cleanly.
+    preemption.install(cfg.get("max_requeues"), started_rank=started_ranks)
     setup_logging(rank_zero=dist.rank() == 0)
     run = RunDir(cfg.run_dir)
     before = None if started_ranks else run.entries_before()
@@ -96,6 +99,7 @@ def run_resolved(
         with preemption.stage():
             external = started_ranks or launch.externally_launched()
             if not external:
+                run.lock()  # one live run per run_dir; the ranks it starts run under it
                 run.check_config(cfg, preemption.requeued_job())
                 n = launch.ranks_to_start(cfg.trainer)
                 if n:
@@ -107,16 +111,20 @@ def run_resolved(
                     return code
             dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
             if external and not started_ranks:
+                run.on_rank_zero(run.lock)  # rank 0 holds it for the job's ranks
                 run.check_config_on_every_rank(cfg, preemption.requeued_job())
             run.begin(cfg, overrides)
             return run_stage(cfg, run)
     except UserError as e:
         if dist.is_rank_zero():
-            run.undo_new(before)
+            if not isinstance(e, RunDirBusy):  # (the other run's files are not ours to undo)
+                run.undo_new(before)
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except preemption.Preempted as e:
         return preemption.stopped(e.signum, started_ranks, dist.is_rank_zero())
+    finally:
+        run.unlock()
 
 
 def stopped_by_signal() -> bool:
@@ -388,6 +396,11 @@ def main() -> None:
                 print(f"error: {hydra_error_line(held)}", file=stderr, flush=True)
             sys.exit(2)
         sys.exit(code)
+    except KeyboardInterrupt:
+        # Ctrl-C before a job took the signals (composing the config): nothing was saved, as
+        # nothing had started; one line, and the shell's code for it.
+        print("stopped by SIGINT before the job started", file=stderr, flush=True)
+        sys.exit(130)
     except ValueError as e:
         # Hydra's own check of the mode flags (`--cfg job -m ...`) raises rather than exits.
         if _job_started or _sweep_started or not str(e).startswith("Only one of"):

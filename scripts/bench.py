@@ -155,7 +155,6 @@ def bench_consistency(steps: int, repeats: int, batch: int = 8, mu: int = 7) -> 
     from hydra.utils import instantiate
 
     from pipeline.config.specs import consistency_spec
-    from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
     from pipeline.engine.datamodule import with_pool
     from pipeline.engine.fit import OnlinePool, fit, training_batches

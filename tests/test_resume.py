@@ -184,6 +184,8 @@ def assert_every_final_file_is_whole(run_dir: Path) -> None:
             assert "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
         elif path.suffix == ".yaml":
             yaml.safe_load(path.read_text())
+        elif path.name == ".lock":  # the killed run's run_dir lock: who held it (or empty)
+            assert path.read_text() == "" or "pid" in json.loads(path.read_text())
         else:
             raise AssertionError(f"unexpected file {path}")
 

@@ -193,9 +193,15 @@ def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
 
 
 def write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Saved to memory, then written by Python: torch.jit.save to a path aborts the whole
+    process (SIGABRT, from a C++ destructor) when the disk fills, while a Python write raises
+    the OSError that the atomic writer turns into one line. The copy is one model's size."""
     with _quiet():
         traced = torch.jit.trace(module, example)
-        torch.jit.save(traced, str(path))
+        buffer = stdio.BytesIO()
+        torch.jit.save(traced, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:

@@ -75,8 +75,10 @@ class ModelCard:
         """The network with the checkpoint's weights, in eval mode."""
         net_cfg = copy.deepcopy(dict(self.model.get("net") or {}))
         _check_targets(net_cfg, self.path)
-        if "weights" in net_cfg:  # torchvision weights: the checkpoint's own replace them
-            net_cfg["weights"] = None
+        from pipeline.models import OFFLINE_REBUILD
+
+        # Never fetch pretrained weights (torchvision's, timm's): the checkpoint's own replace them.
+        net_cfg.update({k: v for k, v in OFFLINE_REBUILD.items() if k in net_cfg})
         net_cfg["num_classes"] = self.num_classes
         if "in_channels" in net_cfg:
             net_cfg["in_channels"] = self.channels
@@ -99,10 +101,14 @@ class ModelCard:
 
 
 def _check_targets(node: Any, path: Path) -> None:
-    """Refuse a checkpoint whose architecture names a callable outside pipeline.models."""
+    """Refuse a checkpoint whose architecture names a callable other than the networks of
+    pipeline.models (its allow-list, `pipeline.models.NETWORKS`)."""
+    from pipeline.models import NETWORKS
+
     if isinstance(node, Mapping):
         target = node.get("_target_")
-        if target is not None and not str(target).startswith(ARCHITECTURES):
+        name = str(target).removeprefix(ARCHITECTURES)
+        if target is not None and (name == str(target) or name not in NETWORKS):
             raise UserError(
                 f"checkpoint {path} names the architecture {target}, which is not a network "
                 f"of {ARCHITECTURES.rstrip('.')}; refusing to build it"
@@ -151,6 +157,7 @@ def read_card(
             "pass them (data.channels, data.image_size)"
         )
     augment = hp["augment"] if "augment" in hp else data.get("augment")
+    refuse_non_finite(ckpt["state_dict"], path)
     return ModelCard(
         path=path,
         classes=[str(c) for c in classes],
@@ -165,6 +172,21 @@ def read_card(
         config=hp.get("config"),
         state_dict=ckpt["state_dict"],
     )
+
+
+def refuse_non_finite(state: Mapping[str, Any], path: Path) -> None:
+    """A checkpoint with NaN or infinite weights (a training that diverged) predicts one class
+    for every image: refuse it, naming the first such tensor."""
+    for name, value in state.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and torch.is_floating_point(value)
+            and not bool(torch.isfinite(value).all())
+        ):
+            raise UserError(
+                f"checkpoint {path} has NaN or infinite weights ({name}): the training that "
+                "wrote it diverged; retrain it with a smaller optimizer.lr"
+            )
 
 
 def _head_size(state: Mapping[str, torch.Tensor]) -> int:

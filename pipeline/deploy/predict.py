@@ -71,8 +71,12 @@ def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     todo = run.on_rank_zero(lambda: writable(out, lambda: table.parts_to_do(parts, plan, made_by)))
     log.info("predicting %d images in %d parts (%d to do) with %s", plan.n, plan.num_shards,
              len(todo), ckpt)  # fmt: skip
-    if todo:
-        predict_parts(cfg, data_cfg, card, manifest, plan, parts, todo, topk, views)
+    try:
+        if todo:
+            predict_parts(cfg, data_cfg, card, manifest, plan, parts, todo, topk, views)
+    except UserError:
+        drop_unstarted(parts)
+        raise
     counts = run.on_rank_zero(lambda: table.write_table(parts, plan, out, card.classes, topk))
     return {
         "stage": "predict",
@@ -87,6 +91,18 @@ def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "tta_views": int(cfg.predict.tta_views),
         "wall_time_s": round(time.time() - start, 2),
     }
+
+
+def drop_unstarted(parts: Path) -> None:
+    """After bad input (exit 2), remove `OUT.parts/` when it holds no part yet (only its
+    plan.json): the command then leaves nothing behind. Parts already made are kept for the
+    re-run. Rank 0, without a collective: the error may be raised on one rank only."""
+    from pipeline.runtime import dist
+
+    if not dist.is_rank_zero() or not parts.is_dir():
+        return
+    if all(p.name == table.PLAN for p in parts.iterdir()):
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def writable(out: Path, work: Any) -> Any:

@@ -21,8 +21,9 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from pipeline.config.checks import PIPELINE_TRAINER_KEYS, check_trainer_keys
-from pipeline.runtime import preemption
-from pipeline.runtime.io import atomic_path
+from pipeline.errors import UserError
+from pipeline.runtime import dist, preemption
+from pipeline.runtime.io import DamagedCheckpoint, load_checkpoint, save_checkpoint, set_aside
 from pipeline.runtime.launch import lightning_settings
 
 log = logging.getLogger("pipeline")
@@ -41,30 +42,46 @@ RESUME_WARNINGS = (
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, but through a temporary file and a rename: a kill while
-    saving last.ckpt leaves the previous last.ckpt intact. Loads with weights_only=True."""
+    """Lightning's checkpoint writer, but through the pipeline's one atomic writer
+    (runtime/io.py: a temporary file and a rename, so a kill while saving last.ckpt leaves the
+    previous last.ckpt intact; a full disk is one line, exit 2) with the checksum of the
+    checkpoint's tensors. Loads with weights_only=True and checks the checksum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._checked: dict[str, dict] = {}  # a checkpoint Trainer.fit checked before resuming
 
     def save_checkpoint(
         self, checkpoint: dict, path: str | Path, storage_options: Any = None
     ) -> None:
-        with atomic_path(Path(path)) as tmp:
-            torch.save(checkpoint, tmp)
+        save_checkpoint(Path(path), checkpoint)
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        checked = self._checked.pop(os.path.realpath(path), None)
+        if checked is not None:  # read once: Trainer.fit checked it just before
+            return checked
+        return load_checkpoint(path, map_location=map_location or "cpu")
+
+    def checked(self, path: str | Path) -> dict:
+        """Load and check `path` now, keeping it for Lightning's load that follows."""
+        ckpt = load_checkpoint(path)
+        self._checked[os.path.realpath(path)] = ckpt
+        return ckpt
 
 
 # --- signals (runtime/preemption.py) and last.ckpt ------------------------------------------
 
 
-def _agreed_flags(trainer: L.Trainer, *flags: int) -> list[int]:
-    """Each flag's maximum over the ranks: ranks may get a signal, or see a clock run out, a
-    step apart, so they agree every step in one small all-reduce."""
+def _agreed_flags(trainer: L.Trainer, *flags: int | torch.Tensor) -> list[int]:
+    """Each flag's maximum over the ranks: ranks may get a signal, see a clock run out or a loss
+    that is not finite a step apart, so they agree every step in one small all-reduce. A flag
+    may be a 0-dim tensor on the device (read without a host round trip of its own)."""
     if trainer.world_size <= 1:
-        return list(flags)
-    t = torch.tensor(flags, device=trainer.strategy.root_device)
+        return [int(f) for f in flags]
+    device = trainer.strategy.root_device
+    t = torch.stack([torch.as_tensor(f, device=device).reshape(()).long() for f in flags])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [int(v) for v in t.tolist()]
 
@@ -73,8 +90,11 @@ class LastCheckpoint(Checkpoint):
     """Writes `path` (checkpoints/last.ckpt), what a killed run resumes from: every `every_s`
     seconds of training (or, with None, at every epoch's end), and at the next step after a
     signal, which then stops training (the stage exits or requeues: runtime/preemption.py).
+    It also stops a training that diverged (a loss that is not finite, checked every step;
+    weights that are not, at every epoch's end) with one line (exit 2), never saving its
+    weights: last.ckpt keeps the last good state.
 
-    One callback and one agreement per step for both: Lightning's ModelCheckpoint with
+    One callback and one agreement per step for all three: Lightning's ModelCheckpoint with
     `train_time_interval` broadcasts rank 0's clock as a pickled object every step, and every
     callback costs the training loop a dispatch per hook per step. A Checkpoint, so Lightning
     runs its epoch-end hook after the module's (whose epoch record the checkpoint keeps)."""
@@ -83,33 +103,98 @@ class LastCheckpoint(Checkpoint):
         self.path = Path(path)
         self.every_s = every_s
         self._due = math.inf
+        self._unread: tuple[int, torch.Tensor] | None = None  # one GPU: last step's loss check
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_s is not None:
             self._due = time.monotonic() + self.every_s
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        signum, due = _agreed_flags(trainer, preemption.pending(), time.monotonic() >= self._due)
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
+    ) -> None:
+        step, bad = self._loss_check(trainer, outputs)
+        signum, due, diverged = _agreed_flags(
+            trainer, preemption.pending(), time.monotonic() >= self._due, bad
+        )
+        if diverged:  # before any save: the weights after a non-finite loss are not kept
+            raise UserError(diverged_line(trainer, pl_module, self.path, "the loss", step))
         if signum:
+            self._read_unread(trainer, pl_module)
             self._save(trainer, signal=True)
             raise preemption.Preempted(signum)
         if due:
+            self._read_unread(trainer, pl_module)
             self._save(trainer)
             self._due = time.monotonic() + (self.every_s or 0.0)
 
+    def _loss_check(self, trainer: L.Trainer, outputs: Any) -> tuple[int, int | torch.Tensor]:
+        """(step, flag): whether the step's loss is not finite, as a 0-dim tensor. On one GPU
+        the flag read is last step's (reading this step's would wait for the device every
+        step); on the CPU and under DDP (whose flags are read anyway) this step's."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return trainer.global_step, 0
+        bad = ~torch.isfinite(loss.detach()).all()
+        if trainer.world_size > 1 or bad.device.type == "cpu":
+            return trainer.global_step, bad
+        previous, self._unread = self._unread, (trainer.global_step, bad)
+        return previous if previous is not None else (trainer.global_step, 0)
+
+    def _read_unread(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One GPU: read the check not read yet (the last step's) before anything is saved."""
+        if self._unread is not None:
+            (step, bad), self._unread = self._unread, None
+            if bool(bad):
+                raise UserError(diverged_line(trainer, pl_module, self.path, "the loss", step))
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read_unread(trainer, pl_module)  # the epoch's last loss check
+        # The weights are the same on every rank (DDP averages the gradients), so every rank
+        # reaches the same verdict without a reduction.
+        if not weights_finite(pl_module):
+            step = trainer.global_step
+            raise UserError(diverged_line(trainer, pl_module, self.path, "the weights", step))
         if self.every_s is None:
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         (signum,) = _agreed_flags(trainer, preemption.pending())
         if signum:  # one that came during the last step: the Trainer raises once fit returns
+            self._read_unread(trainer, pl_module)
             self._save(trainer, signal=True)
 
     def _save(self, trainer: L.Trainer, signal: bool = False) -> None:
         trainer.save_checkpoint(self.path)  # collective: rank 0 writes, all meet at a barrier
         if signal and trainer.is_global_zero:
             log.warning("saved %s at step %d", self.path, trainer.global_step)
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every floating parameter and buffer is finite (one host read for all)."""
+    tensors = [t for t in module.state_dict().values() if torch.is_floating_point(t)]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def diverged_line(
+    trainer: L.Trainer, module: L.LightningModule, ckpt: Path, what: str, step: int
+) -> str:
+    """The one line of a diverged training: which training (its metrics' prefix, round_1/, and
+    the folder it trains in), when, and the likely cause."""
+    work_dir = ckpt.parent.parent
+    prefix = str(getattr(module, "log_prefix", "") or "").strip("/")
+    where = f"{prefix} in {work_dir}" if prefix else f"in {work_dir}"
+    lr = None
+    if trainer.optimizers:
+        group = trainer.optimizers[0].param_groups[-1]  # the head's: fine-tuning scales the body
+        lr = group.get("initial_lr", group.get("lr"))
+    cause = f"optimizer.lr={lr:g}" if isinstance(lr, int | float) else "optimizer.lr"
+    return (
+        f"training {where} diverged: {what} became NaN or infinite at step {step} "
+        f"(epoch {trainer.current_epoch}); the learning rate {cause} is the likely cause: pass a "
+        "smaller one (with another run_dir= or overwrite=true); nothing after it was saved"
+    )
 
 
 class StopOnSignal(L.Callback):
@@ -162,10 +247,27 @@ class Trainer(L.Trainer):
         self._signal_connector = _NoSignalHandlers(self)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ckpt_path"):
+            kwargs["ckpt_path"] = self._resume_point(Path(kwargs["ckpt_path"]))
         with preemption.lightning_running(), warnings.catch_warnings():
             for message in RESUME_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             return super().fit(*args, **kwargs)
+
+    def _resume_point(self, path: Path) -> str | None:
+        """`path` if it is an intact checkpoint (rank 0 checks it, once); a damaged one (cut
+        short by a kill -9, emptied, garbled) is set aside and the training starts over (None)
+        rather than failing on every re-run. Every rank gets the verdict."""
+        damaged = None
+        if dist.is_rank_zero():
+            io = self.strategy.checkpoint_io
+            try:
+                io.checked(path) if isinstance(io, AtomicCheckpointIO) else load_checkpoint(path)
+            except DamagedCheckpoint as e:
+                damaged = str(e).split("; ")[0]
+                aside = set_aside(path)
+                log.warning("%s; set aside as %s: this training starts over", damaged, aside.name)
+        return None if dist.broadcast_object(damaged) else str(path)
 
     def test(self, *args: Any, **kwargs: Any) -> Any:
         with preemption.lightning_running():

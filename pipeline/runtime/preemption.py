@@ -7,7 +7,9 @@ Which signal means what (measured on SLURM 22.05, tests/test_slurm.py):
   times (SLURM_RESTART_COUNT); outside SLURM the user re-runs the command;
 - TERM: preemption, `scontrol requeue`, `scancel`, the time limit itself (and `kill`). SLURM
   decides what follows (it requeues a preempted or requeued job, a cancelled one stays
-  cancelled): the job saves, stops and exits non-zero, within SLURM's KillWait.
+  cancelled): the job saves, stops and exits non-zero, within SLURM's KillWait;
+- INT (Ctrl-C): as TERM, with exit code 130 (the shell's code for it). A second Ctrl-C before
+  the job has stopped stops it at once, without saving (the last saved state is kept).
 
 Whatever the signal, the stage stops cleanly wherever it is:
 - while Lightning runs (training, evaluation, labelling) the signal is only recorded; every
@@ -40,15 +42,16 @@ from typing import Any
 
 log = logging.getLogger("pipeline")
 
-SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # "The time limit is near": the job requeues itself. TERM comes when SLURM itself has decided
 # (preemption, scontrol requeue, scancel, the limit reached): the job only saves and stops.
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 # Exit code of a rank started by runtime.launch that stopped on a signal after saving: its
 # launcher then acts for the job.
 PREEMPTED_EXIT = 3
-# Exit code of a job stopped by a signal (docs/design.md).
+# Exit code of a job stopped by a signal (docs/design.md); by Ctrl-C, the shell's 128 + SIGINT.
 STOPPED_EXIT = 1
+INTERRUPTED_EXIT = 128 + signal.SIGINT
 DEFAULT_MAX_REQUEUES = 20
 
 _requested: list[int] = []  # signals received and not acted upon yet
@@ -58,6 +61,8 @@ _owner_pid: int | None = None  # the process that installed the handlers (not a 
 _previous: dict[int, Any] = {}  # the handlers found before ours (submitit's), by signal
 _max_requeues = DEFAULT_MAX_REQUEUES
 _stopped_by: list[int] = []  # the signal that stopped a job of this process
+_interrupts = 0  # Ctrl-Cs received: the second one stops at once
+_started_rank = False  # a rank started by runtime.launch (its launcher acts for the job)
 
 
 class Preempted(BaseException):
@@ -70,14 +75,22 @@ class Preempted(BaseException):
         self.signum = signum
 
 
-def install(max_requeues: int | None = None) -> None:
-    """Take USR1, USR2 and TERM in this process, keeping the handlers found there (submitit's)
-    to requeue with. Main thread only (Python's rule for signal handlers)."""
-    global _owner_pid, _max_requeues
+def install(max_requeues: int | None = None, started_rank: bool = False) -> None:
+    """Take USR1, USR2, TERM and INT in this process, keeping the handlers found there
+    (submitit's) to requeue with. Main thread only (Python's rule for signal handlers).
+
+    `started_rank`: a rank started by runtime.launch leaves the terminal's process group, so
+    that a Ctrl-C reaches it once, forwarded by its launcher (which gets it from the terminal),
+    and not twice (from the terminal too), which would read as a second Ctrl-C."""
+    global _owner_pid, _max_requeues, _started_rank
     if max_requeues is not None:
         _max_requeues = int(max_requeues)
     if threading.current_thread() is not threading.main_thread():
         return
+    if started_rank and not _started_rank:
+        _started_rank = True
+        with contextlib.suppress(OSError):  # (already a group leader: nothing to leave)
+            os.setpgid(0, 0)
     _owner_pid = os.getpid()
     for signum in SIGNALS:
         current = signal.getsignal(signum)
@@ -91,19 +104,43 @@ def _who() -> str:
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
+    global _interrupts
     if os.getpid() != _owner_pid:
         return  # a forked DataLoader worker: the main process stops the work
     name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+        _interrupts += 1
+        if _interrupts > 1:
+            _stop_at_once()
     _requested.append(signum)
     if _armed and not _deferring:
         log.warning("%s got %s: stopping now (finished artifacts are kept)", _who(), name)
         raise Preempted(signum)
     if _deferring:
         log.warning(
-            "%s got %s: stopping at the next batch (training saves last.ckpt)", _who(), name
+            "%s got %s: stopping at the next batch (training saves last.ckpt)%s",
+            _who(),
+            name,
+            "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else "",
         )
     else:
         log.warning("%s got %s outside a stage: stopping before the next one", _who(), name)
+
+
+def _stop_at_once() -> None:
+    """A second Ctrl-C: stop now, without saving; what was saved stays (every file is written
+    atomically, and a temporary a kill leaves is removed by the next run)."""
+    if _who() == "rank 0":
+        print(
+            "stopped at once by a second SIGINT, without saving: the last saved state is kept; "
+            "re-run the same command to resume from it",
+            file=sys.stderr,
+            flush=True,
+        )
+    if _started_rank:  # die by the signal itself: the launcher reads that as a stop
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(INTERRUPTED_EXIT)
 
 
 def pending() -> int:
@@ -185,7 +222,7 @@ def after_stop(signum: int) -> str:
     exits this process (or, after max_num_timeout time limits, ends it)."""
     job = slurm_job_id()
     if signum not in REQUEUE_SIGNALS:
-        if job:
+        if job and signum != signal.SIGINT:
             return (
                 f"SLURM job {job} is requeued by SLURM if it was preempted or requeued, and "
                 "resumes then; a cancelled job stays cancelled"
@@ -230,7 +267,7 @@ def stopped(signum: int, started_rank: bool, is_rank_zero: bool) -> int:
         outcome = after_stop(signum)
         if outcome != "submitit's handler decided":
             _say(signum, outcome)
-    return STOPPED_EXIT
+    return INTERRUPTED_EXIT if signum == signal.SIGINT else STOPPED_EXIT
 
 
 def stopped_by() -> int:

@@ -11,9 +11,12 @@ what is computed; the rank checks of the pipeline live here and in the engine.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -32,10 +35,16 @@ log = logging.getLogger("pipeline")
 T = TypeVar("T")
 
 DONE = "metrics.json"  # the last file a step writes: its presence means the step is finished
+MODEL = "model.ckpt"  # a step's trained network, when it trains one
 RESUME_STATE = ("checkpoints", "pseudo_shards")  # what a step keeps only while it runs
 CONFIG = "config.yaml"
 OVERRIDES = ".hydra/overrides.yaml"  # the command's overrides, where Hydra itself keeps them
 MANIFESTS = "manifest/"  # the listings of the run's image sets (data/manifest.py)
+LOCK = ".lock"  # held (flock) by the live run of this run_dir; removed when it ends
+
+
+class RunDirBusy(UserError):
+    """Another live run holds the run_dir's lock: nothing was changed."""
 
 
 class RunDir:
@@ -49,6 +58,7 @@ class RunDir:
         # `.step_finished(step_path, metrics)` told of every finished step.
         self.tracker: Any = None
         self.cpu_start = time.process_time()  # this process's CPU seconds (all its threads)
+        self._lock_fd: int | None = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -72,7 +82,8 @@ class RunDir:
         elif cfg.overwrite:
             log.warning("overwrite=true: clearing %s and starting over", self.path)
             for child in self.path.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.name != LOCK:  # this run's own lock
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
             return
         diff = differing_keys(_plain(old), _plain(cfg))
         if not diff:
@@ -138,7 +149,7 @@ class RunDir:
         if before is None or not self.path.is_dir():
             return
         new = [self.path / n for n in os.listdir(self.path) if n not in before]
-        recorded = {CONFIG, "splits.npz", OVERRIDES}
+        recorded = {CONFIG, "splits.npz", OVERRIDES, LOCK}
         files = [f for p in new for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
         names = [f.relative_to(self.path).as_posix() for f in files]
         if any(n not in recorded and not n.startswith(MANIFESTS) for n in names):
@@ -147,6 +158,68 @@ class RunDir:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if before == {"<absent>"} and not any(self.path.iterdir()):
             self.path.rmdir()
+
+    # --- one live run per run_dir ------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold the run_dir's lock while this run lives, or refuse (RunDirBusy, exit 2) when
+        another live run holds it. Taken by the process that runs the job: the one process, the
+        launcher of the ranks it starts (they run under its lock), or global rank 0 under srun
+        or torchrun.
+
+        fcntl.flock on `run_dir/.lock`: the kernel releases it when its process dies however it
+        dies (kill -9 included), so a stale lock is taken over simply by locking it, without
+        guessing from pids. Two cases a stale lock can still be held, on a network file system
+        whose server keeps a dead client's lock for its lease: a process of this host that is
+        gone, and the same SLURM job after a requeue (same job id, later restart count): then
+        the lock file is replaced by a new one, which this run locks."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"run_dir={self.path} cannot be created ({e.strerror or type(e).__name__}); "
+                "pass run_dir= a folder you can write to"
+            ) from None
+        path = self.path / LOCK
+        for _ in range(10):  # each retry follows a lock file removed or replaced meanwhile
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                if e.errno in io.WRITE_ERRORS:
+                    raise UserError(io.write_error_line(path, e.errno)) from None
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                if not _stale(holder):
+                    raise RunDirBusy(_busy_line(self.path, holder)) from None
+                log.warning("taking over the lock of %s from %s (gone)", self.path, holder)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the run that held it ended and removed it: lock the new file
+                os.close(fd)
+                continue
+            self._lock_fd = fd
+            _write_holder(fd)
+            return
+        raise RunDirBusy(f"run_dir {self.path} is being locked and released by other runs; retry")
+
+    def unlock(self) -> None:
+        """Release the lock (and remove its file: a finished run_dir holds only its results)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_ino == os.stat(self.path / LOCK).st_ino:
+                os.unlink(self.path / LOCK)  # before the close: a waiting run sees it replaced
+        os.close(fd)
 
     # --- steps and shared writes ------------------------------------------------------------
 
@@ -158,6 +231,13 @@ class RunDir:
         """Whether every path exists, as rank 0 sees it (every rank takes the same branch)."""
         found = all(Path(p).exists() for p in paths) if dist.is_rank_zero() else None
         return bool(dist.broadcast_object(found))
+
+    def checkpoint_intact(self, path: Path) -> bool:
+        """Whether `path` exists and is an intact checkpoint, as rank 0 sees it (every rank
+        takes the same branch). A damaged one (cut short, garbled, altered after it was written:
+        its checksum) is set aside as `NAME.damaged-<time>` with a warning, so that the step that
+        wrote it runs again instead of failing on every re-run."""
+        return bool(self.on_rank_zero(lambda: Path(path).exists() and _intact(Path(path))))
 
     def on_rank_zero(self, work: Callable[[], T]) -> T:
         """Run `work` on rank 0 only; every rank gets its result, or its UserError."""
@@ -218,7 +298,20 @@ class Step:
 
     @property
     def done(self) -> bool:
-        return self.run.exists(self.path / DONE)
+        """Finished: its metrics.json exists (and its model.ckpt, if it has one, is intact).
+        A finished step whose model.ckpt was damaged since (flipped bits, a bad copy) runs
+        again: its metrics.json is set aside with it (rank 0 decides, every rank follows)."""
+
+        def check() -> bool:
+            if not (self.path / DONE).exists():
+                return False
+            model = self.path / MODEL
+            if not model.exists() or _intact(model):
+                return True
+            io.set_aside(self.path / DONE)
+            return False
+
+        return bool(self.run.on_rank_zero(check))
 
     def result(self) -> dict[str, Any]:
         """The finished step's metrics (and its resume state removed: a kill right after
@@ -242,6 +335,71 @@ class Step:
             for leftover in RESUME_STATE:
                 shutil.rmtree(self.path / leftover, ignore_errors=True)
         dist.barrier()
+
+
+def _intact(path: Path) -> bool:
+    """Whether a checkpoint loads and matches its checksum; a damaged one is set aside."""
+    try:
+        io.load_checkpoint(path)
+    except io.DamagedCheckpoint as e:
+        aside = io.set_aside(path)
+        log.warning("%s; set aside as %s: it is made again", str(e).split("; ")[0], aside.name)
+        return False
+    return True
+
+
+def _holder_info() -> dict[str, Any]:
+    from pipeline.runtime import preemption
+
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "slurm_job_id": preemption.slurm_job_id(),
+        "slurm_restart_count": preemption.restart_count(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _write_holder(fd: int) -> None:
+    """Who holds the lock, for the message of a refused run. Written in place, not through the
+    atomic writer: a rename would put another file (inode) under the name than the one locked."""
+    with contextlib.suppress(OSError):  # informative only: a full disk stops the run elsewhere
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_holder_info()) + "\n").encode(), 0)
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    try:
+        return dict(json.loads(os.pread(fd, 4096, 0) or b"{}"))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """A lock still held for a run that is gone (see RunDir.lock)."""
+    me = _holder_info()
+    job = holder.get("slurm_job_id")
+    if job and job == me["slurm_job_id"]:
+        return int(holder.get("slurm_restart_count") or 0) < me["slurm_restart_count"]
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+def _busy_line(path: Path, holder: dict[str, Any]) -> str:
+    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    if holder.get("slurm_job_id"):
+        who += f", SLURM job {holder['slurm_job_id']}"
+    since = f", since {holder['started']}" if holder.get("started") else ""
+    return (
+        f"run_dir {path} is in use by another live run ({who}{since}); wait for it to end "
+        "(or stop it), or pass another run_dir="
+    )
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
