@@ -209,3 +209,21 @@ def test_decoding_on_the_device_gives_the_same_pseudo_labels(folders, tmp_path):
         assert np.array_equal(a[k], b[k]), k
     np.testing.assert_allclose(a["confidence"], b["confidence"], atol=1e-6)
     assert len(a["index"]) > 0
+
+
+def test_labelled_shards_with_a_sample_without_its_label_name_it(folders, tmp_path):
+    """A labelled set of shards where a sample has no KEY.cls: exit 2 naming that sample (not
+    advice about data.num_classes)."""
+    import io
+    import tarfile
+
+    paths = shards(tmp_path / "lab", 12, per_shard=12, seed=3, labelled=True)
+    with tarfile.open(paths[0]) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(paths[0], "w") as tar:
+        for member, data in members:
+            if member.name != "000004.cls":
+                tar.addfile(member, io.BytesIO(data))
+    args = [*TRAIN, "stage=train", *dirs(folders), f"data.labelled_dir={paths[0]}"]
+    line = bad(cli(*args, f"run_dir={tmp_path / 'run'}"), "000004", "KEY.cls")
+    assert "num_classes" not in line

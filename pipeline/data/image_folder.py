@@ -132,6 +132,14 @@ class SetOpener:
                 listing = list_shards(expand_shards(spec, f"{name}_dir"))
                 if classes is not None and listing.labels is None:
                     raise UserError(f"{key}={spec} has no KEY.cls labels; it must be labelled")
+                if classes is not None and (listing.labels < 0).any():
+                    missing = np.flatnonzero(listing.labels < 0)
+                    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                    raise UserError(
+                        f"{key}={spec}: sample {listing.keys[missing[0]]}{more} has no KEY.cls "
+                        "label; add one to each sample of a labelled set, or move the unlabelled "
+                        "ones to data.unlabelled_dir"
+                    )
                 return listing
             return list_folder(Path(spec), classes)
 

@@ -35,6 +35,7 @@ from pipeline.engine.trainer import (
 )
 from pipeline.errors import UserError
 from pipeline.runtime import dist
+from pipeline.runtime.io import load_checkpoint
 from pipeline.selftrain.merge import TrainingSet, mixed_batches
 
 log = logging.getLogger("pipeline")
@@ -244,7 +245,7 @@ def fit(
     )
     result = FitResult(int(trainer.global_step), [dict(e) for e in module.epochs])
     if best is not None and best.best_model_path:
-        kept = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        kept = load_checkpoint(best.best_model_path)  # (weights_only, checksum checked)
         module.load_state_dict(kept["state_dict"])  # into `net`, which the module wraps
         result.selected_by, result.selected_epoch = "val", int(kept["epoch"])
         log.info(
