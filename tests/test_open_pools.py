@@ -77,7 +77,11 @@ def test_every_data_option_inherits_the_pool_defaults():
             "unlabelled_ratio": None,
             "unlabelled_order": "same",
         }, name
-        assert dict(data.open_set) == {"known_classes": None, "extra_pool": None}, name
+        assert dict(data.open_set) == {
+            "known_classes": None,
+            "extra_pool": None,
+            "unknown_in_pool": True,
+        }, name
 
 
 def test_long_tail_profile():
@@ -122,6 +126,31 @@ def test_open_set_splits_keep_unknown_classes_in_the_pool(tmp_path):
     assert loaded.known_classes.tolist() == [0, 2, 4]
     assert loaded.unlabelled.tolist() == splits.unlabelled.tolist()
     assert remap_labels(np.array([4, 1, 0, 2, -1, 3]), (0, 2, 4)).tolist() == [2, -1, 0, 1, -1, -1]
+
+
+def test_the_control_pool_leaves_the_unknown_classes_out():
+    """unknown_in_pool=False: the same labelled, val and known-class pool images as the open-set
+    splits, and no image of an unknown class anywhere."""
+    open_set = make_splits(LABELS, 10, 2, 1, 5, PoolSpec(known_classes=(0, 2, 4)))
+    control = make_splits(
+        LABELS, 10, 2, 1, 5, PoolSpec(known_classes=(0, 2, 4), unknown_in_pool=False)
+    )
+    assert control.labelled.tolist() == open_set.labelled.tolist()
+    assert control.val.tolist() == open_set.val.tolist()
+    assert class_counts(control.unlabelled) == [90, 0, 90, 0, 90]
+    known_part = open_set.unlabelled[np.isin(LABELS[open_set.unlabelled], (0, 2, 4))]
+    assert control.unlabelled.tolist() == known_part.tolist()
+    assert pool_spec({"open_set": {"known_classes": 3, "unknown_in_pool": False}}, 10) == PoolSpec(
+        known_classes=(0, 1, 2), unknown_in_pool=False
+    )
+    with pytest.raises(UserError, match="known_classes too"):
+        pool_spec({"open_set": {"unknown_in_pool": False}}, 10)
+    with pytest.raises(UserError, match="drop one"):
+        pool_spec(
+            {"open_set": {"known_classes": 3, "unknown_in_pool": False, "extra_pool": "digits"}}, 10
+        )
+    with pytest.raises(UserError, match="true or false"):
+        pool_spec({"open_set": {"known_classes": 3, "unknown_in_pool": "no"}}, 10)
 
 
 def test_pool_options_are_checked():

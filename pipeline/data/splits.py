@@ -63,12 +63,15 @@ class PoolSpec:
     N_k = N_1 * ratio^(-(k-1)/(C-1)) over the known classes in index order (the first the most
     frequent); `unlabelled_order`: the pool's profile in the same order, reversed, or uniform
     (the pool keeps every image). `known_classes`: the classes of the labelled, val and test
-    sets; the pool also holds the others (None: every class is known)."""
+    sets; the pool also holds the others (None: every class is known) unless
+    `unknown_in_pool` is False: then the unknown classes' images are left out, and the known
+    classes' splits stay those of the open-set pool (the control run of an open-set benchmark)."""
 
     labelled_ratio: float | None = None
     unlabelled_ratio: float | None = None
     unlabelled_order: str = "same"
     known_classes: tuple[int, ...] | None = None
+    unknown_in_pool: bool = True
 
     @property
     def is_default(self) -> bool:
@@ -99,7 +102,20 @@ def pool_spec(data_cfg: Mapping[str, Any], num_classes: int) -> PoolSpec:
             "data.imbalance.unlabelled_ratio (or pass unlabelled_order=same|reversed)"
         )
     known = resolve_known_classes(open_set.get("known_classes"), num_classes)
-    return PoolSpec(ratios[0], ratios[1], order, known)
+    unknown_in_pool = open_set.get("unknown_in_pool", True)
+    if not isinstance(unknown_in_pool, bool):
+        raise UserError(f"data.open_set.unknown_in_pool={unknown_in_pool!r} must be true or false")
+    if not unknown_in_pool and known is None:
+        raise UserError(
+            "data.open_set.unknown_in_pool=false leaves the unknown classes out of an open-set "
+            "pool; pass data.open_set.known_classes too"
+        )
+    if not unknown_in_pool and open_set.get("extra_pool"):
+        raise UserError(
+            "data.open_set.unknown_in_pool=false keeps foreign images out of the pool, "
+            "data.open_set.extra_pool adds them; drop one of the two"
+        )
+    return PoolSpec(ratios[0], ratios[1], order, known, unknown_in_pool)
 
 
 def resolve_known_classes(value: Any, num_classes: int) -> tuple[int, ...] | None:
@@ -169,7 +185,8 @@ def make_splits(
     labelled_ratio^(-k/(K-1)) labelled images (then its val images); the pool keeps the first
     N_k of each class's remaining images, N_k following unlabelled_ratio in the same or the
     reversed order, N_1 the largest count every class can give; unknown classes give all their
-    images to the pool. The same seeded permutations as the balanced splits.
+    images to the pool (or none, with unknown_in_pool=False). The same seeded permutations as
+    the balanced splits.
     """
     labels = np.asarray(labels, dtype=np.int64)
     pool = pool or PoolSpec()
@@ -224,7 +241,8 @@ def make_splits(
             val.append(order[:val_per_class])
             labelled.append(order[val_per_class:])
         elif c not in rank:  # an unknown class of an open-set pool: all of it in the pool
-            unlabelled.append(order)
+            if pool.unknown_in_pool:
+                unlabelled.append(order)
         else:
             train = int(train_counts[rank[c]])
             labelled.append(order[:train])
