@@ -80,12 +80,12 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
 
     from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
+    from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
     from pipeline.engine.module import soft_cross_entropy
     from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
-    from pipeline.selftrain.noise import BatchAugment
     from pipeline.selftrain.select import PseudoLabels
     from pipeline.selftrain.teacher import data_augment
 
@@ -156,12 +156,12 @@ def bench_consistency(steps: int, repeats: int, batch: int = 8, mu: int = 7) -> 
 
     from pipeline.config.specs import consistency_spec
     from pipeline.data.task import prepare_task
+    from pipeline.engine.augment import BatchAugment
     from pipeline.engine.datamodule import with_pool
     from pipeline.engine.fit import OnlinePool, fit, training_batches
     from pipeline.engine.module import soft_cross_entropy
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
-    from pipeline.selftrain.noise import BatchAugment
 
     cfg = compose(
         "model=wide_resnet28_2", "consistency=fixmatch", f"consistency.mu={mu}",
@@ -238,11 +238,11 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
 
     from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
+    from pipeline.engine.augment import BatchAugment, fixed_views
     from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.runtime.rundir import RunDir
     from pipeline.selftrain.label import pseudo_label
-    from pipeline.selftrain.noise import BatchAugment, fixed_views
     from pipeline.selftrain.teacher import data_augment
 
     cfg = OmegaConf.merge(cfg, {"pseudo_label": {"tta_views": views}})

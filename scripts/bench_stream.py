@@ -217,10 +217,10 @@ def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) ->
     """Our training path on n JPEGs streamed from disk vs the same images decoded in memory."""
     from pipeline.data.image_folder import load_image_folder
     from pipeline.data.streamed import decode_all
+    from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
-    from pipeline.selftrain.noise import BatchAugment
     from pipeline.selftrain.teacher import data_augment
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)

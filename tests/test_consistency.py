@@ -108,9 +108,9 @@ def fit_with_pool(tmp_path, name, method, *overrides, callbacks=(), epochs=3):
     classes (random pixels; the pool's truth given for the diagnostics)."""
     from pipeline.cli import resolve
     from pipeline.data import ImageArrays
+    from pipeline.engine import augment as noise
     from pipeline.engine import fit as engine_fit
     from pipeline.models import checkpoint as models
-    from pipeline.selftrain import noise
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
     cfg = resolve(

@@ -37,17 +37,12 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("pipeline.runtime.rundir", "config"),
     # config -> stages: checks.py validates `stage=` against the stage names.
     ("pipeline.config.checks", "stages"),
-    # engine -> selftrain: fit.py trains on selftrain.merge's TrainingSet and mixed batches.
-    ("pipeline.engine.fit", "selftrain"),
     # baseline <-> selftrain: the baseline trains with selftrain's teacher and merge, and the
     # loop takes its pretrained start from the baseline.
     ("pipeline.baseline.pretrain", "selftrain"),
     ("pipeline.baseline.finetune", "selftrain"),
     ("pipeline.selftrain.loop", "baseline"),
     ("pipeline.selftrain.stages", "baseline"),
-    # deploy -> selftrain: predict's test-time views are selftrain.noise.views_fn.
-    ("pipeline.deploy.model", "selftrain"),
-    ("pipeline.deploy.predict", "selftrain"),
 }
 
 

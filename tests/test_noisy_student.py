@@ -18,12 +18,12 @@ from pipeline.cli import resolve
 from pipeline.config.architecture import round_config, round_model, round_names
 from pipeline.engine import ema as engine_ema
 from pipeline.engine import fit as engine_fit
+from pipeline.engine.augment import BatchAugment
 from pipeline.errors import UserError
 from pipeline.models import checkpoint as models
 from pipeline.runtime.io import save_checkpoint
 from pipeline.runtime.seed import seed_global
 from pipeline.selftrain.merge import merge_labelled_and_pseudo
-from pipeline.selftrain.noise import BatchAugment
 from pipeline.selftrain.select import (
     PseudoLabels,
     balance_target,

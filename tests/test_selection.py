@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.selftrain.merge import merge_labelled_and_pseudo, mixed_batches
+from pipeline.engine.training_set import mixed_batches
+from pipeline.selftrain.merge import merge_labelled_and_pseudo
 from pipeline.selftrain.select import (
     PseudoLabels,
     cap_per_class,

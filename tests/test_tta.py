@@ -9,11 +9,11 @@ from test_config import compose_cfg
 
 from pipeline.cli import resolve
 from pipeline.data import ImageArrays
+from pipeline.engine.augment import BatchAugment, fixed_views
 from pipeline.engine.datamodule import Batches
 from pipeline.engine.predict import predict
 from pipeline.models.checkpoint import build_net
 from pipeline.selftrain.label import teacher_views
-from pipeline.selftrain.noise import BatchAugment, fixed_views
 from pipeline.selftrain.teacher import data_augment
 
 

@@ -244,7 +244,7 @@ class LoadedModel:
     def __call__(self, images: Any, tta_views: int = 0, batch_size: int = 256) -> torch.Tensor:
         """Probabilities (N, num_classes) on the CPU; with `tta_views`, the mean over the clean
         image and that many fixed views (as stage=predict's predict.tta_views)."""
-        from pipeline.selftrain.noise import views_fn
+        from pipeline.engine.augment import views_fn
 
         views = views_fn(tta_views, self.card.augment)
         if tta_views and views is None:

@@ -195,7 +195,7 @@ def engine_data(cfg: DictConfig, card: ModelCard) -> DictConfig:
 
 def tta_views(cfg: DictConfig, card: ModelCard) -> Any:
     """predict.tta_views fixed views of the checkpoint's data.augment ranges (None: none)."""
-    from pipeline.selftrain.noise import views_fn
+    from pipeline.engine.augment import views_fn
 
     n = int(cfg.predict.tta_views)
     views = views_fn(n, card.augment)

@@ -33,10 +33,10 @@ from pipeline.engine.trainer import (
     build_trainer,
     channels_last,
 )
+from pipeline.engine.training_set import TrainingSet, mixed_batches
 from pipeline.errors import UserError
 from pipeline.runtime import dist
 from pipeline.runtime.io import load_checkpoint
-from pipeline.selftrain.merge import TrainingSet, mixed_batches
 
 log = logging.getLogger("pipeline")
 

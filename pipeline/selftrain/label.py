@@ -28,6 +28,7 @@ from pipeline.data.arrays import ImageSet
 from pipeline.data.splits import network_classes
 from pipeline.data.streamed import check_unchanged, concat
 from pipeline.data.task import Task
+from pipeline.engine.augment import views_fn
 from pipeline.engine.datamodule import ViewsFn
 from pipeline.engine.fit import batches
 from pipeline.engine.predict import ShardPlan, Unreadable, predict_scores, predict_shards
@@ -35,7 +36,6 @@ from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
 from pipeline.runtime import io
 from pipeline.runtime.rundir import RunDir, Step
-from pipeline.selftrain import noise
 from pipeline.selftrain.select import (
     PoolHandling,
     PseudoLabels,
@@ -293,7 +293,7 @@ def select_and_write(
 def teacher_views(cfg: DictConfig, data_cfg: DictConfig) -> ViewsFn | None:
     """The fixed views the teacher averages over (pseudo_label.tta_views of data.augment's
     affine ranges); None without views or augmentation."""
-    return noise.views_fn(int(cfg.pseudo_label.get("tta_views", 0)), data_augment(data_cfg))
+    return views_fn(int(cfg.pseudo_label.get("tta_views", 0)), data_augment(data_cfg))
 
 
 def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:

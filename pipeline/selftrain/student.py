@@ -1,7 +1,7 @@
 """Step 4, the student: a fresh network trained, with noise, on the labelled set merged with the
 kept pseudo-labels (each batch keeps `pseudo_label.labelled_fraction` true labels), then
 evaluated on the test set. The noise is the data's augmentation and the network's dropout and
-stochastic depth (noise.py)."""
+stochastic depth (pipeline/engine/augment.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.data.task import Task
+from pipeline.engine.training_set import TrainingSet
 from pipeline.runtime.rundir import Step
-from pipeline.selftrain.merge import TrainingSet, merge_labelled_and_pseudo
+from pipeline.selftrain.merge import merge_labelled_and_pseudo
 from pipeline.selftrain.select import PseudoLabels, balance_target
 from pipeline.selftrain.teacher import train_model
 

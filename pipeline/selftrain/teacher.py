@@ -20,7 +20,9 @@ from pipeline.consistency import ConsistencySpec
 from pipeline.data.arrays import ImageSet, subset
 from pipeline.data.streamed import concat
 from pipeline.data.task import Task
+from pipeline.engine.augment import BatchAugment, from_config
 from pipeline.engine.fit import OnlinePool, evaluate, fit
+from pipeline.engine.training_set import TrainingSet
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import (
     build_net,
@@ -32,8 +34,7 @@ from pipeline.models.checkpoint import (
 )
 from pipeline.runtime.io import load_checkpoint
 from pipeline.runtime.rundir import Step
-from pipeline.selftrain import noise
-from pipeline.selftrain.merge import TrainingSet, merge_labelled_and_pseudo
+from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
 # What a training records about itself (FitResult.record) in model.ckpt and metrics.json.
 TRAINING_RECORD = ("selected_by", "selected_epoch", "epochs", "train_images_per_s")
@@ -89,7 +90,7 @@ def train_model(
             layer_decay = cfg.finetune.layer_decay
         with run.timed(phase):
             images = training_images(task, train_set)
-            augment = noise.from_config(data_augment(data_cfg))
+            augment = from_config(data_augment(data_cfg))
             epochs = cfg.train.epochs if epochs is None else epochs
             result = fit(
                 cfg, data_cfg, net, images, train_set, step.path, seed, epochs, hparams, augment,
@@ -128,14 +129,14 @@ def online_pool(
         )
     aug = data_augment(data_cfg) or {}
     shift = {"translate": float(aug.get("translate", 0.125)), "flip": bool(aug.get("flip", False))}
-    strong = noise.BatchAugment(
+    strong = BatchAugment(
         **shift,
         cutout=spec.cutout,
         randaugment_ops=spec.randaugment_ops,
         randaugment_magnitude=spec.randaugment_magnitude,
     )
     return OnlinePool(
-        task.unlabelled, spec, noise.BatchAugment(**shift), strong, task.unlabelled.labels
+        task.unlabelled, spec, BatchAugment(**shift), strong, task.unlabelled.labels
     )
 
 

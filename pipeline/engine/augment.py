@@ -1,5 +1,6 @@
-"""The student's noise (Noisy Student): per-sample data augmentation applied to every training
-batch on the device, and the fixed test-time views a teacher labels with.
+"""Augmentation on the device: the student's noise (Noisy Student), per-sample and applied to
+every training batch; the weak and strong views of the consistency methods; and the fixed
+test-time views a teacher labels with and stage=predict averages over.
 
 Model noise (dropout, stochastic depth) is part of the network: `model.net.dropout`,
 `model.net.stochastic_depth` in conf/model/. Teachers are trained with the same noise.
