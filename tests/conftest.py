@@ -139,10 +139,12 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(x, y), name
 
 
-def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callbacks=()):
+def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callbacks=(), pool=None):
     """Train a small net on 24 random 8x8 images of 3 classes with the pipeline's fit (no
     augmentation, so the training batches can be replayed), `callbacks` added to its Trainer;
-    returns cfg, net, the images, the training set and fit's FitResult."""
+    `pool(cfg, generator)`, if given, makes the OnlinePool fit also trains on (its images drawn
+    from the generator after the labelled ones). Returns cfg, net, the images, the training set
+    and fit's FitResult."""
     import numpy as np
 
     from pipeline.cli import resolve
@@ -166,6 +168,7 @@ def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callb
     net = models.build_net(cfg, 3)
     g = torch.Generator().manual_seed(0)
     images = ImageArrays(torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8), None)
+    online = pool(cfg, g) if pool is not None else None
     train_set = merge_labelled_and_pseudo(np.arange(24) % 3, None, 3)
     build = engine_fit.build_trainer
 
@@ -176,6 +179,6 @@ def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callb
         mp.setattr(engine_fit, "build_trainer", build_with)
         result = engine_fit.fit(
             cfg, cfg.data, net, images, train_set, tmp_path / name, 0, epochs,
-            models.hparams_for(cfg, cfg.data, 3), None,
+            models.hparams_for(cfg, cfg.data, 3), None, pool=online,
         )  # fmt: skip
     return cfg, net, images, train_set, result

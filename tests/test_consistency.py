@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, assert_same_weights, compose_cfg, run_cli
+from conftest import FAST, assert_same_weights, compose_cfg, fit_small, run_cli
 
 from pipeline.config.schema import ConsistencyConfig
 from pipeline.config.specs import consistency_spec
@@ -106,54 +106,33 @@ class StopAtStep(L.Callback):
 def fit_with_pool(tmp_path, name, method, *overrides, callbacks=(), epochs=3):
     """A small net trained with `consistency=method` on 24 labelled and 48 pool images of 3
     classes (random pixels; the pool's truth given for the diagnostics)."""
-    from pipeline.cli import resolve
     from pipeline.data import ImageArrays
-    from pipeline.engine import augment as noise
-    from pipeline.engine import fit as engine_fit
-    from pipeline.models import checkpoint as models
-    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+    from pipeline.engine import augment
+    from pipeline.engine.fit import OnlinePool
 
-    cfg = resolve(
-        compose_cfg(
-            "trainer.accelerator=cpu",
-            "progress=false",
-            "model.net.width=8",
-            "train.min_steps=12",
-            "train.batch_size=8",
-            "train.checkpoint_every_s=0",
-            f"consistency={method}",
-            "consistency.mu=2",
-            "consistency.threshold=0.34",
-            *overrides,
+    def pool(cfg, g):
+        images = torch.randint(0, 256, (48, 1, 8, 8), generator=g, dtype=torch.uint8)
+        truth = torch.arange(48) % 3
+        return OnlinePool(
+            ImageArrays(images, truth),
+            consistency_spec(cfg),
+            augment.BatchAugment(translate=0.125),
+            augment.BatchAugment(translate=0.125, cutout=0.5, randaugment_ops=2),
+            truth,
         )
-    )
-    torch.manual_seed(1)
-    net = models.build_net(cfg, 3)
-    g = torch.Generator().manual_seed(0)
-    images = ImageArrays(torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8), None)
-    pool_images = torch.randint(0, 256, (48, 1, 8, 8), generator=g, dtype=torch.uint8)
-    truth = torch.arange(48) % 3
-    spec = consistency_spec(cfg)
-    pool = engine_fit.OnlinePool(
-        ImageArrays(pool_images, truth),
-        spec,
-        noise.BatchAugment(translate=0.125),
-        noise.BatchAugment(translate=0.125, cutout=0.5, randaugment_ops=2),
-        truth,
-    )
-    train_set = merge_labelled_and_pseudo(np.arange(24) % 3, None, 3)
-    build = engine_fit.build_trainer
 
-    def build_with(*args, callbacks=None, **kwargs):
-        return build(*args, callbacks=[*(callbacks or []), *callbacks_], **kwargs)
-
-    callbacks_ = list(callbacks)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_fit, "build_trainer", build_with)
-        result = engine_fit.fit(
-            cfg, cfg.data, net, images, train_set, tmp_path / name, 0, epochs,
-            models.hparams_for(cfg, cfg.data, 3), None, pool=pool,
-        )  # fmt: skip
+    _, net, _, _, result = fit_small(
+        tmp_path,
+        name,
+        "train.checkpoint_every_s=0",
+        f"consistency={method}",
+        "consistency.mu=2",
+        "consistency.threshold=0.34",
+        *overrides,
+        epochs=epochs,
+        callbacks=callbacks,
+        pool=pool,
+    )
     return net, result
 
 
