@@ -21,6 +21,12 @@
 - stream_*: JPEG folders streamed from disk (scripts/bench_stream.py): peak RSS over 20k vs
   160k images, time to the first labelled shard, labelling vs a bare decode-and-forward loop,
   training from disk vs from memory.
+- features_round_speedup (--only-features): a self-training round (teacher head, labelling,
+  student head) of a frozen torchvision resnet18 at 64 px (finetune.mode=linear, random weights
+  from a local file), `model.cache_features=true` over false: `python -m pipeline` wall times
+  from summary.json (start-up left out), each run in a fresh run_dir (the cache is computed
+  inside the timed run). Tiny check: --only-features --repeats 1 --features-epochs 1
+  --features-min-steps 2 --features-image-size 32.
 Each timing is the median of --repeats runs after a warm-up; A and B alternate.
 """
 
@@ -363,6 +369,68 @@ def bench_default_run(repeats: int) -> dict:
     }
 
 
+def bench_features(
+    image_size: int, repeats: int, epochs: int | None, min_steps: int | None
+) -> dict:
+    """A self-training round of a frozen resnet18, with cached features vs without."""
+    import torchvision
+
+    work = Path(tempfile.mkdtemp(prefix="bench-features-"))
+    weights = work / "resnet18.pth"
+    torch.manual_seed(0)  # (random weights: they do not change the speed)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    common = [
+        "model=torchvision", "model.name=resnet18", f"model.weights={weights}",
+        "finetune.mode=linear", f"data.image_size={image_size}", "selftrain.rounds=1",
+        "progress=false", "pseudo_label.threshold=0.1",
+        *([f"train.epochs={epochs}"] if epochs is not None else []),
+        *([f"train.min_steps={min_steps}"] if min_steps is not None else []),
+    ]  # fmt: skip
+    runs = 0
+
+    def run(cached: bool) -> dict:
+        nonlocal runs
+        runs += 1
+        run_dir = work / f"run{runs}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", *common, f"model.cache_features={cached}",
+             f"run_dir={run_dir}"],
+            capture_output=True, text=True, cwd=REPO,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return summary
+
+    results: dict[bool, list[dict]] = {True: [], False: []}
+    for i in range(repeats + 1):  # the first pair is the warm-up
+        for cached in (False, True):
+            summary = run(cached)
+            if i:
+                results[cached].append(summary)
+
+    def median(cached: bool) -> dict:
+        walls = [r["wall_time_s"] for r in results[cached]]
+        return results[cached][walls.index(statistics.median_low(walls))]
+
+    plain, fast = median(False), median(True)
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "features_model": "torchvision resnet18, finetune.mode=linear, selftrain.rounds=1",
+        "features_image_size": image_size,
+        "features_round_uncached_s": plain["wall_time_s"],
+        "features_round_cached_s": fast["wall_time_s"],
+        "features_round_speedup": round(plain["wall_time_s"] / max(fast["wall_time_s"], 1e-9), 2),
+        "features_round_uncached_phases_s": plain["phase_seconds"],
+        "features_round_cached_phases_s": fast["phase_seconds"],
+        "features_final_test_accuracy": {
+            "uncached": plain["final_test_accuracy"],
+            "cached": fast["final_test_accuracy"],
+        },
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
@@ -377,6 +445,14 @@ def main() -> None:
     p.add_argument("--skip-consistency", action="store_true")
     p.add_argument("--only-consistency", action="store_true")
     p.add_argument("--consistency-steps", type=int, default=20)
+    p.add_argument(
+        "--only-features",
+        action="store_true",
+        help="only the cached-features round (model.cache_features) vs uncached",
+    )
+    p.add_argument("--features-image-size", type=int, default=64)
+    p.add_argument("--features-epochs", type=int, default=None, help="default: the config's")
+    p.add_argument("--features-min-steps", type=int, default=None, help="default: the config's")
     p.add_argument("--stream-small", type=int, default=20_000)
     p.add_argument("--stream-large", type=int, default=160_000)
     p.add_argument("--stream-train-images", type=int, default=5_000)
@@ -406,6 +482,13 @@ def main() -> None:
         "dataset": str(cfg.data.name),
         "batch_size": int(cfg.train.batch_size),
     }
+    if args.only_features:
+        result.update(bench_features(args.features_image_size, args.repeats,
+                                     args.features_epochs, args.features_min_steps))  # fmt: skip
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.only_consistency:
         result.update(bench_consistency(args.consistency_steps, args.repeats))
         print(json.dumps(result, indent=2))

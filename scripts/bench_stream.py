@@ -9,6 +9,17 @@
   and running the same forward pass.
 - stream_train_images_per_s vs memory_train_images_per_s: our training path on the same 5k
   images streamed from disk and decoded in memory.
+
+Run on its own, it measures the decoded-image cache (data.cache=decoded):
+
+    python scripts/bench_stream.py --out cache.json     # --quick: tiny sizes, a smoke test
+
+- cache_train_ratio_vs_memory: our training path on 5k images read from the cache vs the same
+  images decoded in memory;
+- cache_first_pass_ratio_vs_bare_decode: the cache's first pass over 20k JPEGs (decode, resize,
+  write the shards) vs a bare decode + resize of the same files, the same threads;
+- cache_peak_rss_ratio: peak RSS of a process training one epoch from a 160k vs a 20k image
+  cache (each measured in a fresh subprocess).
 """
 
 from __future__ import annotations
@@ -247,3 +258,181 @@ def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) ->
         "memory_train_images_per_s": round(images_per_run / t_memory, 1),
         "stream_train_ratio_vs_memory": round(t_memory / t_stream, 3),
     }
+
+
+# --- data.cache=decoded --------------------------------------------------------------------
+
+
+def cache_args(work: Path, pool: Path) -> list[str]:
+    """A pool streamed from the decoded-image cache (every set: data.in_memory=false)."""
+    return [*data_args(work, pool)[:-1], "data.in_memory=false", "data.cache=decoded"]
+
+
+def bench_cache_training(work: Path, n: int, repeats: int, compose, medians) -> dict:
+    """Our training path on n images read from the decoded-image cache vs the same images
+    decoded in memory (the cache made before the timing)."""
+    from pipeline.data.image_folder import load_image_folder
+    from pipeline.data.streamed import decode_all
+    from pipeline.engine.augment import BatchAugment
+    from pipeline.engine.fit import fit, training_batches
+    from pipeline.models.checkpoint import build_net
+    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+    from pipeline.selftrain.teacher import data_augment
+
+    pool_dir = jpeg_folder(work / f"pool{n}", n)
+    cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0",
+                  "train.checkpoint_every_s=60")  # fmt: skip
+    cached = load_image_folder(cfg.data).extra_unlabelled
+    memory = decode_all(cached.source, False, "pool")
+    labels = np.arange(len(cached)) % 3
+    train_set = merge_labelled_and_pseudo(labels, None, 3)
+    augment = BatchAugment(**data_augment(cfg.data))
+    per_epoch = len(training_batches(train_set, cfg, 1)(np.random.default_rng(0)))
+    images_per_run = per_epoch * int(cfg.train.batch_size)
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-cache-train-"))
+
+    def run(images) -> None:
+        subprocess.run(["rm", "-rf", str(work_dir)], check=True)
+        net = build_net(cfg, 3)
+        fit(cfg, cfg.data, net, images, train_set, work_dir, 0, 1, {"num_classes": 3}, augment)
+
+    t_cache, t_memory = medians(lambda: run(cached), lambda: run(memory), repeats)
+    return {
+        "cache_train_images": images_per_run,
+        "cache_train_images_per_s": round(images_per_run / t_cache, 1),
+        "cache_memory_train_images_per_s": round(images_per_run / t_memory, 1),
+        "cache_train_ratio_vs_memory": round(t_memory / t_cache, 3),
+    }
+
+
+def bench_cache_first_pass(work: Path, n: int, repeats: int, compose, medians) -> dict:
+    """The cache's first pass (decode, resize, write the shards) vs a bare decode + resize of
+    the same files into memory with the same number of threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.cache import open_cache
+    from pipeline.data.decode import decode_to_shape
+    from pipeline.data.image_folder import load_image_folder
+
+    pool_dir = jpeg_folder(work / f"pool{n}", n)
+    cfg = compose(*data_args(work, pool_dir)[:-1], "data.in_memory=false")
+    streamed = load_image_folder(cfg.data).extra_unlabelled
+    files = [str(pool_dir / k) for k in streamed.keys(np.arange(len(streamed)))]
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-first-"))
+    threads = min(8, os.cpu_count() or 1)  # what the cache's builder uses
+
+    def first_pass() -> None:
+        subprocess.run(["rm", "-rf", str(cache_dir)], check=True)
+        open_cache(streamed, cache_dir, skip_bad=False)
+
+    def bare() -> None:
+        out = np.zeros((len(files), 3, INPUT_SIZE, INPUT_SIZE), np.uint8)
+
+        def decode(start: int) -> None:
+            for i in range(start, min(len(files), start + 256)):
+                with open(files[i], "rb") as f:
+                    out[i] = decode_to_shape(f.read(), "jpg", 3, INPUT_SIZE).numpy()
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(decode, range(0, len(files), 256)))
+
+    t_ours, t_bare = medians(first_pass, bare, repeats)
+    return {
+        "cache_first_pass_images": len(files),
+        "cache_first_pass_images_per_s": round(len(files) / t_ours, 1),
+        "cache_bare_decode_images_per_s": round(len(files) / t_bare, 1),
+        "cache_first_pass_ratio_vs_bare_decode": round(t_bare / t_ours, 3),
+    }
+
+
+def cache_rss_child(work: Path, n: int) -> None:
+    """(In a fresh process) one epoch of our training over every image of the n-image pool
+    read from its cache; prints this process's peak RSS (MB) as JSON."""
+    import resource
+
+    from bench import compose
+
+    from pipeline.data.image_folder import load_image_folder
+    from pipeline.engine.augment import BatchAugment
+    from pipeline.engine.fit import fit
+    from pipeline.models.checkpoint import build_net
+    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+    from pipeline.selftrain.teacher import data_augment
+
+    pool_dir = jpeg_folder(work / f"pool{n}", n)
+    cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0", "train.batch_size=256",
+                  "train.checkpoint_every_s=null")  # fmt: skip
+    cached = load_image_folder(cfg.data).extra_unlabelled
+    train_set = merge_labelled_and_pseudo(np.arange(len(cached)) % 3, None, 3)
+    augment = BatchAugment(**data_augment(cfg.data))
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-cache-rss-"))
+    fit(cfg, cfg.data, build_net(cfg, 3), cached, train_set, work_dir, 0, 1,
+        {"num_classes": 3}, augment)  # fmt: skip
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": len(cached), "peak_rss_mb": round(usage, 1)}))
+
+
+def bench_cache_rss(work: Path, small: int, large: int, compose) -> dict:
+    """Peak RSS of a process training one epoch from a `small` vs a `large` image cache (each
+    cache made here first, so that only the training is measured)."""
+    from pipeline.data.image_folder import load_image_folder
+
+    out = {}
+    for name, n in (("small", small), ("large", large)):
+        load_image_folder(compose(*cache_args(work, jpeg_folder(work / f"pool{n}", n))).data)
+        command = [sys.executable, __file__, "--dir", str(work), "--cache-rss-child", str(n)]
+        proc = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
+        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"cache_rss_images_{name}"] = figures["images"]
+        out[f"cache_peak_rss_mb_{name}"] = figures["peak_rss_mb"]
+    out["cache_peak_rss_ratio"] = round(
+        out["cache_peak_rss_mb_large"] / out["cache_peak_rss_mb_small"], 3
+    )
+    return out
+
+
+def main() -> None:
+    """The decoded-image cache's figures (the other streaming figures run from bench.py)."""
+    import argparse
+
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "scripts"))
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "pipeline-bench-stream",
+                   help="where the generated JPEG folders (and their caches) are kept")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train-images", type=int, default=5_000)
+    p.add_argument("--first-pass-images", type=int, default=20_000)
+    p.add_argument("--rss-small", type=int, default=20_000)
+    p.add_argument("--rss-large", type=int, default=160_000)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test")
+    p.add_argument("--cache-rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cache_rss_child is not None:
+        return cache_rss_child(args.dir, args.cache_rss_child)
+    if args.quick:
+        args.repeats, args.train_images, args.first_pass_images = 1, 200, 300
+        args.rss_small, args.rss_large = 200, 400
+
+    from bench import alternating_medians, compose
+
+    from pipeline.cli import setup_logging
+
+    setup_logging(rank_zero=True)
+    result = {"machine": f"{os.cpu_count()} cores, torch {torch.__version__}"}
+    work = args.dir
+    result.update(bench_cache_training(work, args.train_images, args.repeats, compose,
+                                       alternating_medians))  # fmt: skip
+    result.update(bench_cache_first_pass(work, args.first_pass_images, args.repeats, compose,
+                                         alternating_medians))  # fmt: skip
+    result.update(bench_cache_rss(work, args.rss_small, args.rss_large, compose))
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

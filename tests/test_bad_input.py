@@ -17,6 +17,8 @@ import torch
 from conftest import FAST, REPO
 from torchvision.io import write_png
 
+from pipeline.errors import UserError
+
 IMAGES = [
     "data=image_folder",
     "data.image_size=8",
@@ -138,6 +140,9 @@ CONFIG_ERRORS = [
     (["objective=loss"], ["objective='loss'", "val_accuracy"]),
     (["+trainer.limit_val_batches=0.5"], ["trainer.limit_val_batches is set by the pipeline"]),
     (["logger=nope"], ["logger/nope", "csv"]),
+    # each key's type and range, from its declaration (config/schema.py)
+    (["optimizer.lr=-0.1"], ["optimizer.lr=-0.1 must be > 0"]),
+    (["data.labels_per_class=2.5"], ["data.labels_per_class=2.5 must be a whole number >= 1"]),
 ]
 
 
@@ -336,6 +341,9 @@ def test_on_bad_image_skip_goes_on_without_the_bad_file(trees, tmp_path):
     assert "broken.png" in proc.stdout + proc.stderr  # the skip is reported
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_labelled"] + summary["num_unlabelled"] == 12  # the 12 good images
+    # counted where the README promises it (an in-memory set: skipped while decoding)
+    assert summary["num_bad_images"] == 1
+    assert json.loads((run_dir / "round_0" / "metrics.json").read_text())["num_bad_images"] == 1
 
 
 def test_bad_on_bad_image_value(trees, user_dir):
@@ -507,3 +515,132 @@ def test_run_dir_that_cannot_be_created(tmp_path):
     assert {k: v for k, v in snapshot(tmp_path).items() if k == "a_file"} == {
         "a_file": before["a_file"]
     }
+
+
+# --- values and paths that reached the code: refused in one line, nothing left behind --------
+
+
+@pytest.mark.slow
+def test_a_bad_value_leaves_nothing_and_the_corrected_command_runs_in_the_same_run_dir(tmp_path):
+    """A negative learning rate used to fail in the optimizer (exit 1) after config.yaml and
+    splits.npz were written, so that the corrected command was refused as another config."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "selftrain.rounds=0", f"run_dir={run_dir}"]
+    assert_bad_input(cli(*args, "optimizer.lr=-0.1", cwd=tmp_path), "optimizer.lr=-0.1")
+    assert not run_dir.exists()
+    proc = cli(*args, "optimizer.lr=0.01", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "summary.json").exists()
+
+
+def _symlink_loop(root: Path) -> Path:
+    write_class_tree(root, [6, 6], seed=1)
+    (root / "class0" / "again").symlink_to(root / "class0")  # leads back to its own folder
+    return root
+
+
+def _links_to_each_other(root: Path) -> Path:
+    write_class_tree(root, [6, 6], seed=1)
+    (root / "class1" / "a").symlink_to("b")
+    (root / "class1" / "b").symlink_to("a")
+    return root
+
+
+def _non_utf8_name(root: Path) -> Path:
+    write_class_tree(root, [6, 6], seed=1)
+    good = root / "class0" / "0.png"
+    (root / "class0").joinpath(os.fsdecode(b"caf\xe9.png")).write_bytes(good.read_bytes())
+    return root
+
+
+PATH_CASES = {
+    "symlink_loop": (_symlink_loop, "data.labelled_dir", ["again is a symlink loop"]),
+    "links_to_each_other": (_links_to_each_other, "data.labelled_dir", ["cannot be followed"]),
+    "non_utf8_name": (_non_utf8_name, "data.labelled_dir", ["caf\\udce9.png", "not valid UTF-8"]),
+    "unbalanced_braces": (
+        lambda root: f"{root}/pool-{{000..009.tar",
+        "data.unlabelled_dir",
+        ["has unbalanced braces", "pool-{000..099}.tar"],
+    ),
+}
+
+
+@pytest.mark.slow  # (in process, fast: test_the_folder_listing_names_what_it_cannot_follow)
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_a_path_the_listing_cannot_follow_is_one_line_and_leaves_nothing(trees, user_dir, case):
+    make, key, needles = PATH_CASES[case]
+    path = make(user_dir.parent / case)
+    args = image_args(trees / "good", test_dir=trees / "test")
+    before = snapshot(user_dir)
+    proc = cli(*TINY, *args, f"{key}='{path}'", f"run_dir={user_dir}", cwd=user_dir.parent)
+    assert_bad_input(proc, *needles)
+    assert snapshot(user_dir) == before
+
+
+@pytest.mark.parametrize("case", ["symlink_loop", "links_to_each_other", "non_utf8_name"])
+def test_the_folder_listing_names_what_it_cannot_follow(tmp_path, case):
+    from pipeline.data.manifest import image_paths
+
+    make, _, needles = PATH_CASES[case]
+    with pytest.raises(UserError) as refused:
+        image_paths(make(tmp_path / case))
+    for needle in needles:
+        assert needle in str(refused.value)
+
+
+# --- skipped images are counted: 0 when none, in every round's metrics.json and the summary --
+
+
+def test_a_run_without_bad_images_counts_zero(finished):
+    run_dir, _ = finished
+    assert json.loads((run_dir / "summary.json").read_text())["num_bad_images"] == 0
+    assert json.loads((run_dir / "round_0" / "metrics.json").read_text())["num_bad_images"] == 0
+
+
+@pytest.mark.slow
+def test_a_streamed_pool_counts_its_skipped_image_in_the_round_and_the_summary(tmp_path):
+    import io
+    import tarfile
+
+    import numpy as np
+    from streaming_data import CLASSES, class_tree, jpeg
+
+    class_tree(tmp_path / "labelled", per_class=4, seed=0)
+    class_tree(tmp_path / "test", per_class=3, seed=1)
+    rng = np.random.default_rng(2)
+    members = [(f"{i:04d}.jpg", jpeg(i % 3, rng)) for i in range(11)]
+    members.insert(5, ("0099.jpg", b"\xff\xd8 not a jpeg"))
+    with tarfile.open(tmp_path / "pool-000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        "data=image_folder",
+        f"data.num_classes={len(CLASSES)}",
+        "data.image_size=16",
+        "data.channels=1",
+        "data.mean=[0.3]",
+        "data.std=[0.3]",
+        "data.augment.randaugment_ops=0",
+        f"data.labelled_dir={tmp_path / 'labelled'}",
+        f"data.test_dir={tmp_path / 'test'}",
+        f"data.unlabelled_dir={tmp_path / 'pool-000.tar'}",
+        "data.in_memory=false",
+        "data.num_workers=0",
+        "data.on_bad_image=skip",
+        "selftrain.rounds=1",
+        "pseudo_label.tta_views=0",
+        "pseudo_label.threshold=0",
+        f"run_dir={run_dir}",
+    ]
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [json.loads((run_dir / f"round_{k}" / "metrics.json").read_text()) for k in (0, 1)]
+    assert [r["num_bad_images"] for r in rounds] == [0, 1]  # the pool is read from round 1 on
+    assert rounds[1]["num_pseudo"] == 11  # every readable pool image, at threshold 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_bad_images"] == 1
+    assert [r["num_bad_images"] for r in summary["rounds"]] == [0, 1]

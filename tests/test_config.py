@@ -199,3 +199,87 @@ def test_paths_holding_equals_signs_are_passed_quoted():
     assert quote_path_overrides(["hydra.sweep.dir=multirun/a=b"]) == [
         "hydra.sweep.dir='multirun/a=b'"
     ]
+
+
+# --- one declaration per key: type and range, checked before anything is written ------------
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 must be > 0; e.g. optimizer.lr=0.003"),
+        ("optimizer.lr=abc", "optimizer.lr='abc' must be a number > 0; e.g. optimizer.lr=0.003"),
+        (
+            "data.labels_per_class=2.5",
+            "data.labels_per_class=2.5 must be a whole number >= 1 (or null)",
+        ),
+        (
+            "pseudo_label.threshold=1.5",
+            "pseudo_label.threshold=1.5 is outside [0, 1]; pass a confidence such as 0.8",
+        ),
+        ("data.val_per_class=1.5", "data.val_per_class=1.5 must be a whole number >= 0"),
+        ("data.test_fraction=0", "data.test_fraction=0 is outside (0, 1) or null"),
+        ("data.in_memory=maybe", "data.in_memory='maybe'; choose one of auto, true, false"),
+        ("data.cache=mapped", "data.cache='mapped'; choose one of none, decoded"),
+        ("model.cache_features=1", "model.cache_features=1 must be true or false"),
+        (
+            "data.imbalance.labelled_ratio=true",
+            "data.imbalance.labelled_ratio=true must be a number >= 1 (or null); "
+            "the max/min class count, e.g. 10",
+        ),
+        ("data.augment.rotate=-5", "data.augment.rotate=-5 is outside [0, 180]; degrees"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+        ("trainer.num_threads=0", "trainer.num_threads=0 must be >= 1 or null"),
+        ("seed=-1", "seed=-1 is outside [0, 4294967296)"),
+        ("train.select=best", "train.select='best'; choose one of last, best_val"),
+        ("train.ema_decay=1.0", "train.ema_decay=1.0 is outside [0, 1) or null; pass a decay"),
+    ],
+)
+def test_a_declared_key_out_of_its_type_or_range_is_one_line_naming_it(override, line):
+    with pytest.raises(UserError) as refused:
+        resolve(compose_cfg(override))
+    assert str(refused.value).startswith(line)
+    assert "\n" not in str(refused.value)
+
+
+def test_every_declared_key_defaults_to_its_default_option():
+    """The declarations of the free-form groups hold the default options' values (digits,
+    small_cnn, adamw, cosine; sgd's momentum): a key renamed in conf/ without its declaration fails."""
+    from pipeline.config.schema import DECLARED
+
+    cfg, sgd = resolve(compose_cfg()), resolve(compose_cfg("optimizer=sgd"))
+    assert sgd.optimizer.momentum == DECLARED["optimizer."].momentum
+    assert compare_declared(cfg.optimizer, DECLARED["optimizer."], "optimizer.") == ["momentum"]
+    for prefix in ("data.", "model.", "scheduler."):
+        node = OmegaConf.select(cfg, prefix[:-1])
+        assert compare_declared(node, DECLARED[prefix], prefix) == []
+
+
+def compare_declared(node, schema, prefix) -> list[str]:
+    """Assert each declared default equals the node's value; returns the keys it lacks."""
+    import dataclasses
+
+    absent = []
+    for f in dataclasses.fields(schema):
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            absent += compare_declared(node[f.name], type(default), f"{prefix}{f.name}.")
+        elif f.name not in node:
+            absent.append(f.name)
+        else:
+            value = node[f.name]
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            assert value == default, f"{prefix}{f.name}: {value!r} != declared {default!r}"
+    return absent
+
+
+def test_the_range_words_read_as_written():
+    from pipeline.config.declare import Range
+
+    assert Range(ge=0, le=1).bounds() == "in [0, 1]"
+    assert Range(gt=0, lt=1).bounds() == "in (0, 1)"
+    assert Range(ge=0.5).bounds() == ">= 0.5"
+    assert Range(gt=0).bounds() == "> 0"
+    assert Range(le=0).bounds() == "<= 0"
+    assert Range(ge=1).admits(1) and not Range(ge=1).admits(0)
+    assert Range(choices=("a",)).admits("a") and not Range(choices=("a",)).admits("b")

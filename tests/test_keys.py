@@ -55,7 +55,14 @@ def test_every_key_of_the_config_gets_one_verdict_from_all_three(default_config)
 
 
 def test_the_listed_keys_are_neutral_and_the_others_are_not(default_config):
-    for key in ("trainer.devices", "trainer.num_threads", "progress", "run_dir", "data.root"):
+    for key in (
+        "trainer.devices",
+        "trainer.num_threads",
+        "progress",
+        "run_dir",
+        "data.root",
+        "data.cache",
+    ):
         assert key.startswith(RESULT_NEUTRAL) or any(key == k for k in RESULT_NEUTRAL)
         assert verdicts(default_config, key) == (False, False, False)
     for key in ("train.epochs", "pseudo_label.threshold", "data.labels_per_class", "model.name"):

@@ -479,3 +479,116 @@ def test_a_diverging_learning_rate_exits_2_naming_it(tmp_path):
     assert f"training in {run_dir} diverged: the loss became NaN or infinite at step" in line
     assert "optimizer.lr=1e+06 is the likely cause" in line
     assert not (run_dir / "summary.json").exists() and not (run_dir / "model.ckpt").exists()
+
+
+# --- a real full disk: a small tmpfs (root only; skipped, saying why, elsewhere) -------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs at tmp_path/disk, unmounted after the test."""
+    import shutil
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root (the /dev/full tests cover the rest)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fill(disk: Path, leave: int = 64 * 1024) -> None:
+    """Take all but `leave` bytes of the disk's free space."""
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - leave))
+
+
+def test_a_checkpoint_save_that_fills_the_disk_is_one_line_and_keeps_the_previous(small_disk):
+    last = small_disk / "checkpoints" / "last.ckpt"
+    save_checkpoint(last, {"state_dict": {"w": torch.ones(1000)}})
+    fill(small_disk)
+    big = {"state_dict": {"w": torch.zeros(1_000_000)}}  # 4 MB on a disk with 64 KB left
+    with pytest.raises(UserError, match="no space left on the device while writing") as info:
+        save_checkpoint(last, big)
+    assert "\n" not in str(info.value) and str(last) in str(info.value)
+    assert temporaries(small_disk) == []
+    assert torch.equal(load_checkpoint(last)["state_dict"]["w"], torch.ones(1000))  # intact
+
+
+def test_a_torchscript_export_that_fills_the_disk_is_one_line_and_keeps_the_previous(small_disk):
+    from pipeline.deploy import export
+
+    target = small_disk / "m.torchscript.pt"
+    small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    with atomic_path(target) as tmp:
+        export.write_torchscript(small, torch.rand(1, 1, 2, 2), tmp)
+    before = target.read_bytes()
+    fill(small_disk)
+    big = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 1024)).eval()  # 4 MB
+    full = pytest.raises(UserError, match="no space left on the device while writing")
+    with full as info, atomic_path(target) as tmp:
+        export.write_torchscript(big, torch.rand(1, 1, 32, 32), tmp)
+    assert "\n" not in str(info.value)
+    assert temporaries(small_disk) == [] and target.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_export_to_a_full_disk_through_the_cli_exits_2_in_one_line(small_disk, tmp_path):
+    run_dir = tmp_path / "run"
+    tiny = ["progress=false", "trainer.accelerator=cpu", "train.epochs=1", "train.min_steps=2"]
+    args = [*tiny, "selftrain.rounds=0", f"run_dir={run_dir}"]
+    proc = run_cli(*args, env=THREADS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = small_disk / "model.ckpt"
+    ckpt.write_bytes((run_dir / "round_0" / "model.ckpt").read_bytes())
+    (small_disk / "model.torchscript.pt").write_bytes(b"the previous export")
+    fill(small_disk, leave=16 * 1024)
+    export = ["stage=export", f"ckpt={ckpt}", "format=torchscript", f"run_dir={tmp_path / 'ex'}"]
+    proc = run_cli(*export, "progress=false", env=THREADS)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space left on the device while writing" in lines[0], lines
+    assert temporaries(small_disk) == []
+    assert (small_disk / "model.torchscript.pt").read_bytes() == b"the previous export"
+    assert load_checkpoint(ckpt)["state_dict"]  # the checkpoint beside it is untouched
+
+
+@pytest.mark.slow
+def test_a_read_only_disk_under_a_partly_finished_run_or_out_is_one_line(small_disk, tmp_path):
+    run_dir = small_disk / "run"
+    tiny = ["progress=false", "trainer.accelerator=cpu", "train.epochs=1", "train.min_steps=2"]
+    args = [*tiny, "selftrain.rounds=0", f"run_dir={run_dir}"]
+    assert run_cli(*args, env=THREADS).returncode == 0
+    (run_dir / "summary.json").unlink()  # killed before its summary: a rerun would finish it
+    remount = ["mount", "-o", "remount,ro", str(small_disk)]
+    assert subprocess.run(remount, capture_output=True).returncode == 0
+    ckpt, images = run_dir / "round_0" / "model.ckpt", tmp_path / "images"
+    images.mkdir()
+    from torchvision.io import write_png
+
+    write_png(torch.zeros(1, 8, 8, dtype=torch.uint8), str(images / "a.png"))
+    commands = {
+        "rerun": args,
+        "predict": ["stage=predict", f"ckpt={ckpt}", f"input={images}", "progress=false"]
+        + [f"out={small_disk / 'p.csv'}", f"run_dir={tmp_path / 'predict'}"],
+        "export": ["stage=export", f"ckpt={ckpt}", "format=torchscript", "progress=false"]
+        + [f"out={small_disk / 'm.pt'}", f"run_dir={tmp_path / 'export'}"],
+    }
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    for name, command in commands.items():
+        proc = run_cli(*command, env=THREADS)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.stderr[-3000:])
+        assert len(lines) == 1 and "the file system is read-only" in lines[0], (name, lines)
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["run"]
+    assert not (tmp_path / "predict").exists() and not (tmp_path / "export").exists()

@@ -303,7 +303,7 @@ def test_layer_decay_is_checked():
     assert cfg.finetune.layer_decay == 0.75
     assert resolve(compose_cfg()).finetune.layer_decay is None
     for bad in ("0", "1.5"):
-        with pytest.raises(UserError, match=r"finetune.layer_decay=.* must be in \(0, 1\]"):
+        with pytest.raises(UserError, match=r"finetune.layer_decay=.* is outside \(0, 1\]"):
             resolve(compose_cfg(f"finetune.layer_decay={bad}"))
 
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from pipeline.baseline.pretrain import pretrained_checkpoint
 from pipeline.data.task import Task, prepare_task
+from pipeline.models.finetune import check_cache_features
 from pipeline.runtime import io
 from pipeline.runtime.rundir import DONE, RunDir, Step
 from pipeline.selftrain.loop import summary
@@ -20,6 +21,7 @@ from pipeline.selftrain.teacher import train_teacher
 def run_finetune(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     """Fine-tune `ckpt` on the labelled target split with finetune.mode; evaluate."""
     start = time.time()
+    check_cache_features(cfg)
     task = prepare_task(cfg.data, cfg.seed, run)
     metrics = finetune(cfg, task, run.step(), Path(cfg.ckpt))
     return summary(cfg, run, "finetune", task, [metrics], start)
@@ -50,6 +52,7 @@ def model_weights_source(model: DictConfig) -> str:
 def run_baseline(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     """Pretrain (or take pretrained weights) -> fine-tune on the labelled target -> evaluate."""
     start = time.time()
+    check_cache_features(cfg)  # (before the pretraining: a refusal is exit 2 at once)
     task = prepare_task(cfg.data, cfg.seed, run)
     ckpt = pretrained_checkpoint(cfg, run)
     metrics = finetune(cfg, task, run.step("finetune"), ckpt)

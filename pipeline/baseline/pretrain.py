@@ -32,6 +32,7 @@ NOT_READ_BY_PRETRAINING = (
     "selftrain",
     "student_model",  # a student's pretraining has its architecture in `model`
     "finetune",
+    "model.cache_features",  # (the pretraining trains its body: never on cached features)
     "train.epochs",
     "pseudo_label.threshold",
     "pseudo_label.max_per_class",

@@ -1,5 +1,6 @@
-"""Configuration: the typed schema (schema.py), the checks types cannot express (checks.py) and
-the one list of result-neutral keys (keys.py)."""
+"""Configuration: the typed schema, each key's type and range in one declaration (schema.py,
+declare.py), the checks that span keys (checks.py, pretraining.py, trainer_keys.py) and the one
+list of result-neutral keys (keys.py)."""
 
 from pipeline.config.checks import (
     CONF_DIR,

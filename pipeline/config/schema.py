@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.config.declare import key
 from pipeline.config.keys import dir_name, run_name
 
 FINETUNE_MODES = ("full", "linear", "last_layers")
@@ -22,40 +23,49 @@ SELECT_MODES = ("last", "best_val")
 # objective= -> the summary.json key a Hydra job returns to its sweeper (final round).
 OBJECTIVES = {"val_accuracy": "val_accuracy", "test_accuracy": "final_test_accuracy"}
 BALANCE_MODES = ("none", "cap", "duplicate")
+BALANCE_HINT = (
+    "cap: at most K per class, K = pseudo_label.max_per_class or the median class count; "
+    "duplicate: also repeat the images of classes below K up to K"
+)
 CONSISTENCY_METHODS = ("none", "fixmatch", "flexmatch", "freematch", "softmatch")
+METHOD_HINT = "consistency=NAME picks a method with its settings"
+# pseudo_label.dist_align and pseudo_label.ood_score (pipeline/selftrain/select.py).
+DIST_ALIGN_MODES = ("none", "labelled", "estimated", "given")
+OOD_SCORES = ("none", "msp", "energy")
+UNLABELLED_ORDERS = ("same", "reversed", "uniform")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    min_steps: int = 300
-    label_smoothing: float = 0.0
-    checkpoint_every_s: float | None = 60.0
-    select: str = "last"
-    ema_decay: float | None = None
+    epochs: int = key(60, ge=0)
+    batch_size: int = key(64, ge=1)
+    eval_batch_size: int = key(256, ge=1)
+    min_steps: int = key(300, ge=0)
+    label_smoothing: float = key(0.0, ge=0, lt=1)
+    checkpoint_every_s: float | None = key(60.0, ge=0, hint="0: every step; null: every epoch")
+    select: str = key("last", choices=SELECT_MODES)
+    ema_decay: float | None = key(None, ge=0, lt=1, hint="pass a decay such as 0.999, or null")
 
 
 @dataclass
 class PseudoLabelConfig:
-    threshold: float = 0.8
-    max_per_class: int | None = None
-    balance: str = "none"
-    tta_views: int = 8
+    threshold: float = key(0.8, ge=0, le=1, hint="pass a confidence such as 0.8")
+    max_per_class: int | None = key(None, ge=1)
+    balance: str = key("none", choices=BALANCE_MODES, hint=BALANCE_HINT)
+    tta_views: int = key(8, ge=0)
     soft: bool = False
-    temperature: float = 1.0
-    weight: float = 1.0
-    labelled_fraction: float = 0.25
-    soft_topk: int | None = None
-    shard: int | None = None
-    num_shards: int | None = None
-    shard_size: int = 4096
-    dist_align: str = "none"
+    temperature: float = key(1.0, gt=0)
+    weight: float = key(1.0, ge=0)
+    labelled_fraction: float = key(0.25, ge=0, le=1)
+    soft_topk: int | None = key(None, ge=1)
+    shard: int | None = key(None, ge=0)
+    num_shards: int | None = key(None, ge=1)
+    shard_size: int = key(4096, ge=1)
+    dist_align: str = key("none", choices=DIST_ALIGN_MODES)
     prior: list[float] | None = None
-    rebalance_alpha: float | None = None
-    ood_score: str = "none"
-    ood_quantile: float = 0.05
+    rebalance_alpha: float | None = key(None, ge=0)
+    ood_score: str = key("none", choices=OOD_SCORES)
+    ood_quantile: float = key(0.05, ge=0, lt=1)
 
 
 @dataclass
@@ -63,48 +73,49 @@ class ConsistencyConfig:
     """Online pseudo-labelling (conf/consistency/): what pipeline.consistency.ConsistencySpec
     holds, with the same defaults (tests/test_consistency.py checks they agree)."""
 
-    method: str = "none"
-    mu: int = 7
-    weight: float = 1.0
-    threshold: float = 0.95
-    temperature: float = 1.0
+    method: str = key("none", choices=CONSISTENCY_METHODS, hint=METHOD_HINT)
+    mu: int = key(7, ge=1, hint="pool images per training image")
+    weight: float = key(1.0, ge=0)
+    threshold: float = key(0.95, ge=0, le=1, hint="e.g. 0.95")
+    temperature: float = key(1.0, gt=0, hint="1: hard labels")
     dist_align: bool = False
-    ema_momentum: float = 0.999
+    ema_momentum: float = key(0.999, ge=0, lt=1, hint="e.g. 0.999")
     warmup: bool = True
-    mapping: str = "convex"
-    fairness_weight: float = 0.0
-    n_sigma: float = 2.0
-    randaugment_ops: int = 2
-    randaugment_magnitude: int = 10
-    cutout: float = 0.5
+    mapping: str = key("convex", choices=("convex", "linear"))
+    fairness_weight: float = key(0.0, ge=0)
+    n_sigma: float = key(2.0, gt=0)
+    randaugment_ops: int = key(2, ge=0)
+    randaugment_magnitude: int = key(10, ge=0, le=30)
+    cutout: float = key(0.5, ge=0, le=1, hint="a fraction of the image side")
 
 
 @dataclass
 class PredictConfig:
-    topk: int = 5
-    tta_views: int = 0
-    shard_size: int = 4096
+    topk: int = key(5, ge=1, hint="the number of top classes listed")
+    tta_views: int = key(0, ge=0)
+    shard_size: int = key(4096, ge=1)
 
 
 @dataclass
 class SelfTrainConfig:
-    rounds: int = 2
+    rounds: int = key(2, ge=0, hint="0: teacher only")
     student_models: list[str] | None = None
 
 
 @dataclass
 class PretrainConfig:
     ckpt: str | None = None
-    epochs: int = 15
+    epochs: int = key(15, ge=0)
     cache_dir: str | None = None
 
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "full"
-    lr_scale: float = 0.1
-    trainable_blocks: int = 1
-    layer_decay: float | None = None  # block i of n at lr x layer_decay^(n - i); null: off
+    mode: str = key("full", choices=FINETUNE_MODES)
+    lr_scale: float = key(0.1, gt=0)
+    trainable_blocks: int = key(1, ge=0)
+    # block i of n at lr x layer_decay^(n - i); null: off
+    layer_decay: float | None = key(None, gt=0, le=1, hint="e.g. 0.75")
 
 
 @dataclass
@@ -112,21 +123,102 @@ class ReportConfig:
     sweep_dir: str | None = None
 
 
+# The free-form groups (data=, pretrain_data=, optimizer=, scheduler=, trainer=) are declared,
+# not registered: each option keeps its own YAML keys (a torchvision set its root, an optimizer
+# its own arguments), and the declared keys are checked where an option has them. The defaults
+# are those of the default options (digits, adamw, cosine, default; tests/test_config.py).
+
+
+@dataclass
+class AugmentConfig:
+    translate: float = key(0.125, ge=0, le=1, hint="a fraction of the image side")
+    rotate: float = key(12.0, ge=0, le=180, hint="degrees")
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    flip: bool = False
+    cutout: float = key(0.25, ge=0, le=1, hint="a fraction of the image side (0: off)")
+    randaugment_ops: int = key(2, ge=0)
+    randaugment_magnitude: int = key(9, ge=0, le=30)
+
+
+@dataclass
+class ImbalanceConfig:
+    labelled_ratio: float | None = key(None, ge=1, hint="the max/min class count, e.g. 10")
+    unlabelled_ratio: float | None = key(None, ge=1, hint="the max/min class count, e.g. 10")
+    unlabelled_order: str = key("same", choices=UNLABELLED_ORDERS)
+
+
+@dataclass
+class DataConfig:
+    """The data keys the pipeline reads (conf/data/); known_classes etc. cross-checked in
+    checks.py."""
+
+    name: str = "digits"
+    num_classes: int = key(10, ge=1)
+    channels: int = key(1, ge=1)
+    image_size: int = key(8, ge=1)
+    labels_per_class: int | None = key(4, ge=1)
+    val_per_class: int = key(0, ge=0)
+    test_fraction: float | None = key(0.2, gt=0, lt=1)
+    download: bool = False
+    on_bad_image: str = key("fail", choices=("fail", "skip"))
+    num_workers: int | str = key("auto", ge=0, choices=("auto",))
+    in_memory: bool | str = key("auto", choices=("auto", "true", "false"))
+    in_memory_limit_mb: float = key(1024, ge=0)
+    decode_on: str = key("workers", choices=("workers", "device"))
+    cache_dir: str | None = None
+    cache: str = key("none", choices=("none", "decoded"))  # data/cache.py CACHE_CHOICES
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    # null: no augmentation (no noise, no test-time views)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The model keys the pipeline reads besides its network's arguments (conf/model/)."""
+
+    cache_features: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = key(0.003, gt=0, hint="e.g. optimizer.lr=0.003")
+    weight_decay: float = key(0.0005, ge=0)
+    momentum: float = key(0.9, ge=0, lt=1)
+
+
+@dataclass
+class SchedulerConfig:
+    eta_min: float = key(0.0, ge=0)
+
+
+@dataclass
+class TrainerConfig:
+    """The trainer keys checked here; the others are Lightning's to check (checks.py)."""
+
+    num_nodes: int = key(1, ge=1)
+    num_threads: int | None = key(None, ge=1)
+    compile: bool = False
+    channels_last: bool = True
+    log_every_n_steps: int = key(50, ge=1)
+
+
 @dataclass
 class PipelineConfig:
     stage: str = "selftrain"
-    seed: int = 0
+    seed: int = key(0, ge=0, lt=2**32)  # numpy's seeds
     run_dir: str | None = None
-    init: str = "scratch"
+    init: str = key("scratch", choices=("scratch", "pretrained"))
     ckpt: str | None = None
     out: str | None = None
     input: Any = None
-    format: str | None = None
+    format: str | None = key(None, choices=EXPORT_FORMATS)
     pseudo_in: str | None = None
     overwrite: bool = False
     progress: bool = True
-    objective: str | None = "val_accuracy"
-    max_requeues: int = 20
+    objective: str | None = key("val_accuracy", choices=tuple(OBJECTIVES))
+    max_requeues: int = key(20, ge=0, hint="0: never requeue")
     data: Any = MISSING
     pretrain_data: Any = MISSING
     model: Any = MISSING
@@ -221,6 +313,19 @@ TYPED_SECTIONS = {
     "pretrain.": PretrainConfig,
     "finetune.": FinetuneConfig,
     "report.": ReportConfig,
+}
+
+
+# Every declared section, checked key by key (declare.check_declared) before anything is
+# written; the root's own dataclass fields (train, pseudo_label, ...) are walked from "".
+DECLARED = {
+    "": PipelineConfig,
+    "data.": DataConfig,
+    "pretrain_data.": DataConfig,
+    "model.": ModelConfig,
+    "optimizer.": OptimizerConfig,
+    "scheduler.": SchedulerConfig,
+    "trainer.": TrainerConfig,
 }
 
 

@@ -16,6 +16,11 @@ import torch
 
 from pipeline.data.arrays import conform, convert_channels
 
+# What a decoded image is made by: part of the key of a decoded-image cache (data.cache=decoded),
+# so that a change here never serves images decoded the old way. Bump it with any change to
+# decode_bytes / decode_to_shape (or to the resize they call) that can change a pixel.
+DECODER_VERSION = 1
+
 
 def decode_bytes(data: bytes, ext: str, channels: int) -> torch.Tensor:
     """Decode one image file's bytes (`ext`: its extension, "jpg", ".png", ...) to uint8

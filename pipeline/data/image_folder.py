@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.data.arrays import DataBundle, ImageSet
 from pipeline.data.bundled import holdout
+from pipeline.data.cache import CACHE_CHOICES, open_cache
 from pipeline.data.manifest import (
     IMAGE_EXTENSIONS,
     Listing,
@@ -82,6 +83,9 @@ class SetOpener:
         self.run = run
         self.manifest_dir = run / MANIFESTS.rstrip("/") if run is not None else None
         self.cache_dir = Path(cfg.get("cache_dir") or "~/.cache/pipeline").expanduser()
+        self.cache = str(cfg.get("cache") or "none").lower()
+        if self.cache not in CACHE_CHOICES:
+            raise UserError(f"data.cache={self.cache}; choose one of: {', '.join(CACHE_CHOICES)}")
         self.num_bad = 0
 
     def open(self, name: str, spec: Any, classes: list[str] | None) -> ImageSet:
@@ -106,6 +110,8 @@ class SetOpener:
                 raise UserError(f"no readable image in {key}={spec}")
             return arrays
         log.info("%s streams from disk: %d images", key, len(images))
+        if self.cache == "decoded":  # decoded once into mapped shards, then read from them
+            return open_cache(images, self.cache_dir, self.skip_bad)
         return images
 
     def _manifest(self, name: str, spec: Any, classes: list[str] | None, key: str) -> Manifest:

@@ -72,17 +72,48 @@ class Listing:
 
 
 def _scan(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
-    """(relative directory, entry) of every non-hidden entry under root, depth first."""
-    stack = [("", root)]
+    """(relative directory, entry) of every non-hidden entry under root, depth first. A name
+    that is not UTF-8 (keys are stored as UTF-8) and a symlink loop are refused, naming them."""
+    # A folder is identified by (device, inode): a linked folder seen above it is a loop.
+    stack = [("", root, frozenset({_folder_id(root)}))]
     while stack:
-        rel, path = stack.pop()
+        rel, path, above = stack.pop()
         with os.scandir(path) as it:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
+                try:
+                    entry.name.encode()
+                except UnicodeEncodeError:
+                    raise UserError(
+                        f"{os.fsdecode(path)}: the file name {ascii(entry.name)} is not valid "
+                        "UTF-8; rename it (or move it out of the folder)"
+                    ) from None
                 yield rel, entry
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append((f"{rel}{entry.name}/", Path(entry.path)))
+                if _is_folder(entry):
+                    folder = _folder_id(Path(entry.path))
+                    if folder in above:
+                        raise UserError(
+                            f"{entry.path} is a symlink loop (it leads back to a folder above "
+                            "it); remove the link or point it elsewhere"
+                        )
+                    stack.append((f"{rel}{entry.name}/", Path(entry.path), above | {folder}))
+
+
+def _folder_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder (through links); a link that never resolves is refused."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError as e:  # ELOOP: links that point at each other
+        raise UserError(
+            f"{entry.path} cannot be followed ({e.strerror}); remove the link or point it at "
+            "an image or a folder"
+        ) from None
 
 
 def folder_state(root: Path) -> dict[str, int]:
@@ -171,7 +202,7 @@ def list_shards(paths: list[Path]) -> Listing:
     meta = {
         "kind": "shards",
         "shards": [str(p.resolve()) for p in paths],
-        "state": {str(p.resolve()): _file_state(p) for p in paths},
+        "state": {str(p.resolve()): file_state(p) for p in paths},
     }
     return Listing(
         keys,
@@ -182,7 +213,8 @@ def list_shards(paths: list[Path]) -> Listing:
     )
 
 
-def _file_state(path: Path) -> list[int]:
+def file_state(path: Path) -> list[int]:
+    """A file's size and modification time: what tells a later run it was rewritten."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
 
@@ -251,7 +283,7 @@ def changes(manifest: Manifest) -> str | None:
     if meta["kind"] == "shards":
         gone = [p for p in meta["shards"] if not Path(p).is_file()]
         edited = [
-            p for p in meta["shards"] if p not in gone and _file_state(Path(p)) != meta["state"][p]
+            p for p in meta["shards"] if p not in gone and file_state(Path(p)) != meta["state"][p]
         ]
         if not gone and not edited:
             return None

@@ -138,6 +138,11 @@ class ConcatImages(ImageSet):
                 ]
             )
 
+    @property
+    def in_memory(self) -> bool:  # type: ignore[override]
+        # Parts that all read rows without decoding (in memory, or a decoded-image cache).
+        return all(p.in_memory for p in self.parts)
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 
@@ -244,7 +249,9 @@ def set_path(images: ImageSet) -> Path | None:
 
 def manifests(images: ImageSet) -> list[Manifest]:
     """The manifests a set reads from (none for sets made in memory)."""
-    if isinstance(images, StreamedImages):
+    from pipeline.data.cache import CachedImages
+
+    if isinstance(images, StreamedImages | CachedImages):
         return [images.manifest]
     if isinstance(images, ConcatImages):
         return [m for p in images.parts for m in manifests(p)]

@@ -27,6 +27,7 @@ from pipeline.engine.datamodule import (
     with_pool,
 )
 from pipeline.engine.ema import EMA
+from pipeline.engine.features import FeatureDataModule, is_features
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
 from pipeline.engine.trainer import (
     CachedKeyCheckpoint,
@@ -51,12 +52,15 @@ def datamodule(
 ) -> ImageDataModule:
     datasets = [v.images for v in sets.values() if isinstance(v, Batches)]
     datasets += [v.pool.images for v in sets.values() if isinstance(v, PairedBatches)]
-    return ImageDataModule(
+    # Cached features (model.cache_features) are served as they are, from memory maps.
+    features = bool(datasets) and all(is_features(d) for d in datasets)
+    workers = resolve_workers(data_cfg.get("num_workers", "auto"), datasets)
+    return (FeatureDataModule if features else ImageDataModule)(
         mean=list(data_cfg.mean),
         std=list(data_cfg.std),
         augment=augment,
         seed=seed,
-        num_workers=resolve_workers(data_cfg.get("num_workers", "auto"), datasets),
+        num_workers=0 if features else workers,
         channels_last=channels_last(cfg.trainer),
         eval_batch_size=cfg.train.eval_batch_size,
         on_bad_image=str(data_cfg.get("on_bad_image") or "fail"),

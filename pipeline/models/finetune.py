@@ -3,14 +3,20 @@ optimizer's parameter groups (body lr factor, layer-wise lr decay)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.config.schema import FINETUNE_MODES
 from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline")
+# The stages whose trainings can take model.cache_features (pretraining trains its body).
+CACHED_STAGES = ("selftrain", "train", "finetune", "baseline")
 
 
 def _shape(t: object) -> str:
@@ -152,3 +158,41 @@ def count_parameters(net: nn.Module) -> tuple[int, int]:
     """``(total, trainable)`` numbers of parameter elements."""
     params = list(net.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def check_cache_features(cfg: DictConfig) -> bool:
+    """Whether this run trains heads on cached features (`model.cache_features` of any round's
+    network); refuses it (UserError) where a body would train or where augmentation is the
+    method itself, and says once what it turns off."""
+    from pipeline.config.architecture import round_model
+    from pipeline.config.checks import has_own_weights, uses_pretrained
+
+    rounds = cfg.selftrain.rounds if cfg.stage == "selftrain" else 0
+    models = [round_model(cfg, k) for k in range(rounds + 1)]
+    cached = [m for m in models if m.get("cache_features")]
+    if not cached or cfg.stage not in CACHED_STAGES:
+        return False
+    if cfg.finetune.mode != "linear":
+        raise UserError(
+            f"model.cache_features=true needs a frozen body, and finetune.mode={cfg.finetune.mode} "
+            "trains it; pass finetune.mode=linear, or model.cache_features=false"
+        )
+    pretrained = uses_pretrained(cfg) or cfg.stage == "finetune"
+    unfrozen = [str(m.name) for m in cached if not (pretrained or has_own_weights(m))]
+    if unfrozen:
+        raise UserError(
+            f"model.cache_features=true needs pretrained weights to freeze, and model="
+            f"{unfrozen[0]} trains from scratch here; pass init=pretrained (or stage=baseline, "
+            "model.weights=..., timm's model.pretrained=true), or model.cache_features=false"
+        )
+    if cfg.consistency.method != "none":
+        raise UserError(
+            f"consistency={cfg.consistency.method} learns from augmented views of the pool, which "
+            "cached features cannot give; pass consistency=none, or model.cache_features=false"
+        )
+    log.info(
+        "model.cache_features: each image's features are computed once (run_dir/features) and "
+        "only the heads train on them; input augmentation (data.augment, pseudo_label.tta_views) "
+        "and the body's dropout and stochastic depth are off"
+    )
+    return True

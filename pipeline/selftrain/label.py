@@ -30,6 +30,7 @@ from pipeline.data.streamed import check_unchanged, concat
 from pipeline.data.task import Task
 from pipeline.engine.augment import views_fn
 from pipeline.engine.datamodule import ViewsFn
+from pipeline.engine.features import labelling_inputs
 from pipeline.engine.fit import batches
 from pipeline.engine.predict import ShardPlan, Unreadable, predict_scores, predict_shards
 from pipeline.errors import UserError
@@ -69,8 +70,10 @@ def label_unlabelled(
     run.on_rank_zero(lambda: check_unchanged(task.unlabelled, "the unlabelled pool"))
     with run.timed("labelling"):
         teacher = load_net(cfg, teacher_ckpt, task.num_classes)
+        # A teacher trained on cached features labels the pool's cached features.
+        teacher, sets = labelling_inputs(cfg, teacher, task, run, teacher_ckpt) or (teacher, task)
         pseudo, diagnostics = pseudo_label(
-            cfg, cfg.data, teacher, task.unlabelled, out, run, task.unlabelled_truth(), task
+            cfg, cfg.data, teacher, sets.unlabelled, out, run, task.unlabelled_truth(), sets
         )
     run.write_json(diagnostics_path, diagnostics)
     return pseudo, diagnostics

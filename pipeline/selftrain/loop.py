@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from pipeline.config.architecture import round_config
 from pipeline.data.task import Task, prepare_task
+from pipeline.models.finetune import check_cache_features
 from pipeline.runtime.rundir import RunDir
 from pipeline.selftrain.label import label_unlabelled
 from pipeline.selftrain.student import train_student
@@ -29,6 +30,7 @@ from pipeline.selftrain.teacher import train_teacher
 
 def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     start = time.time()
+    check_cache_features(cfg)  # (before anything trains: a refusal is exit 2 at once)
     with run.timed("data"):
         task = prepare_task(cfg.data, cfg.seed, run)
     rounds = []
@@ -54,10 +56,22 @@ def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             metrics.update(diagnostics)
             _, test = train_student(net_cfg, task, step, seed, pseudo, pretrained)
         metrics.update(test)
+        metrics.update(bad_images(task, metrics))
         metrics.update(open_set_metrics(task, metrics))
         metrics.update({"num_labelled": len(task.labelled), "num_unlabelled": len(task.unlabelled)})
         rounds.append(step.finish(metrics))
     return summary(cfg, run, "selftrain", task, rounds, start)
+
+
+BAD_IMAGE_COUNTS = ("num_bad_images", "num_bad_test_images", "num_bad_val_images")
+
+
+def bad_images(task: Task, metrics: dict[str, Any]) -> dict[str, int]:
+    """A round's `num_bad_images` (data.on_bad_image=skip; 0 when none): the unreadable images
+    skipped while decoding the sets into memory, plus those a streamed set met in this round's
+    pool labelling (the diagnostics' `num_bad_images`) and its test and val evaluation."""
+    met = sum(int(metrics.get(k) or 0) for k in BAD_IMAGE_COUNTS)
+    return {"num_bad_images": task.bundle.num_bad_images + met}
 
 
 def open_set_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +126,7 @@ def summary(
         "num_pseudo",
         "pseudo_accuracy",
         "per_class_coverage",
+        "num_bad_images",
     )
     return {
         "stage": stage,
@@ -129,6 +144,11 @@ def summary(
         "num_val": len(task.val) if task.val is not None else 0,
         "val_source": task.val_source,
         "selected_by": rounds[-1].get("selected_by", "last"),
+        # Every round reads the sets of the rounds before it (round 1 on adds the pool): the
+        # largest count is the run's, each skipped image once.
+        "num_bad_images": max(
+            [int(r.get("num_bad_images") or 0) for r in rounds] + [task.bundle.num_bad_images]
+        ),
         "wall_time_s": round(time.time() - start, 2),
         # CPU seconds of this rank's process (all threads): unlike the wall time, it does not
         # grow when other jobs share the machine's cores

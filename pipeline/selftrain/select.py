@@ -406,8 +406,7 @@ def select_from_shards(
         "confidence_hist": {"edges": edges.round(4).tolist(), "counts": counts.tolist()},
         "teacher_ece": float(ece.compute()) if calibrated else None,
     }
-    if bad:
-        stats["num_bad_images"] = bad
+    stats["num_bad_images"] = bad  # 0 too: the count is always there (data.on_bad_image)
     if h.ood_score != "none":
         stats.update(ood_threshold=h.ood_threshold, num_ood_rejected=rejected)
     if foreign is not None:

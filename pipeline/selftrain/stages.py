@@ -13,9 +13,10 @@ from pipeline.data.task import prepare_task
 from pipeline.engine.fit import evaluate
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import checkpoint_model_name, load_net
+from pipeline.models.finetune import check_cache_features
 from pipeline.runtime.rundir import RunDir
 from pipeline.selftrain.label import label_shards, pseudo_label, read_pseudo_labels
-from pipeline.selftrain.loop import summary
+from pipeline.selftrain.loop import bad_images, summary
 from pipeline.selftrain.student import student_training_set, train_student
 from pipeline.selftrain.teacher import train_teacher
 
@@ -23,6 +24,7 @@ from pipeline.selftrain.teacher import train_teacher
 def run_train(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     """Train one model on the labelled split (plus `pseudo_in` pseudo-labels if given), evaluate."""
     start = time.time()
+    check_cache_features(cfg)
     task = prepare_task(cfg.data, cfg.seed, run)
     pretrained = None
     if cfg.init == "pretrained":
@@ -37,6 +39,7 @@ def run_train(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         pseudo = None
         _, metrics = train_teacher(cfg, task, step, seed, pretrained)
     metrics.update({"round": 0, "num_pseudo": len(pseudo) if pseudo is not None else 0})
+    metrics.update(bad_images(task, metrics))
     return summary(cfg, run, "train", task, [step.finish(metrics)], start)
 
 
@@ -72,11 +75,8 @@ def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "num_pseudo": len(pseudo),
         "num_unlabelled": len(task.unlabelled),
         "pseudo_accuracy": diagnostics["pseudo_accuracy"],
-        **(
-            {"num_bad_images": diagnostics["num_bad_images"]}
-            if "num_bad_images" in diagnostics
-            else {}
-        ),
+        # skipped decoding the pool into memory, or met labelling it as it streamed
+        "num_bad_images": task.bundle.num_bad_images + diagnostics.get("num_bad_images", 0),
     }
 
 
@@ -102,6 +102,7 @@ def run_evaluate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     task = prepare_task(cfg.data, cfg.seed, None)
     net = load_net(cfg, cfg.ckpt, task.num_classes)
     metrics = evaluate(cfg, cfg.data, net, task.test)
+    metrics.update(bad_images(task, metrics))
     model = checkpoint_model_name(cfg.ckpt) or str(cfg.model.name)
     metrics.update({"ckpt": str(cfg.ckpt), "model": model, "dataset": str(cfg.data.name)})
     run.step().finish(metrics)

@@ -21,6 +21,7 @@ from pipeline.data.arrays import ImageSet, subset
 from pipeline.data.streamed import concat
 from pipeline.data.task import Task
 from pipeline.engine.augment import BatchAugment, from_config
+from pipeline.engine.features import training_inputs
 from pipeline.engine.fit import OnlinePool, evaluate, fit
 from pipeline.engine.training_set import TrainingSet
 from pipeline.errors import UserError
@@ -79,6 +80,7 @@ def train_model(
         net = load_net(cfg, model_path, task.num_classes, int(data_cfg.channels))
         trained = {k: v for k, v in (load_checkpoint(model_path).get("pipeline") or {}).items()
                    if k in TRAINING_RECORD}  # fmt: skip
+        model, sets = net, task
     else:
         torch.manual_seed(seed)  # the init depends on the seed only, also when a run resumes
         net = build_net(cfg, task.num_classes)
@@ -89,12 +91,17 @@ def train_model(
             lr_scale, frozen = finetune_setup(cfg, net)
             layer_decay = cfg.finetune.layer_decay
         with run.timed(phase):
-            images = training_images(task, train_set)
-            augment = from_config(data_augment(data_cfg))
+            # model.cache_features: the head alone trains, on the sets' cached features.
+            cached = training_inputs(
+                cfg, data_cfg, net, task, run, phase, len(train_set) > train_set.num_labelled
+            )
+            model, sets = cached or (net, task)
+            images = training_images(sets, train_set)
+            augment = None if cached else from_config(data_augment(data_cfg))
             epochs = cfg.train.epochs if epochs is None else epochs
             result = fit(
-                cfg, data_cfg, net, images, train_set, step.path, seed, epochs, hparams, augment,
-                lr_scale, frozen, val=task.val, select=select,
+                cfg, data_cfg, model, images, train_set, step.path, seed, epochs, hparams,
+                augment, lr_scale, frozen, val=sets.val, select=select,
                 loggers=tracker.lightning if tracker is not None else None,
                 log_prefix=tracker.prefix(step.path) if tracker is not None else "",
                 pool=online_pool(consistency_spec(cfg), data_cfg, task, phase),
@@ -104,9 +111,9 @@ def train_model(
             checkpoint = model_checkpoint(net, hparams, {**(record or {"seed": seed}), **trained})
             run.save_checkpoint(model_path, checkpoint)
     with run.timed("evaluation"):
-        metrics = evaluate(cfg, data_cfg, net, task.test)
+        metrics = evaluate(cfg, data_cfg, model, sets.test)
         if task.val is not None:
-            metrics.update(evaluate(cfg, data_cfg, net, task.val, split="val"))
+            metrics.update(evaluate(cfg, data_cfg, model, sets.val, split="val"))
             metrics["val_source"] = task.val_source
     metrics.update(trained)
     if steps is not None:
@@ -135,9 +142,7 @@ def online_pool(
         randaugment_ops=spec.randaugment_ops,
         randaugment_magnitude=spec.randaugment_magnitude,
     )
-    return OnlinePool(
-        task.unlabelled, spec, BatchAugment(**shift), strong, task.unlabelled.labels
-    )
+    return OnlinePool(task.unlabelled, spec, BatchAugment(**shift), strong, task.unlabelled.labels)
 
 
 def data_augment(data_cfg: DictConfig) -> dict[str, Any] | None:
