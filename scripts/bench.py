@@ -89,11 +89,11 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
     from pipeline.engine.module import soft_cross_entropy
+    from pipeline.engine.train import data_augment
     from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
     from pipeline.selftrain.select import PseudoLabels
-    from pipeline.selftrain.teacher import data_augment
 
     task = prepare_task(cfg.data, cfg.seed, None)
     rows = np.arange(len(task.unlabelled))
@@ -245,11 +245,11 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
     from pipeline.engine.augment import BatchAugment, fixed_views
+    from pipeline.engine.train import data_augment
     from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.runtime.rundir import RunDir
     from pipeline.selftrain.label import pseudo_label
-    from pipeline.selftrain.teacher import data_augment
 
     cfg = OmegaConf.merge(cfg, {"pseudo_label": {"tta_views": views}})
     task = prepare_task(cfg.data, cfg.seed, None)

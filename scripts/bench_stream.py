@@ -230,9 +230,9 @@ def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) ->
     from pipeline.data.streamed import decode_all
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
+    from pipeline.engine.train import data_augment
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
-    from pipeline.selftrain.teacher import data_augment
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*data_args(work, pool_dir)[:-1], "data.in_memory=false", "train.min_steps=0",
@@ -275,9 +275,9 @@ def bench_cache_training(work: Path, n: int, repeats: int, compose, medians) -> 
     from pipeline.data.streamed import decode_all
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
+    from pipeline.engine.train import data_augment
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
-    from pipeline.selftrain.teacher import data_augment
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0",
@@ -355,9 +355,9 @@ def cache_rss_child(work: Path, n: int) -> None:
     from pipeline.data.image_folder import load_image_folder
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit
+    from pipeline.engine.train import data_augment
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
-    from pipeline.selftrain.teacher import data_augment
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0", "train.batch_size=256",

@@ -37,12 +37,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("pipeline.runtime.rundir", "config"),
     # config -> stages: checks.py validates `stage=` against the stage names.
     ("pipeline.config.checks", "stages"),
-    # baseline <-> selftrain: the baseline trains with selftrain's teacher and merge, and the
-    # loop takes its pretrained start from the baseline.
-    ("pipeline.baseline.pretrain", "selftrain"),
-    ("pipeline.baseline.finetune", "selftrain"),
-    ("pipeline.selftrain.loop", "baseline"),
-    ("pipeline.selftrain.stages", "baseline"),
 }
 
 

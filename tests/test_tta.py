@@ -12,9 +12,9 @@ from pipeline.data import ImageArrays
 from pipeline.engine.augment import BatchAugment, fixed_views
 from pipeline.engine.datamodule import Batches
 from pipeline.engine.predict import predict
+from pipeline.engine.train import data_augment
 from pipeline.models.checkpoint import build_net
 from pipeline.selftrain.label import teacher_views
-from pipeline.selftrain.teacher import data_augment
 
 
 def label(cfg, net, images, tmp_path):

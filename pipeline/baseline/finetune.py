@@ -9,13 +9,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.baseline.pretrain import pretrained_checkpoint
 from pipeline.data.task import Task, prepare_task
+from pipeline.engine.pretrained import pretrained_checkpoint
+from pipeline.engine.summary import summary
+from pipeline.engine.train import train_labelled
 from pipeline.models.finetune import check_cache_features
 from pipeline.runtime import io
 from pipeline.runtime.rundir import DONE, RunDir, Step
-from pipeline.selftrain.loop import summary
-from pipeline.selftrain.teacher import train_teacher
 
 
 def run_finetune(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def finetune(cfg: DictConfig, task: Task, step: Step, ckpt: Path | None) -> dict
     """Train on the labelled target starting from `ckpt` (None: torchvision's model.weights)."""
     if step.done:
         return step.result()
-    _, metrics = train_teacher(cfg, task, step, cfg.seed * 1000, ckpt)
+    _, metrics = train_labelled(cfg, task, step, cfg.seed * 1000, ckpt, phase="teacher")
     metrics.update({"round": 0, "num_pseudo": 0, "finetune_mode": str(cfg.finetune.mode)})
     return step.finish(metrics)
 

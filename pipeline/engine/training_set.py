@@ -32,6 +32,18 @@ class TrainingSet:
     soft_probs: np.ndarray | None = None  # float32 (N_pseudo, C or k)
     soft_classes: np.ndarray | None = None  # int64 (N_pseudo, k) for top-k soft targets
 
+    @classmethod
+    def labelled_only(cls, labels: np.ndarray, num_classes: int) -> TrainingSet:
+        """The labelled set alone: one-hot targets, weight 1 (a teacher, a pretraining)."""
+        n = len(labels)
+        return cls(
+            source=np.zeros(n, np.int8),
+            position=np.arange(n, dtype=np.int64),
+            label=np.asarray(labels, np.int64),
+            weight=np.ones(n, np.float32),
+            num_classes=num_classes,
+        )
+
     def __len__(self) -> int:
         return len(self.position)
 

@@ -33,6 +33,7 @@ from pipeline.engine.datamodule import ViewsFn
 from pipeline.engine.features import labelling_inputs
 from pipeline.engine.fit import batches
 from pipeline.engine.predict import ShardPlan, Unreadable, predict_scores, predict_shards
+from pipeline.engine.train import data_augment
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
 from pipeline.runtime import io
@@ -50,7 +51,6 @@ from pipeline.selftrain.select import (
     per_class_stats,
     select_from_shards,
 )
-from pipeline.selftrain.teacher import data_augment
 
 PSEUDO_LABELS = "pseudo_labels.npz"
 DIAGNOSTICS = "pseudo_diagnostics.json"

@@ -11,12 +11,12 @@ from omegaconf import DictConfig
 
 from pipeline.data.task import prepare_task
 from pipeline.engine.fit import evaluate
+from pipeline.engine.summary import bad_images, summary
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import checkpoint_model_name, load_net
 from pipeline.models.finetune import check_cache_features
 from pipeline.runtime.rundir import RunDir
 from pipeline.selftrain.label import label_shards, pseudo_label, read_pseudo_labels
-from pipeline.selftrain.loop import bad_images, summary
 from pipeline.selftrain.student import student_training_set, train_student
 from pipeline.selftrain.teacher import train_teacher
 
@@ -28,7 +28,7 @@ def run_train(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     task = prepare_task(cfg.data, cfg.seed, run)
     pretrained = None
     if cfg.init == "pretrained":
-        from pipeline.baseline.pretrain import pretrained_checkpoint
+        from pipeline.engine.pretrained import pretrained_checkpoint
 
         pretrained = pretrained_checkpoint(cfg, run)
     step, seed = run.step(), cfg.seed * 1000

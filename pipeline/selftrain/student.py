@@ -12,11 +12,11 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.data.task import Task
+from pipeline.engine.train import train_model
 from pipeline.engine.training_set import TrainingSet
 from pipeline.runtime.rundir import Step
 from pipeline.selftrain.merge import merge_labelled_and_pseudo
 from pipeline.selftrain.select import PseudoLabels, balance_target
-from pipeline.selftrain.teacher import train_model
 
 
 def train_student(

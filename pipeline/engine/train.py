@@ -1,0 +1,167 @@
+"""The one way the pipeline trains a network (teachers, students, the supervised arm,
+pretraining, fine-tuning): `train_model` builds a fresh network (or one started from pretrained
+weights), trains it with the data's noise on a TrainingSet (and online on the pool with
+consistency=...), saves it as the step's model.ckpt and evaluates it on the test set. A step
+that already has its model.ckpt only evaluates it; an interrupted training resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config.checks import has_own_weights
+from pipeline.config.specs import consistency_spec
+from pipeline.consistency import ConsistencySpec
+from pipeline.data.arrays import ImageSet, subset
+from pipeline.data.streamed import concat
+from pipeline.data.task import Task
+from pipeline.engine.augment import BatchAugment, from_config
+from pipeline.engine.features import training_inputs
+from pipeline.engine.fit import OnlinePool, evaluate, fit
+from pipeline.engine.training_set import TrainingSet
+from pipeline.errors import UserError
+from pipeline.models.checkpoint import (
+    build_net,
+    finetune_setup,
+    hparams_for,
+    init_from_pretrained,
+    load_net,
+    model_checkpoint,
+)
+from pipeline.runtime.io import load_checkpoint
+from pipeline.runtime.rundir import Step
+
+# What a training records about itself (FitResult.record) in model.ckpt and metrics.json.
+TRAINING_RECORD = ("selected_by", "selected_epoch", "epochs", "train_images_per_s")
+
+
+def train_labelled(
+    cfg: DictConfig,
+    task: Task,
+    step: Step,
+    seed: int,
+    pretrained: Path | None = None,
+    phase: str = "teacher",
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train on the labelled set alone (a teacher, the supervised arm, a fine-tuning) and
+    evaluate on the test set."""
+    labelled = TrainingSet.labelled_only(task.labelled.labels.numpy(), task.num_classes)
+    return train_model(cfg, task, step, seed, labelled, pretrained, phase=phase)
+
+
+def train_model(
+    cfg: DictConfig,
+    task: Task,
+    step: Step,
+    seed: int,
+    train_set: TrainingSet,
+    pretrained: Path | None = None,
+    phase: str = "teacher",
+    data_cfg: DictConfig | None = None,
+    epochs: int | None = None,
+    record: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a fresh network on `train_set` of `data_cfg` (default: cfg.data) for `epochs`
+    (default: train.epochs), time counted as `phase`, evaluating the task's val set after every
+    epoch; keep the weights train.select picks (the last epoch's, or the best on val: never
+    chosen by test accuracy); save them as the step's model.ckpt (with `record` and the
+    training's per-epoch record in its "pipeline" entry) and evaluate them on the val and test
+    sets."""
+    run = step.run
+    data_cfg = cfg.data if data_cfg is None else data_cfg
+    model_path = step / "model.ckpt"
+    hparams = hparams_for(cfg, data_cfg, task.num_classes, task.bundle.classes)
+    # A pretraining source without a val split keeps its last epoch (checks.py refuses
+    # best_val without a val split on the data a stage trains on).
+    select = str(cfg.train.get("select", "last")) if task.val is not None else "last"
+    tracker = run.tracker
+    steps = None
+    if run.checkpoint_intact(model_path):  # trained before a kill (and intact): evaluate it
+        net = load_net(cfg, model_path, task.num_classes, int(data_cfg.channels))
+        trained = {k: v for k, v in (load_checkpoint(model_path).get("pipeline") or {}).items()
+                   if k in TRAINING_RECORD}  # fmt: skip
+        model, sets = net, task
+    else:
+        torch.manual_seed(seed)  # the init depends on the seed only, also when a run resumes
+        net = build_net(cfg, task.num_classes)
+        lr_scale, frozen, layer_decay = 1.0, [], None
+        if pretrained is not None:
+            init_from_pretrained(cfg, net, pretrained)
+        if pretrained is not None or has_own_weights(cfg.model):
+            lr_scale, frozen = finetune_setup(cfg, net)
+            layer_decay = cfg.finetune.layer_decay
+        with run.timed(phase):
+            # model.cache_features: the head alone trains, on the sets' cached features.
+            cached = training_inputs(
+                cfg, data_cfg, net, task, run, phase, len(train_set) > train_set.num_labelled
+            )
+            model, sets = cached or (net, task)
+            images = training_images(sets, train_set)
+            augment = None if cached else from_config(data_augment(data_cfg))
+            epochs = cfg.train.epochs if epochs is None else epochs
+            result = fit(
+                cfg, data_cfg, model, images, train_set, step.path, seed, epochs, hparams,
+                augment, lr_scale, frozen, val=sets.val, select=select,
+                loggers=tracker.lightning if tracker is not None else None,
+                log_prefix=tracker.prefix(step.path) if tracker is not None else "",
+                pool=online_pool(consistency_spec(cfg), data_cfg, task, phase),
+                layer_decay=layer_decay,
+            )  # fmt: skip
+            steps, trained = result.steps, result.record()
+            checkpoint = model_checkpoint(net, hparams, {**(record or {"seed": seed}), **trained})
+            run.save_checkpoint(model_path, checkpoint)
+    with run.timed("evaluation"):
+        metrics = evaluate(cfg, data_cfg, model, sets.test)
+        if task.val is not None:
+            metrics.update(evaluate(cfg, data_cfg, model, sets.val, split="val"))
+            metrics["val_source"] = task.val_source
+    metrics.update(trained)
+    if steps is not None:
+        metrics["train_steps"] = steps
+    return net, metrics
+
+
+def online_pool(
+    spec: ConsistencySpec, data_cfg: DictConfig, task: Task, phase: str
+) -> OnlinePool | None:
+    """The pool a training labels online (consistency=...): the task's unlabelled set, with
+    the weak view (the data's shift and flip) and the strong one (the weak one plus
+    RandAugment and cutout). None without a method, and for pretraining (a labelled source)."""
+    if spec.method == "none" or phase == "pretraining":
+        return None
+    if len(task.unlabelled) == 0:
+        raise UserError(
+            f"consistency={spec.method} trains on the unlabelled pool, and this data has none: "
+            "set data.labels_per_class (or data.unlabelled_dir), or consistency=none"
+        )
+    aug = data_augment(data_cfg) or {}
+    shift = {"translate": float(aug.get("translate", 0.125)), "flip": bool(aug.get("flip", False))}
+    strong = BatchAugment(
+        **shift,
+        cutout=spec.cutout,
+        randaugment_ops=spec.randaugment_ops,
+        randaugment_magnitude=spec.randaugment_magnitude,
+    )
+    return OnlinePool(task.unlabelled, spec, BatchAugment(**shift), strong, task.unlabelled.labels)
+
+
+def data_augment(data_cfg: DictConfig) -> dict[str, Any] | None:
+    """`data.augment` as plain values (None: no augmentation)."""
+    aug = data_cfg.get("augment")
+    return OmegaConf.to_container(aug, resolve=True) if aug else None  # type: ignore[return-value]
+
+
+def training_images(task: Task, train_set: TrainingSet) -> ImageSet:
+    """The images of a TrainingSet, in its row order (labelled rows, then pseudo-labelled):
+    one tensor when the sets are in memory, else read from disk as batches ask for them."""
+    lab = train_set.source == 0
+    return concat(
+        [
+            subset(task.labelled, train_set.position[lab]),
+            subset(task.unlabelled, train_set.position[~lab]),
+        ]
+    )
