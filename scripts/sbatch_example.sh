@@ -20,9 +20,11 @@
 #   next training step and stop; rank 0 requeues the job (scontrol requeue) while it has
 #   restarted fewer than MAX_REQUEUES times (SLURM_RESTART_COUNT), else the job ends FAILED
 #   with its state saved (submit it again to go on);
-# - TERM, on preemption, `scontrol requeue` or `scancel`: the ranks save and stop within
-#   SLURM's KillWait; SLURM requeues a preempted or requeued job (--requeue) and leaves a
-#   cancelled one cancelled.
+# - TERM, on preemption, `scontrol requeue` or `scancel`: the ranks save, then stop where
+#   SLURM has already decided (SLURM requeues a preempted or requeued job, --requeue, and
+#   leaves a cancelled one cancelled); preempted on a partition with a GraceTime, rank 0
+#   requeues the job itself (PreemptMode=REQUEUE, under MAX_REQUEUES) or every rank waits for
+#   SLURM to end it, so that the job is not recorded FAILED (docs/cluster.md).
 # The requeued job starts again with the same arguments, hence the same run_dir, and resumes
 # from its finished artifacts and last.ckpt (overwrite=true does not clear a requeued job).
 # A job that fails exits non-zero: SLURM records it FAILED (sacct, --dependency=afterok).

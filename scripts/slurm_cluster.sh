@@ -9,8 +9,10 @@
 # No systemd: every daemon runs as a plain background process, with its pid, log and spool
 # files in one state dir ($SLURM_CI_STATE, default /var/spool/slurm-ci). Two emulated nodes,
 # n1 and n2, are two slurmd daemons on this host on distinct ports (`slurmd -N n1`); each
-# declares the machine's real CPUs. Partitions: `low` (the default) and `high`; a job in `high`
-# preempts (requeues) jobs in `low`. Accounting: slurmdbd on MariaDB, so `sacct` works.
+# declares the machine's real CPUs. Partitions: `low` (the default), `lowgrace` and `high`; a job
+# in `high` preempts (requeues) jobs in `low` at once, and jobs in `lowgrace` after a grace time
+# of $SLURM_CI_GRACE_TIME s (GraceTime, default 20). Accounting: slurmdbd on MariaDB, so `sacct`
+# works.
 # The configs are written from scripts/slurm/*.conf.in to /etc/slurm (where the SLURM commands
 # look). `start` and `stop` are idempotent.
 set -euo pipefail
@@ -27,6 +29,7 @@ N2_PORT=6820
 DB_PORT=3306
 DB_USER=slurm
 KILL_WAIT="${SLURM_CI_KILL_WAIT:-30}"
+GRACE_TIME="${SLURM_CI_GRACE_TIME:-20}"
 MIN_JOB_AGE="${SLURM_CI_MIN_JOB_AGE:-30}"
 NODES=(n1 n2)
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
@@ -158,7 +161,7 @@ fill() { # template -> stdout, @VAR@ replaced
     sed -e "s|@CLUSTER@|$CLUSTER|g" -e "s|@HOST@|$(hostname -s)|g" -e "s|@STATE@|$STATE|g" \
         -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@DBD_PORT@|$DBD_PORT|g" -e "s|@DB_PORT@|$DB_PORT|g" \
         -e "s|@N1_PORT@|$N1_PORT|g" -e "s|@N2_PORT@|$N2_PORT|g" -e "s|@DB_USER@|$DB_USER|g" \
-        -e "s|@DB_PASS@|$(db_password)|g" -e "s|@KILL_WAIT@|$KILL_WAIT|g" \
+        -e "s|@DB_PASS@|$(db_password)|g" -e "s|@KILL_WAIT@|$KILL_WAIT|g" -e "s|@GRACE_TIME@|$GRACE_TIME|g" \
         -e "s|@MIN_JOB_AGE@|$MIN_JOB_AGE|g" -e "s|@HARDWARE@|$(hardware)|g" "$1"
 }
 

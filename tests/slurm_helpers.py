@@ -4,8 +4,9 @@ and sacct. Everything polls with a deadline; nothing sleeps blindly.
 
 Environment:
 - PIPELINE_REPO: the checkout whose pipeline the jobs run (default: this one);
-- SLURM_TEST_PARTITION / SLURM_TEST_HIGH_PARTITION: the partition the jobs run in ("low") and
-  the one that preempts it ("high"), as scripts/slurm/slurm.conf.in defines them;
+- SLURM_TEST_PARTITION / SLURM_TEST_HIGH_PARTITION / SLURM_TEST_GRACE_PARTITION: the partition
+  the jobs run in ("low"), the one that preempts it ("high"), and a preemptable one with a
+  GraceTime ("lowgrace"), as scripts/slurm/slurm.conf.in defines them;
 - CI=true: a cluster that is missing or cannot be started fails the tests instead of skipping.
 """
 
@@ -29,6 +30,7 @@ REPO = Path(os.environ.get("PIPELINE_REPO") or ROOT).resolve()  # the pipeline t
 CLUSTER_SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 PARTITION = os.environ.get("SLURM_TEST_PARTITION", "low")
 HIGH_PARTITION = os.environ.get("SLURM_TEST_HIGH_PARTITION", "high")
+GRACE_PARTITION = os.environ.get("SLURM_TEST_GRACE_PARTITION", "lowgrace")
 IN_CI = os.environ.get("CI") == "true"
 
 # A job in one of these states has ended for good (PREEMPTED and REQUEUED have not: the job is
@@ -89,6 +91,11 @@ def cluster_problem() -> str | None:
     states = node_states()
     if isinstance(states, str):
         return states
+    partitions = sh(["sinfo", "-h", "-o", "%P"], timeout=30).stdout.split()
+    if GRACE_PARTITION not in (p.rstrip("*") for p in partitions):
+        # A cluster started from an older scripts/slurm/slurm.conf.in: `start` rewrites the
+        # config and reconfigures it.
+        return f"no partition {GRACE_PARTITION!r} (sinfo shows {partitions})"
     busy = {n: s for n, s in states.items() if s != "idle"}
     if busy:
         queue = sh(["squeue"], timeout=30).stdout

@@ -5,11 +5,14 @@ by the run to itself at a chosen moment (PROBE), or by the test."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -168,3 +171,173 @@ def test_the_checkpoint_callbacks_state_key_is_lightnings_own(tmp_path):
         assert ours.state_key == ModelCheckpoint(dirpath=tmp_path, **kwargs).state_key
         assert ours.state_key.startswith("ModelCheckpoint{")
         assert ours.state_key is ours.state_key  # formatted once
+
+
+# --- TERM in a SLURM job: SLURM's decision stands (runtime/preemption.py settle_term) ----------
+
+# A stand-in for scontrol: it logs its arguments to $FAKE_SLURM/calls, prints the job's fields
+# (job.N for the N-th `show job` if that file exists, else job) and the partition's, and
+# answers `requeue` with the exit code in requeue_rc.
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$FAKE_SLURM/calls"
+case "$1 $2" in
+"show job")
+    n=$(grep -c '^show job' "$FAKE_SLURM/calls")
+    if [ -f "$FAKE_SLURM/job.$n" ]; then cat "$FAKE_SLURM/job.$n"; else cat "$FAKE_SLURM/job"; fi ;;
+"show partition") cat "$FAKE_SLURM/partition" ;;
+requeue*)
+    rc=$(cat "$FAKE_SLURM/requeue_rc")
+    [ "$rc" = 0 ] || echo "scontrol: error: Requested operation is presently disabled" >&2
+    exit "$rc" ;;
+esac
+"""
+GRACE = "PreemptTime=2026-12-06T03:02:55 EndTime={end}"
+
+
+def job_line(
+    state: str = "RUNNING", grace: bool = True, requeue: int = 1, restarts: int = 0, end_in=20
+) -> str:
+    """One `scontrol show job -o` line; the grace time ends `end_in` s from now."""
+    end = datetime.datetime.now().replace(microsecond=0) + datetime.timedelta(seconds=end_in)
+    extra = GRACE.format(end=end.isoformat()) if grace else "PreemptTime=None EndTime=Unknown"
+    return (
+        f"JobId=123 JobName=x UserId=root(0) JobState={state} Reason=None Requeue={requeue} "
+        f"Restarts={restarts} Partition=lowgrace {extra}\n"
+    )
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """scontrol on PATH is FAKE_SCONTROL; returns its folder (job, partition, calls)."""
+    from pipeline.runtime import preemption
+
+    folder = tmp_path / "slurm"
+    (folder / "bin").mkdir(parents=True)
+    scontrol = folder / "bin" / "scontrol"
+    scontrol.write_text(FAKE_SCONTROL)
+    scontrol.chmod(0o755)
+    (folder / "job").write_text(job_line())
+    (folder / "partition").write_text("PartitionName=lowgrace GraceTime=20 PreemptMode=REQUEUE\n")
+    (folder / "requeue_rc").write_text("0")
+    (folder / "calls").write_text("")
+    monkeypatch.setenv("PATH", f"{folder / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(folder))
+    monkeypatch.setattr(preemption, "SLURM_POLL_S", 0.05)
+    monkeypatch.setattr(preemption, "_max_requeues", 20)
+    monkeypatch.setattr(preemption, "_requested", [])
+    return folder
+
+
+def calls(folder) -> list[str]:
+    return (folder / "calls").read_text().splitlines()
+
+
+@pytest.mark.parametrize("state", ["CANCELLED", "COMPLETING", "PREEMPTED", "TIMEOUT"])
+def test_term_after_slurm_decided_stops_at_once(fake_slurm, state):
+    """scancel, scontrol requeue, the time limit, a preemption without a grace time: SLURM has
+    decided before it sent TERM (the job is no longer RUNNING); the job stops at once."""
+    from pipeline.runtime import preemption
+
+    (fake_slurm / "job").write_text(job_line(state))
+    said = preemption.settle_term("123", may_requeue=True)
+    assert said.startswith("SLURM job 123 is requeued by SLURM if it was preempted"), said
+    assert calls(fake_slurm) == ["show job -o 123"]
+
+
+def test_a_term_that_is_not_slurms_stops_at_once(fake_slurm):
+    """RUNNING without a PreemptTime: a `kill` inside the job, not SLURM; nothing to wait for."""
+    from pipeline.runtime import preemption
+
+    (fake_slurm / "job").write_text(job_line(grace=False))
+    said = preemption.settle_term("123", may_requeue=True)
+    assert said == "re-run the same command, or requeue the job, to resume"
+    assert calls(fake_slurm) == ["show job -o 123"]
+
+
+def test_preempted_with_a_grace_time_the_job_requeues_itself(fake_slurm):
+    from pipeline.runtime import preemption
+
+    said = preemption.settle_term("123", may_requeue=True)
+    assert said == (
+        "SLURM job 123 was preempted with a grace time: requeued it (restart 1); it resumes "
+        "from the saved state"
+    )
+    assert calls(fake_slurm) == ["show job -o 123", "show partition -o lowgrace", "requeue 123"]
+
+
+@pytest.mark.parametrize(
+    "why", ["other rank", "not requeueable", "cancel mode", "max_requeues", "requeue refused"]
+)
+def test_preempted_with_a_grace_time_the_job_waits_for_slurm_otherwise(
+    fake_slurm, monkeypatch, capsys, why
+):
+    """Where the job may not requeue itself it waits, doing nothing, until SLURM acts at the end
+    of the grace time (here: the job's state reads PREEMPTED from the 3rd look on)."""
+    from pipeline.runtime import preemption
+
+    line = job_line()
+    if why == "not requeueable":
+        line = job_line(requeue=0)
+    if why == "max_requeues":
+        line = job_line(restarts=2)
+        monkeypatch.setattr(preemption, "_max_requeues", 2)
+    if why == "cancel mode":
+        (fake_slurm / "partition").write_text("PartitionName=lowgrace PreemptMode=CANCEL\n")
+    if why == "requeue refused":
+        (fake_slurm / "requeue_rc").write_text("1")
+    (fake_slurm / "job").write_text(line.replace("JobState=RUNNING", "JobState=PREEMPTED"))
+    (fake_slurm / "job.1").write_text(line)
+    (fake_slurm / "job.2").write_text(line)
+    said = preemption.settle_term("123", may_requeue=why != "other rank")
+    assert said == "SLURM ended job 123 (PREEMPTED): stopping"
+    made = calls(fake_slurm)
+    assert made.count("requeue 123") == (1 if why == "requeue refused" else 0), made
+    assert made.count("show job -o 123") == 3, made
+    told = capsys.readouterr().err
+    if why == "other rank":
+        assert told == ""  # rank 0 speaks for the job
+    else:
+        reason = {
+            "not requeueable": "the job is not requeueable (--requeue)",
+            "cancel mode": "its partition's PreemptMode is not REQUEUE",
+            "max_requeues": "it has restarted 2 times (max_requeues=2)",
+            "requeue refused": "scontrol requeue failed: scontrol: error: Requested operation",
+        }[why]
+        assert told.startswith(
+            "stopped by SIGTERM after saving the run's state: SLURM job 123 was preempted with "
+            "a grace time (until "
+        ), told
+        assert f"not requeued by the job ({reason}" in told, told
+
+
+def test_the_wait_ends_on_slurms_next_signal(fake_slurm, monkeypatch):
+    """SLURM acts at the end of the grace time with CONT + TERM: the wait ends on that signal
+    (the state is not read again after the first look: SLURM_POLL_S is long here)."""
+    from pipeline.runtime import preemption
+
+    monkeypatch.setattr(preemption, "SLURM_POLL_S", 60.0)
+    monkeypatch.setattr(preemption, "_owner_pid", os.getpid())
+    (fake_slurm / "job").write_text(job_line(requeue=0))
+    previous = signal.signal(signal.SIGTERM, preemption._on_signal)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.monotonic()
+    try:
+        timer.start()
+        said = preemption.settle_term("123", may_requeue=True)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert said == "SLURM acted on job 123 (SIGTERM): stopping"
+    assert 0.3 <= time.monotonic() - started < 5
+    assert not preemption._waiting_for_slurm
+
+
+def test_the_wait_gives_up_after_the_grace_time(fake_slurm, monkeypatch):
+    """A SLURM that never acts (its controller gone): the job stops SLURM_LATE_S after the end
+    of its grace time instead of hanging."""
+    from pipeline.runtime import preemption
+
+    (fake_slurm / "job").write_text(job_line(requeue=0, end_in=-1))
+    monkeypatch.setattr(preemption, "SLURM_LATE_S", 1.0)
+    said = preemption.settle_term("123", may_requeue=True)
+    assert said == "SLURM did not act on job 123 by the end of its grace time: stopping"

@@ -1,6 +1,6 @@
 """The cluster path against a real SLURM cluster on this machine (scripts/slurm_cluster.sh):
-two emulated nodes n1 and n2, a `low` partition whose jobs a `high` partition preempts,
-accounting through slurmdbd. Every test runs the real CLI (`python -m pipeline ...`) inside real
+two emulated nodes n1 and n2, a `low` partition whose jobs a `high` partition preempts, a
+`lowgrace` one whose jobs it preempts after a grace time, accounting through slurmdbd. Every test runs the real CLI (`python -m pipeline ...`) inside real
 SLURM jobs, in its own tmp_path, and checks what SLURM and the run dir say afterwards:
 a. a 2-job sweep through hydra/launcher=slurm, then the same sweep with a value added and the
    values reordered (job dirs named by their overrides: only the new job trains);
@@ -8,6 +8,8 @@ b, c. DDP under srun: 2 tasks on one node, 1 task on each of the 2 nodes;
 d, e, f. training interrupted by the time limit (USR2; sbatch + srun, and through the
    launcher), by preemption (TERM) and by `scontrol requeue` (TERM): saved on the signal,
    requeued, resumed, finished (d, e: with the test accuracies of an uninterrupted run);
+e (grace). preemption with a GraceTime: one job requeues itself, one waits for SLURM; both
+   resume and finish, the sweep exits 0;
 n. the requeues of an sbatch + srun job are bounded (max_requeues), then it ends FAILED;
 g. `scancel` of one job of a slurm-launcher sweep, while it trains or as it starts: the job
    stops, the sweep ends, exits non-zero and names it;
@@ -28,6 +30,10 @@ fail instead. What SLURM sends (measured on this cluster with a job that traps a
   KILL after KillWait; the job ends TIMEOUT and is not requeued by SLURM;
 - preemption (partition_prio, PreemptMode=REQUEUE): TERM to the steps' tasks, then CONT + TERM
   to everything, KILL after KillWait (30 s); no USR2, even with --signal; the job is requeued;
+- preemption with a grace time (GraceTime=G): TERM to the steps' tasks at once, while the job
+  stays RUNNING (with a PreemptTime and EndTime = now + G); at EndTime, give or take the
+  controller's 30 s check, CONT + TERM to everything, KILL after KillWait, and only then is the
+  job requeued: a job that ends within its grace time simply ends;
 - `scontrol requeue`: CONT + TERM to everything, KILL after KillWait; the job is requeued;
 - `scancel`: CONT + TERM, KILL after KillWait; `scancel --signal=USR2` reaches only the steps.
 A requeued job waits 120 s (Reason=BeginTime) before it may start again: the tests release it.
@@ -47,6 +53,7 @@ import numpy as np
 import pytest
 from slurm_helpers import (
     FINAL_STATES,
+    GRACE_PARTITION,
     HIGH_PARTITION,
     IN_CI,
     PARTITION,
@@ -189,14 +196,22 @@ def ok(record, jobs: Jobs) -> None:
     assert (record.state, record.exit_code) == ("COMPLETED", "0:0"), jobs.describe(record.job_id)
 
 
-def train_job(jobs: Jobs, run_dir: Path, *options: str, extra: tuple[str, ...] = ()) -> str:
+def train_job(
+    jobs: Jobs,
+    run_dir: Path,
+    *options: str,
+    extra: tuple[str, ...] = (),
+    run: list[str] = RESUME,
+    partition: str = PARTITION,
+) -> str:
     """The RESUME training as a one-task batch job (sbatch + srun, as scripts/sbatch_example.sh
     runs it), requeueable; the requeued job runs the same command, hence the same run_dir."""
     body = (
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURMD_NODENAME"\n'
-        f"srun --kill-on-bad-exit=1 {pipeline_command(*RESUME, *extra, f'run_dir={run_dir}')}"
+        f"srun --kill-on-bad-exit=1 {pipeline_command(*run, *extra, f'run_dir={run_dir}')}"
     )
-    return jobs.sbatch(body, *JOB, "--time=20", "--requeue", *options)
+    job = [o for o in JOB if not o.startswith("--partition=")] + [f"--partition={partition}"]
+    return jobs.sbatch(body, *job, "--time=20", "--requeue", *options)
 
 
 def wait_training(jobs: Jobs, job: str, run_dir: Path) -> None:
@@ -415,6 +430,97 @@ def test_e_preemption_saves_requeues_and_resumes_to_the_same_metrics(jobs, tmp_p
     problems += finished_like(run_dir, jobs.wait_done(job), reference)
     ok(jobs.wait_done(high), jobs)
     assert not problems, "\n".join(problems) + "\n" + jobs.describe(job)
+
+
+# A shorter RESUME for the grace-time test: two runs train at once on this machine's cores.
+GRACE_RUN = [a for a in RESUME if not a.startswith("train.min_steps=")] + ["train.min_steps=2000"]
+
+
+def test_e_preemption_with_a_grace_time_requeues_and_both_jobs_resume(jobs, tmp_path):
+    """`lowgrace` (PreemptMode=REQUEUE GraceTime=20): SLURM sends the tasks TERM at once and
+    requeues the job only when the grace time is over; a job that ended within it would be
+    FAILED and never requeued. One job in `high` over both nodes preempts two training jobs at
+    once:
+    - A, sbatch + srun: it saves, then requeues itself (`scontrol requeue`): REQUEUED;
+    - B, a one-job sweep through hydra/launcher=slurm with max_requeues=0 (it may not requeue
+      itself): it saves, then waits until SLURM requeues it at the end of the grace time:
+      PREEMPTED.
+    Both resume from the last.ckpt saved on the signal and end COMPLETED 0:0; the sweep exits 0."""
+    run_a, out = tmp_path / "run", tmp_path / "sweep"
+    log = tmp_path / "sweep.log"
+    a = train_job(jobs, run_a, run=GRACE_RUN, partition=GRACE_PARTITION)
+    launcher = [o for o in SLURM_LAUNCHER if not o.startswith("hydra.launcher.partition=")]
+    command = [
+        *(sys.executable, "-m", "pipeline", "-m", f"hydra.launcher.name={jobs.name}"),
+        *launcher,
+        f"hydra.launcher.partition={GRACE_PARTITION}",
+        *GRACE_RUN,
+        "max_requeues=0",
+        f"hydra.sweep.dir={out}",
+    ]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=job_env(), stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+
+        def sweep_job() -> str | None:
+            ids = sh(["squeue", "-h", f"--name={jobs.name}", "-o", "%i"]).stdout.split()
+            return next((i for i in ids if i != a), None)
+
+        b = wait_until(sweep_job, 300, "the sweep's job", log.read_text)
+        jobs.submitted.append(b)
+        splits_b = wait_until(
+            lambda: next(out.glob("*/splits.npz"), None), 600, "the sweep's run", log.read_text
+        )
+        run_b = splits_b.parent
+        wait_training(jobs, a, run_a)
+        assert not (run_b / "model.ckpt").exists(), f"B was done already\n{jobs.describe(b)}"
+        signalled_at = time.time()
+        high = jobs.sbatch(
+            "sleep 3", f"--partition={HIGH_PARTITION}", "--nodes=2", "--exclusive", "--time=5"
+        )
+        jobs.wait_requeued(a, timeout=300)
+        jobs.wait_requeued(b, timeout=300)
+        problems = [
+            f"A: {p}"
+            for p in not_saved_on_the_signal(run_a / "checkpoints" / "last.ckpt", signalled_at)
+        ]
+        problems += [
+            f"B: {p}"
+            for p in not_saved_on_the_signal(run_b / "checkpoints" / "last.ckpt", signalled_at)
+        ]
+        ok(jobs.wait_done(high), jobs)
+        release(a)
+        release(b)
+        record_a = jobs.wait_done(a)
+        record_b = jobs.wait_done(b)
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code != 0:
+        problems.append(f"the sweep exited {code}:\n{log.read_text()[-3000:]}")
+    log_a = re.sub(r"\s+", " ", jobs.log_text(a, tail=100_000))
+    log_b = re.sub(
+        r"\s+", " ", "".join(p.read_text() for p in sorted((out / ".submitit").rglob("*_log.*")))
+    )
+    for name, job, run_dir, record, said, states, how in (
+        ("A", a, run_a, record_a, log_a, ["REQUEUED", "COMPLETED"], "requeued it (restart 1)"),
+        ("B", b, run_b, record_b, log_b, ["PREEMPTED", "COMPLETED"], "waiting for SLURM"),
+    ):
+        problems += [f"{name}: {p}" for p in finished_like(run_dir, record, None)]
+        if [r.state for r in sacct_records(job)] != states:
+            problems.append(
+                f"{name}: sacct {[r.raw_state for r in sacct_records(job)]}, not {states}"
+            )
+        if how not in said:
+            problems.append(f"{name}: its log does not say {how!r}")
+        if "resuming training from" not in said:
+            problems.append(f"{name}: the requeued run did not resume from its last.ckpt")
+    assert "(max_requeues=0)" in log_b, log_b[-3000:]
+    assert not problems, "\n".join(problems) + "\n" + jobs.describe(a) + "\n" + jobs.describe(b)
 
 
 def test_f_scontrol_requeue_saves_and_the_job_resumes_and_finishes(jobs, tmp_path):
