@@ -87,6 +87,7 @@ def run_resolved(
     cfg: DictConfig, started_ranks: bool = False, overrides: list[str] | None = None
 ) -> int:
     """Run one job (on this rank) from a resolved config; returns the exit code."""
+    from pipeline.config.keys import differing_keys
     from pipeline.runtime import dist, launch, preemption
     from pipeline.runtime.rundir import RunDir, RunDirBusy
 
@@ -100,7 +101,7 @@ def run_resolved(
             external = started_ranks or launch.externally_launched()
             if not external:
                 run.lock()  # one live run per run_dir; the ranks it starts run under it
-                run.check_config(cfg, preemption.requeued_job())
+                run.check_config(cfg, differing_keys, preemption.requeued_job())
                 n = launch.ranks_to_start(cfg.trainer)
                 if n:
                     log.info("starting %d DDP ranks for this job (one process group per job)", n)
@@ -112,7 +113,7 @@ def run_resolved(
             dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
             if external and not started_ranks:
                 run.on_rank_zero(run.lock)  # rank 0 holds it for the job's ranks
-                run.check_config_on_every_rank(cfg, preemption.requeued_job())
+                run.check_config_on_every_rank(cfg, differing_keys, preemption.requeued_job())
             run.begin(cfg, overrides)
             return run_stage(cfg, run)
     except UserError as e:

@@ -10,7 +10,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-# stage -> "module:function"
+from pipeline.config.schema import STAGES
+
+# stage -> "module:function", for every stage of config.schema.STAGES
 RECIPES = {
     "selftrain": "pipeline.selftrain.loop:run_selftrain",
     "train": "pipeline.selftrain.stages:run_train",
@@ -27,7 +29,8 @@ RECIPES = {
 # Stages whose recipe runs again when their run_dir is complete: they write outside it (a
 # report, a table, an exported model) and decide themselves what is left to do.
 RERUN = ("report", "predict", "export")
-STAGES = tuple(RECIPES)
+if tuple(RECIPES) != STAGES:  # (a stage named in one place only)
+    raise AssertionError(f"RECIPES {tuple(RECIPES)} differ from config.schema.STAGES {STAGES}")
 
 
 def recipe(stage: str) -> Callable[..., dict[str, Any]]:

@@ -21,14 +21,19 @@ from pipeline.config.pretraining import (
     runs_pretraining,
     uses_pretrained,
 )
-from pipeline.config.schema import DECLARED, EXPORT_FORMATS, PREDICT_SUFFIXES, unknown_keys
+from pipeline.config.schema import (
+    DECLARED,
+    EXPORT_FORMATS,
+    PREDICT_SUFFIXES,
+    STAGES,
+    unknown_keys,
+)
 from pipeline.config.trainer_keys import (
     PIPELINE_TRAINER_KEYS,
     TRAINER_ARGUMENTS,
     check_trainer_keys,
 )
 from pipeline.errors import UserError
-from pipeline.stages import STAGES
 
 __all__ = [  # the names other modules import from here
     "CONF_DIR",

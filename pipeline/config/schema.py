@@ -16,6 +16,20 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pipeline.config.declare import key
 from pipeline.config.keys import dir_name, run_name
 
+# stage=NAME: the stages, in --help's order (pipeline/stages.py maps each to its recipe)
+STAGES = (
+    "selftrain",
+    "train",
+    "pseudolabel",
+    "merge",
+    "evaluate",
+    "pretrain",
+    "finetune",
+    "baseline",
+    "report",
+    "predict",
+    "export",
+)
 FINETUNE_MODES = ("full", "linear", "last_layers")
 EXPORT_FORMATS = ("onnx", "torchscript")
 PREDICT_SUFFIXES = (".csv", ".parquet")

@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +27,11 @@ from typing import Any, TypeVar
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config.keys import differing_keys
 from pipeline.errors import UserError
 from pipeline.runtime import dist, io
+
+# (saved config, this config) -> the result keys in which they differ
+Differing = Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -65,9 +67,11 @@ class RunDir:
 
     # --- starting a run -------------------------------------------------------------------
 
-    def check_config(self, cfg: DictConfig, requeued: bool = False) -> None:
-        """Refuse a run_dir made by another config (naming the keys), or clear it on
-        overwrite=true (not for a requeued job: it must resume). Writes nothing else."""
+    def check_config(self, cfg: DictConfig, differing: Differing, requeued: bool = False) -> None:
+        """Refuse a run_dir made by another config (naming the keys `differing` finds between
+        the saved config and this one: config.keys.differing_keys, which the entry point
+        passes, as the runtime knows no config keys), or clear it on overwrite=true (not for a
+        requeued job: it must resume). Writes nothing else."""
         saved = self.path / CONFIG
         if not saved.exists():
             return
@@ -85,7 +89,7 @@ class RunDir:
                 if child.name != LOCK:  # this run's own lock
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
             return
-        diff = differing_keys(_plain(old), _plain(cfg))
+        diff = differing(_plain(old), _plain(cfg))
         if not diff:
             return
         # What a run is (stage, data, model, seed) first: a different dataset differs in many keys.
@@ -98,7 +102,9 @@ class RunDir:
             "run_dir=, or overwrite=true to start it over"
         )
 
-    def check_config_on_every_rank(self, cfg: DictConfig, requeued: bool = False) -> None:
+    def check_config_on_every_rank(
+        self, cfg: DictConfig, differing: Differing, requeued: bool = False
+    ) -> None:
         """Under srun / torchrun every rank composed the config itself: rank 0 checks that all
         resolved the same run_dir (a clock in hydra.sweep.dir reads differently in each rank)
         and checks the run_dir once; every rank gets the verdict."""
@@ -111,7 +117,7 @@ class RunDir:
                     "from a timestamp in hydra.sweep.dir; pass a fixed one: "
                     "hydra.sweep.dir=multirun/NAME (with -m) or run_dir=PATH"
                 )
-            self.check_config(cfg, requeued)
+            self.check_config(cfg, differing, requeued)
 
         self.on_rank_zero(check)
 
