@@ -2,14 +2,14 @@
 
 Exit codes (docs/design.md): 0 done; 2 bad input or config (one line on stderr, nothing in an
 existing run_dir changed); 1 anything unexpected (and a stop by a cluster's signal); 130
-stopped by Ctrl-C (docs/reliability.md).
+stopped by Ctrl-C (docs/reliability.md). The command line's repairs before Hydra reads it, and
+Hydra's composition errors as one line: command_line.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import traceback
 import warnings
@@ -23,6 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import config, usage
+from pipeline.command_line import (
+    _HydraHintFilter,
+    hydra_error_line,
+    mode_flags_first,
+    quote_path_overrides,
+)
 from pipeline.config.sweep import check_optimising_sweeper, shared_job_dir
 from pipeline.errors import UserError
 
@@ -88,11 +94,12 @@ def run_resolved(
 ) -> int:
     """Run one job (on this rank) from a resolved config; returns the exit code."""
     from pipeline.config.keys import differing_keys
-    from pipeline.runtime import dist, launch, preemption
-    from pipeline.runtime.rundir import RunDir, RunDirBusy
+    from pipeline.runtime import dist, launch, preemption, requeue
+    from pipeline.runtime.run_lock import RunDirBusy
+    from pipeline.runtime.rundir import RunDir
 
     # First: from here a signal stops cleanly.
-    preemption.install(cfg.get("max_requeues"), started_rank=started_ranks)
+    preemption.install(cfg.max_requeues, started_rank=started_ranks)
     setup_logging(rank_zero=dist.rank() == 0)
     run = RunDir(cfg.run_dir)
     before = None if started_ranks else run.entries_before()
@@ -101,7 +108,7 @@ def run_resolved(
             external = started_ranks or launch.externally_launched()
             if not external:
                 run.lock()  # one live run per run_dir; the ranks it starts run under it
-                run.check_config(cfg, differing_keys, preemption.requeued_job())
+                run.check_config(cfg, differing_keys, requeue.requeued_job())
                 n = launch.ranks_to_start(cfg.trainer)
                 if n:
                     log.info("starting %d DDP ranks for this job (one process group per job)", n)
@@ -113,7 +120,7 @@ def run_resolved(
             dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
             if external and not started_ranks:
                 run.on_rank_zero(run.lock)  # rank 0 holds it for the job's ranks
-                run.check_config_on_every_rank(cfg, differing_keys, preemption.requeued_job())
+                run.check_config_on_every_rank(cfg, differing_keys, requeue.requeued_job())
             run.begin(cfg, overrides)
             return run_stage(cfg, run)
     except UserError as e:
@@ -123,7 +130,7 @@ def run_resolved(
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except preemption.Preempted as e:
-        return preemption.stopped(e.signum, started_ranks, dist.is_rank_zero())
+        return requeue.stopped(e.signum, started_ranks, dist.is_rank_zero())
     finally:
         run.unlock()
 
@@ -212,7 +219,7 @@ def job_objective(cfg: DictConfig | None, code: int) -> float | None:
     """The value `objective=` names, of the job's final round (summary.json), or None."""
     from pipeline.config.schema import OBJECTIVES
 
-    if code != 0 or cfg is None or not cfg.get("objective"):
+    if code != 0 or cfg is None or not cfg.objective:
         return None
     from pipeline.runtime.io import read_json
 
@@ -266,109 +273,12 @@ class SweepStarted(Callback):
             sys.exit(2)
 
 
-class _HydraHintFilter:
-    """stderr until a job starts: held back, so that when the command line does not compose,
-    Hydra's message (several lines, and a 'set HYDRA_FULL_ERROR' hint) can be printed as the
-    one line of the exit-2 contract. Once a job or a sweep starts, it is written as it comes."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.held: list[str] | None = []
-
-    def write(self, text: str) -> int:
-        if self.held is not None:
-            self.held.append(text)
-            return len(text)
-        if "HYDRA_FULL_ERROR" in text:
-            return len(text)
-        return self.stream.write(text)
-
-    def release(self) -> None:
-        held, self.held = self.held, None
-        if held:
-            self.write("".join(held))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
-
 _stderr_filter: _HydraHintFilter | None = None
 
 
 def _release_stderr() -> None:
     if _stderr_filter is not None:
         _stderr_filter.release()
-
-
-def hydra_error_line(text: str) -> str:
-    """Hydra's composition error as one line: headings joined, option lists inlined, the
-    details (full_key, object_type, search path, hints) dropped."""
-    key = re.search(r"full_key: (\S+)", text)
-    if key and re.search(r"Key '[^']+' not in '\w+'|is not in struct", text):
-        return (
-            f"unknown config key {key.group(1)}; check the spelling "
-            "(python -m pipeline --cfg job prints every key)"
-        )
-    parts: list[str] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or "HYDRA_FULL_ERROR" in line:
-            continue
-        if line.startswith("Config search path"):
-            break
-        if raw[:1] in " \t":  # details under a heading: keep only lists of options
-            listing = parts and parts[-1].endswith((":", ","))
-            if listing and not line.startswith("_"):  # _torchvision etc. are not choices
-                parts[-1] += f" {line},"
-            continue
-        parts.append(line.rstrip("."))
-    line = "; ".join(p.rstrip(",") for p in parts) or "the command line does not compose"
-    if "hydra/sweeper/optuna" in text or "hydra/sweeper: optuna" in text:
-        line += "; the Optuna sweeper is not installed: pip install -e '.[optuna]'"
-    return line
-
-
-# Keys whose values are paths. Run and job dirs are named by their overrides
-# (`train.epochs=2,seed=0`), so a path pasted from the output may hold `=` and `,`, which
-# Hydra's override grammar reads as syntax; such a value is passed quoted.
-PATH_KEYS = {
-    "ckpt", "pseudo_in", "out", "input", "run_dir", "sweep_dir", "dir", "root", "cache_dir",
-    "labelled_dir", "unlabelled_dir", "test_dir", "val_dir",
-}  # fmt: skip
-
-
-def quote_path_overrides(args: list[str]) -> list[str]:
-    """`ckpt=outputs/selftrain/train.epochs=2/seed0/round_0/model.ckpt` as if it had been
-    written `ckpt='outputs/...'`: an unquoted `=` in a value is never valid Hydra syntax, so
-    quoting a path key's value that holds one changes no command line that worked before."""
-    quoted = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        name = key.lstrip("+~").rsplit(".", 1)[-1]
-        if (
-            sep
-            and not key.startswith("-")
-            and name in PATH_KEYS
-            and "=" in value
-            and value[:1] not in ("'", '"')
-        ):
-            if "'" not in value:
-                arg = f"{key}='{value}'"
-            elif '"' not in value:
-                arg = f'{key}="{value}"'
-        quoted.append(arg)
-    return quoted
-
-
-MODE_FLAGS = ("-m", "--multirun", "-r", "--run")
-
-
-def mode_flags_first(args: list[str]) -> list[str]:
-    """`python -m pipeline data=mnist5k -m seed=0,1,2` as if `-m` came first: Hydra's parser
-    takes the overrides as one run of positional arguments, and refuses a second run after a
-    flag (`unrecognized arguments: seed=0,1,2`). The mode flags take no value, so moving them
-    changes no command line that worked before."""
-    return [a for a in args if a in MODE_FLAGS] + [a for a in args if a not in MODE_FLAGS]
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     from pipeline.data.task import prepare_task
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
-    from pipeline.engine.module import soft_cross_entropy
+    from pipeline.engine.losses import soft_cross_entropy
     from pipeline.engine.train import data_augment
     from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
@@ -163,9 +163,9 @@ def bench_consistency(steps: int, repeats: int, batch: int = 8, mu: int = 7) -> 
     from pipeline.config.specs import consistency_spec
     from pipeline.data.task import prepare_task
     from pipeline.engine.augment import BatchAugment
-    from pipeline.engine.datamodule import with_pool
+    from pipeline.engine.batches import with_pool
     from pipeline.engine.fit import OnlinePool, fit, training_batches
-    from pipeline.engine.module import soft_cross_entropy
+    from pipeline.engine.losses import soft_cross_entropy
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
 

@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 
 def fetch(spec: str) -> Path:
     """Download (or find in the cache) the weights one argument names; returns the file."""
-    from pipeline.models.zoo import fetch_timm, fetch_torchvision
+    from pipeline.models.zoo_weights import fetch_timm, fetch_torchvision
 
     zoo, _, rest = spec.partition(":")
     if zoo == "torchvision" and rest:

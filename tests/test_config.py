@@ -166,7 +166,7 @@ def test_resolved_config_has_no_interpolations():
 def test_the_multirun_flag_may_follow_overrides():
     """`python -m pipeline data=mnist5k -m seed=0,1,2` (the README's form) reaches Hydra with
     `-m` first: its parser refuses overrides on both sides of a flag."""
-    from pipeline.cli import mode_flags_first
+    from pipeline.command_line import mode_flags_first
 
     args = ["data=mnist5k", "data.labels_per_class=10", "-m", "seed=0,1,2"]
     assert mode_flags_first(args) == [
@@ -181,7 +181,7 @@ def test_the_multirun_flag_may_follow_overrides():
 
 def test_paths_holding_equals_signs_are_passed_quoted():
     """Run and job dirs are named by their overrides: a path pasted from the output works."""
-    from pipeline.cli import quote_path_overrides
+    from pipeline.command_line import quote_path_overrides
 
     path = "outputs/selftrain/seed=0,train.epochs=2/round_0/model.ckpt"
     assert quote_path_overrides([f"ckpt={path}", "seed=1", "-m", "train.epochs=2,3"]) == [

@@ -15,7 +15,7 @@ from conftest import FAST, assert_same_weights, compose_cfg, fit_small, run_cli
 from pipeline.config.schema import ConsistencyConfig
 from pipeline.config.specs import consistency_spec
 from pipeline.consistency import ConsistencySpec
-from pipeline.engine.datamodule import EpochBatches, with_pool
+from pipeline.engine.batches import EpochBatches, with_pool
 from pipeline.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

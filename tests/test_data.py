@@ -403,7 +403,7 @@ def test_epoch_batches_resumed_mid_epoch_go_on_with_the_rest_of_that_epoch():
     uninterrupted run trains on from step k: the rest of that epoch, in the same order."""
     import numpy as np
 
-    from pipeline.engine.datamodule import EpochBatches
+    from pipeline.engine.batches import EpochBatches
 
     def make(rng):
         order = rng.permutation(40)

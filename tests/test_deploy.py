@@ -212,7 +212,7 @@ def test_predict_and_export_settings_are_checked():
         ([*good, "out=p.csv", "predict.topk=0"], "predict.topk=0 must be >= 1"),
         ([*good, "out=p.csv", "predict.tta_views=-1"], "predict.tta_views=-1"),
         (["stage=export", "ckpt=m.ckpt"], "format=onnx or format=torchscript"),
-        (["stage=export", "ckpt=m.ckpt", "format=tflite"], "(got format=tflite)"),
+        (["stage=export", "ckpt=m.ckpt", "format=tflite"], "format='tflite'; choose one of onnx"),
         (["stage=export", "format=onnx"], "needs a checkpoint"),
     ]
     for overrides, needle in errors:

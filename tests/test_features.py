@@ -194,7 +194,7 @@ ZOO = [
 @pytest.mark.slow
 def test_cached_selftrain_keeps_the_body_reuses_the_cache_and_exports(tmp_path, tv_file):
     from pipeline.deploy.model import load_model
-    from pipeline.models.zoo import adapt_input_conv
+    from pipeline.models.zoo_adapt import adapt_input_conv
     from pipeline.runtime.io import load_checkpoint
 
     run_dir = tmp_path / "run"

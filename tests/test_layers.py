@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"stages"},  # stage name -> recipe
     # The entry points: one program (`python -m pipeline`, its --help, its DDP ranks), so the
     # only layer whose units import each other.
-    {"cli", "usage", "rank", "__main__", "__init__"},
+    {"cli", "command_line", "usage", "rank", "__main__", "__init__"},
 ]
 
 # Imports that point up or sideways today, each with the module and the unit it imports. The
@@ -121,3 +121,120 @@ def test_the_checker_sees_lazy_imports(tmp_path: Path) -> None:
         "pipeline.errors",
         "pipeline.__version__",
     }
+
+
+# --- no `.get(key, default)` for a key the schema types ----------------------------------------
+
+# What the whole composed config is called where a function reads it.
+ROOT_NAMES = {"cfg", "config"}
+
+
+def typed_fields() -> dict[str, set[str]]:
+    """Section name ("" for the root) -> the fields its dataclass declares (Hydra fills them)."""
+    import dataclasses
+
+    from pipeline.config.schema import TYPED_SECTIONS
+
+    return {
+        p.rstrip("."): {f.name for f in dataclasses.fields(s)} for p, s in TYPED_SECTIONS.items()
+    }
+
+
+def typed_gets(source: str) -> list[str]:
+    """The `.get("field")` calls of a module on a typed section: `<...>.<section>.get(...)`,
+    `pl.get(...)` after `pl = <...>.<section>`, and `cfg.get("<root field>")`. Such a key is
+    always in the composed config, so the fallback is dead code or, worse, a second default."""
+    fields = typed_fields()
+    tree = ast.parse(source)
+    aliases = {
+        target.id: node.value.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr in fields
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            continue
+        owner, key = node.func.value, node.args[0].value
+        if isinstance(owner, ast.Attribute) and owner.attr in fields:
+            section = owner.attr
+        elif isinstance(owner, ast.Name) and owner.id in aliases:
+            section = aliases[owner.id]
+        elif isinstance(owner, ast.Name) and owner.id in ROOT_NAMES:
+            section = ""
+        else:
+            continue
+        if section and key in fields[section] or not section and key in fields[""]:
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_get_with_a_default_for_a_typed_key() -> None:
+    """Typed keys are read as attributes: their one default is the schema's."""
+    found = {
+        str(path.relative_to(PACKAGE)): hits
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (hits := typed_gets(path.read_text()))
+    }
+    assert not found, f"read these typed keys as attributes (cfg.train.select): {found}"
+
+
+def test_the_get_checker_sees_sections_aliases_and_root_keys() -> None:
+    source = (
+        "def f(cfg, data):\n"
+        "    pl = cfg.pseudo_label\n"
+        "    a = cfg.train.get('select', 'last')\n"
+        "    b = pl.get('tta_views', 0)\n"
+        "    c = cfg.get('objective')\n"
+        "    d = cfg.data.get('val_dir')\n"  # a free-form group: options may lack the key
+        "    e = cfg.train.get('no_such_key')\n"
+        "    g = job.config.get('objective')\n"  # a flattened dict read from a file
+        "    return data.get('shard')\n"
+    )
+    assert typed_gets(source) == [
+        "3: cfg.train.get('select', 'last')",
+        "4: pl.get('tta_views', 0)",
+        "5: cfg.get('objective')",
+    ]
+
+
+# --- no module over MAX_LINES lines -------------------------------------------------------------
+
+# A module a reader can take in at one sitting; past it, split it by concern (docs/design.md,
+# "Layout": each new module stays in its package, so in its layer).
+MAX_LINES = 400
+
+
+def long_modules(package: Path = PACKAGE, limit: int = MAX_LINES) -> dict[str, int]:
+    """The modules under `package` longer than `limit` lines, with their line counts."""
+    counts = {
+        path.relative_to(package).as_posix(): len(path.read_text().splitlines())
+        for path in sorted(package.rglob("*.py"))
+    }
+    return {name: n for name, n in counts.items() if n > limit}
+
+
+def test_no_module_is_over_400_lines() -> None:
+    long = long_modules()
+    assert not long, f"modules over {MAX_LINES} lines, split them by concern: " + ", ".join(
+        f"pipeline/{name} ({n})" for name, n in long.items()
+    )
+
+
+def test_the_size_checker_counts_every_module(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "at_limit.py").write_text("x = 1\n" * 400)
+    (tmp_path / "over.py").write_text("x = 1\n" * 401)
+    (tmp_path / "sub" / "nested.py").write_text("\n" * 450)
+    (tmp_path / "notes.txt").write_text("x\n" * 900)  # not a module
+    assert long_modules(tmp_path) == {"over.py": 401, "sub/nested.py": 450}

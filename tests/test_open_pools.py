@@ -22,7 +22,7 @@ from pipeline.data.splits import (
     remap_labels,
 )
 from pipeline.errors import UserError
-from pipeline.selftrain.select import (
+from pipeline.selftrain.pool import (
     PoolHandling,
     align_distribution,
     alignment_weights,
@@ -33,9 +33,8 @@ from pipeline.selftrain.select import (
     ood_auroc,
     ood_score,
     ood_threshold,
-    select_from_shards,
-    select_pseudo_labels,
 )
+from pipeline.selftrain.select import select_from_shards, select_pseudo_labels
 
 # 5 classes of 100 images each, interleaved.
 LABELS = np.tile(np.arange(5), 100)

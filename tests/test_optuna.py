@@ -93,7 +93,7 @@ def test_a_study_that_cannot_optimise_is_refused_before_its_first_trial(
 
 
 def test_a_missing_sweeper_names_the_pip_command():
-    from pipeline.cli import hydra_error_line
+    from pipeline.command_line import hydra_error_line
 
     text = (
         "In 'hparams_search/pseudo_label': Could not find 'hydra/sweeper/optuna'\n\n"

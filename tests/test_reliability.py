@@ -18,7 +18,7 @@ import torch
 from conftest import FAST, REPO, assert_same_weights, fit_small, run_cli, wait_for
 
 from pipeline.errors import UserError
-from pipeline.runtime import preemption
+from pipeline.runtime import preemption, requeue
 from pipeline.runtime.io import (
     CHECKSUM_KEY,
     DamagedCheckpoint,
@@ -26,7 +26,8 @@ from pipeline.runtime.io import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.runtime.rundir import LOCK, RunDir, RunDirBusy
+from pipeline.runtime.run_lock import LOCK, RunDirBusy
+from pipeline.runtime.rundir import RunDir
 
 THREADS = {"OMP_NUM_THREADS": "1"}
 
@@ -382,9 +383,9 @@ def test_ctrl_c_is_recorded_like_term_and_a_second_one_stops_at_once(monkeypatch
     assert exits == [130]
     assert signal.SIGINT in preemption.SIGNALS
     monkeypatch.setattr(preemption, "_stopped_by", [])
-    assert preemption.stopped(signal.SIGINT, started_rank=True, is_rank_zero=True) == 3
-    assert preemption.stopped(signal.SIGINT, started_rank=False, is_rank_zero=False) == 130
-    assert preemption.stopped(signal.SIGTERM, started_rank=False, is_rank_zero=False) == 1
+    assert requeue.stopped(signal.SIGINT, started_rank=True, is_rank_zero=True) == 3
+    assert requeue.stopped(signal.SIGINT, started_rank=False, is_rank_zero=False) == 130
+    assert requeue.stopped(signal.SIGTERM, started_rank=False, is_rank_zero=False) == 1
 
 
 @pytest.mark.slow

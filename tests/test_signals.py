@@ -173,7 +173,7 @@ def test_the_checkpoint_callbacks_state_key_is_lightnings_own(tmp_path):
         assert ours.state_key is ours.state_key  # formatted once
 
 
-# --- TERM in a SLURM job: SLURM's decision stands (runtime/preemption.py settle_term) ----------
+# --- TERM in a SLURM job: SLURM's decision stands (runtime/requeue.py settle_term) -------------
 
 # A stand-in for scontrol: it logs its arguments to $FAKE_SLURM/calls, prints the job's fields
 # (job.N for the N-th `show job` if that file exists, else job) and the partition's, and
@@ -209,7 +209,7 @@ def job_line(
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
     """scontrol on PATH is FAKE_SCONTROL; returns its folder (job, partition, calls)."""
-    from pipeline.runtime import preemption
+    from pipeline.runtime import preemption, requeue
 
     folder = tmp_path / "slurm"
     (folder / "bin").mkdir(parents=True)
@@ -222,7 +222,7 @@ def fake_slurm(tmp_path, monkeypatch):
     (folder / "calls").write_text("")
     monkeypatch.setenv("PATH", f"{folder / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM", str(folder))
-    monkeypatch.setattr(preemption, "SLURM_POLL_S", 0.05)
+    monkeypatch.setattr(requeue, "SLURM_POLL_S", 0.05)
     monkeypatch.setattr(preemption, "_max_requeues", 20)
     monkeypatch.setattr(preemption, "_requested", [])
     return folder
@@ -236,28 +236,28 @@ def calls(folder) -> list[str]:
 def test_term_after_slurm_decided_stops_at_once(fake_slurm, state):
     """scancel, scontrol requeue, the time limit, a preemption without a grace time: SLURM has
     decided before it sent TERM (the job is no longer RUNNING); the job stops at once."""
-    from pipeline.runtime import preemption
+    from pipeline.runtime import requeue
 
     (fake_slurm / "job").write_text(job_line(state))
-    said = preemption.settle_term("123", may_requeue=True)
+    said = requeue.settle_term("123", may_requeue=True)
     assert said.startswith("SLURM job 123 is requeued by SLURM if it was preempted"), said
     assert calls(fake_slurm) == ["show job -o 123"]
 
 
 def test_a_term_that_is_not_slurms_stops_at_once(fake_slurm):
     """RUNNING without a PreemptTime: a `kill` inside the job, not SLURM; nothing to wait for."""
-    from pipeline.runtime import preemption
+    from pipeline.runtime import requeue
 
     (fake_slurm / "job").write_text(job_line(grace=False))
-    said = preemption.settle_term("123", may_requeue=True)
+    said = requeue.settle_term("123", may_requeue=True)
     assert said == "re-run the same command, or requeue the job, to resume"
     assert calls(fake_slurm) == ["show job -o 123"]
 
 
 def test_preempted_with_a_grace_time_the_job_requeues_itself(fake_slurm):
-    from pipeline.runtime import preemption
+    from pipeline.runtime import requeue
 
-    said = preemption.settle_term("123", may_requeue=True)
+    said = requeue.settle_term("123", may_requeue=True)
     assert said == (
         "SLURM job 123 was preempted with a grace time: requeued it (restart 1); it resumes "
         "from the saved state"
@@ -273,7 +273,7 @@ def test_preempted_with_a_grace_time_the_job_waits_for_slurm_otherwise(
 ):
     """Where the job may not requeue itself it waits, doing nothing, until SLURM acts at the end
     of the grace time (here: the job's state reads PREEMPTED from the 3rd look on)."""
-    from pipeline.runtime import preemption
+    from pipeline.runtime import preemption, requeue
 
     line = job_line()
     if why == "not requeueable":
@@ -288,7 +288,7 @@ def test_preempted_with_a_grace_time_the_job_waits_for_slurm_otherwise(
     (fake_slurm / "job").write_text(line.replace("JobState=RUNNING", "JobState=PREEMPTED"))
     (fake_slurm / "job.1").write_text(line)
     (fake_slurm / "job.2").write_text(line)
-    said = preemption.settle_term("123", may_requeue=why != "other rank")
+    said = requeue.settle_term("123", may_requeue=why != "other rank")
     assert said == "SLURM ended job 123 (PREEMPTED): stopping"
     made = calls(fake_slurm)
     assert made.count("requeue 123") == (1 if why == "requeue refused" else 0), made
@@ -313,9 +313,9 @@ def test_preempted_with_a_grace_time_the_job_waits_for_slurm_otherwise(
 def test_the_wait_ends_on_slurms_next_signal(fake_slurm, monkeypatch):
     """SLURM acts at the end of the grace time with CONT + TERM: the wait ends on that signal
     (the state is not read again after the first look: SLURM_POLL_S is long here)."""
-    from pipeline.runtime import preemption
+    from pipeline.runtime import preemption, requeue
 
-    monkeypatch.setattr(preemption, "SLURM_POLL_S", 60.0)
+    monkeypatch.setattr(requeue, "SLURM_POLL_S", 60.0)
     monkeypatch.setattr(preemption, "_owner_pid", os.getpid())
     (fake_slurm / "job").write_text(job_line(requeue=0))
     previous = signal.signal(signal.SIGTERM, preemption._on_signal)
@@ -323,7 +323,7 @@ def test_the_wait_ends_on_slurms_next_signal(fake_slurm, monkeypatch):
     started = time.monotonic()
     try:
         timer.start()
-        said = preemption.settle_term("123", may_requeue=True)
+        said = requeue.settle_term("123", may_requeue=True)
     finally:
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
@@ -335,9 +335,9 @@ def test_the_wait_ends_on_slurms_next_signal(fake_slurm, monkeypatch):
 def test_the_wait_gives_up_after_the_grace_time(fake_slurm, monkeypatch):
     """A SLURM that never acts (its controller gone): the job stops SLURM_LATE_S after the end
     of its grace time instead of hanging."""
-    from pipeline.runtime import preemption
+    from pipeline.runtime import requeue
 
     (fake_slurm / "job").write_text(job_line(requeue=0, end_in=-1))
-    monkeypatch.setattr(preemption, "SLURM_LATE_S", 1.0)
-    said = preemption.settle_term("123", may_requeue=True)
+    monkeypatch.setattr(requeue, "SLURM_LATE_S", 1.0)
+    said = requeue.settle_term("123", may_requeue=True)
     assert said == "SLURM did not act on job 123 by the end of its grace time: stopping"

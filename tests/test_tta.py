@@ -10,7 +10,7 @@ from test_config import compose_cfg
 from pipeline.cli import resolve
 from pipeline.data import ImageArrays
 from pipeline.engine.augment import BatchAugment, fixed_views
-from pipeline.engine.datamodule import Batches
+from pipeline.engine.batches import Batches
 from pipeline.engine.predict import predict
 from pipeline.engine.train import data_augment
 from pipeline.models.checkpoint import build_net

@@ -38,7 +38,8 @@ from pipeline.models.checkpoint import (
     load_net,
     model_checkpoint,
 )
-from pipeline.models.zoo import adapt_input_conv, read_state_dict
+from pipeline.models.zoo_adapt import adapt_input_conv
+from pipeline.models.zoo_weights import read_state_dict
 from pipeline.runtime.io import load_checkpoint, save_checkpoint
 
 timm = pytest.importorskip("timm")

@@ -54,7 +54,7 @@ def round_model(cfg: DictConfig, k: int) -> DictConfig:
     """The (resolved) model config of round k."""
     if k == 0:
         return cfg.model
-    names = cfg.selftrain.get("student_models")
+    names = cfg.selftrain.student_models
     if not names:
         return cfg.student_model
     name = str(names[min(k, len(names)) - 1])
@@ -84,7 +84,7 @@ def round_names(cfg: DictConfig) -> list[str]:
 
 def check_student_models(cfg: DictConfig) -> None:
     """selftrain.student_models: known names, no entry that would never train."""
-    names = cfg.selftrain.get("student_models")
+    names = cfg.selftrain.student_models
     if names is None:
         return
     if not len(names):

@@ -61,7 +61,7 @@ def check_logger_packages(cfg: DictConfig) -> None:
     installed (else the pip command that installs it)."""
     import importlib.util
 
-    loggers = cfg.get("logger")
+    loggers = cfg.logger
     if not loggers:
         return
     if not isinstance(loggers, DictConfig):
@@ -93,21 +93,21 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"unknown stage={cfg.stage!r}; choose one of {', '.join(STAGES)}")
     check_declared(cfg, DECLARED)  # each key's type and range
     check_pool_handling(cfg)
-    ema = cfg.train.get("ema_decay")
-    if ema is not None and cfg.train.get("select") == "best_val":
+    ema = cfg.train.ema_decay
+    if ema is not None and cfg.train.select == "best_val":
         # The val checkpoints would hold the raw weights, the round the averaged ones.
         raise UserError(
             f"train.ema_decay={ema} with train.select=best_val is not supported: the averaged "
             "weights are what each round keeps; pass train.select=last or train.ema_decay=null"
         )
     check_student_models(cfg)
-    lpc = cfg.data.get("labels_per_class")
+    lpc = cfg.data.labels_per_class
     if lpc is None and cfg.data.name != "image_folder" and cfg.stage not in ("report",):
         raise UserError(
             "data.labels_per_class=null is only for data=image_folder; give a number per class"
         )
     check_trainer_keys(cfg.trainer)  # every trainer.* key is a Trainer argument or ours
-    if cfg.model.get("weights") and "weights" not in cfg.model.get("net", {}):
+    if cfg.model.weights and "weights" not in cfg.model.net:
         raise UserError(
             f"model={cfg.model.name} has no torchvision weights (model.weights="
             f"{cfg.model.weights}); use model=resnet18 model.weights=IMAGENET1K_V1, or "
@@ -143,9 +143,10 @@ def check_validation(cfg: DictConfig) -> None:
     """The val split's settings: carved from the label budget, one source, and there when
     train.select=best_val needs it."""
     for node in ("data", "pretrain_data"):
-        data = cfg.get(node)
+        data = cfg[node]
         if not isinstance(data, DictConfig):
             continue
+        # .get: an unresolved pretrain_data=auto (no offline source) has only its two keys
         vpc, lpc = data.get("val_per_class") or 0, data.get("labels_per_class")
         if vpc and lpc is not None and vpc >= lpc:
             raise UserError(
@@ -238,7 +239,7 @@ def check_shard_patterns(cfg: DictConfig) -> None:
 
     dirs = ("labelled_dir", "unlabelled_dir", "test_dir", "val_dir")
     specs = {f"{node}.{k}": cfg[node].get(k) for node in ("data", "pretrain_data") for k in dirs}
-    specs["input"] = cfg.get("input")
+    specs["input"] = cfg.input
     for name, spec in specs.items():
         items = list(spec) if isinstance(spec, ListConfig) else [spec]
         for item in (str(i) for i in items if i is not None):

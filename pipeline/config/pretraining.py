@@ -41,7 +41,7 @@ def resolve_pretrain_source(cfg: DictConfig) -> None:
     """`pretrain_data=auto` becomes the other bundled set; every source is shaped (image_size,
     channels) and normalised (mean, std) like the target, so that the pretrained first layer
     sees the same input scale in both, and uses all of its labels (in place)."""
-    if cfg.pretrain_data.get("name") == "auto":
+    if cfg.pretrain_data.name == "auto":
         source = AUTO_SOURCE.get(cfg.data.name)
         if source is None:
             if runs_pretraining(cfg):
@@ -110,7 +110,7 @@ def check_pretrained_students(cfg: DictConfig) -> None:
             "pretrain.ckpt out (each architecture is then pretrained on pretrain_data) or train "
             f"students of model={cfg.model.name}"
         )
-    if cfg.pretrain_data.get("name") == "auto":
+    if cfg.pretrain_data.name == "auto":
         raise UserError(
             f"init=pretrained with students of model={', '.join(others)} pretrains them on "
             f"pretrain_data, which has no offline source for data={cfg.data.name}; pass "

@@ -43,7 +43,7 @@ BALANCE_HINT = (
 )
 CONSISTENCY_METHODS = ("none", "fixmatch", "flexmatch", "freematch", "softmatch")
 METHOD_HINT = "consistency=NAME picks a method with its settings"
-# pseudo_label.dist_align and pseudo_label.ood_score (pipeline/selftrain/select.py).
+# pseudo_label.dist_align and pseudo_label.ood_score (pipeline/selftrain/pool.py).
 DIST_ALIGN_MODES = ("none", "labelled", "estimated", "given")
 OOD_SCORES = ("none", "msp", "energy")
 UNLABELLED_ORDERS = ("same", "reversed", "uniform")

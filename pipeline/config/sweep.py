@@ -16,7 +16,7 @@ def check_optimising_sweeper(config: DictConfig) -> None:
     sweeper = OmegaConf.select(config, "hydra.sweeper", default=None) or {}
     if "optuna" not in str(sweeper.get("_target_", "")).lower():
         return
-    objective = config.get("objective")
+    objective = config.objective
     if not objective:
         raise UserError(
             "hydra/sweeper=optuna optimises the jobs' objective: pass objective=val_accuracy"
@@ -37,9 +37,9 @@ def check_optimising_sweeper(config: DictConfig) -> None:
         if override.is_sweep_override():
             params.add(override.key_or_group)
     swept_val = {"data.val_per_class", "data.val_dir"} & params
-    data = config.get("data") or {}
+    data = config.data
     if objective == "val_accuracy" and not swept_val:
-        has_val = bool(data.get("val_per_class") or 0) or bool(data.get("val_dir"))
+        has_val = bool(data.val_per_class) or bool(data.get("val_dir"))  # val_dir: image_folder
         if not has_val:
             raise UserError(
                 "objective=val_accuracy needs a val split to tune on: pass data.val_per_class=N "

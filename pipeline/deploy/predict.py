@@ -174,7 +174,7 @@ def old_checkpoint_hint(cfg: DictConfig) -> str:
 def engine_data(cfg: DictConfig, card: ModelCard) -> DictConfig:
     """The data node the engine reads: the checkpoint's input, the command's data.* runtime
     settings (on_bad_image, num_workers, decode_on)."""
-    on_bad = cfg.data.get("on_bad_image") or "fail"
+    on_bad = cfg.data.on_bad_image or "fail"
     if on_bad not in ("fail", "skip"):
         raise UserError(f"data.on_bad_image must be 'fail' or 'skip', got {on_bad!r}")
     return OmegaConf.create(
@@ -187,8 +187,8 @@ def engine_data(cfg: DictConfig, card: ModelCard) -> DictConfig:
             "std": card.std,
             "augment": card.augment,
             "on_bad_image": on_bad,
-            "num_workers": cfg.data.get("num_workers", "auto"),
-            "decode_on": cfg.data.get("decode_on", "workers"),
+            "num_workers": cfg.data.num_workers,
+            "decode_on": cfg.data.decode_on,
         }
     )
 
@@ -233,7 +233,7 @@ def input_manifest(cfg: DictConfig, run: RunDir) -> Manifest:
     """The input's listing in the run (run_dir/manifest/input): the one listed when the run
     started, or a new one when the input changed since (its parts are then redone)."""
     spec = input_spec(cfg.input)
-    cache_dir = Path(cfg.data.get("cache_dir") or "~/.cache/pipeline").expanduser()
+    cache_dir = Path(cfg.data.cache_dir or "~/.cache/pipeline").expanduser()
     own = run / "manifest" / "input"
 
     def make() -> Listing:

@@ -214,7 +214,7 @@ def cache_key(
         "image_size": data_cfg.get("image_size"),
         "mean": [float(m) for m in data_cfg.mean],
         "std": [float(s) for s in data_cfg.std],
-        "precision": str(cfg.trainer.get("precision", "32")),
+        "precision": str(cfg.trainer.precision),
         "images": set_digest(images),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -356,7 +356,7 @@ def training_inputs(
     alone and the task's sets as cached features, the pool's too when the training set holds
     pseudo-labelled rows (`with_pool`); None otherwise (train on images). Pretraining trains
     its body: never cached."""
-    if phase == "pretraining" or not cfg.model.get("cache_features"):
+    if phase == "pretraining" or not cfg.model.cache_features:
         return None
     if not body_is_frozen(net):
         raise UserError(
@@ -379,7 +379,7 @@ def labelling_inputs(
     model = recorded_model(io.load_checkpoint(teacher_ckpt)) or {}
     if not model.get("cache_features"):
         return None
-    ood = cfg.pseudo_label.get("ood_score", "none") != "none"
+    ood = cfg.pseudo_label.ood_score != "none"
     splits = ("unlabelled", *(("labelled", "val") if ood else ()))
     name = str(model.get("name"))
     return HeadOnly(net), feature_task(cfg, cfg.data, net, task, run, name, splits)

@@ -19,13 +19,8 @@ from omegaconf import DictConfig
 from pipeline.consistency import ConsistencySpec
 from pipeline.consistency import build as build_consistency
 from pipeline.data.arrays import ImageSet
-from pipeline.engine.datamodule import (
-    Batches,
-    ImageDataModule,
-    PairedBatches,
-    resolve_workers,
-    with_pool,
-)
+from pipeline.engine.batches import Batches, PairedBatches, with_pool
+from pipeline.engine.datamodule import ImageDataModule, resolve_workers
 from pipeline.engine.ema import EMA
 from pipeline.engine.features import FeatureDataModule, is_features
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
@@ -198,12 +193,12 @@ def fit(
         num_classes=train_set.num_classes,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler)
-        if cfg.get("scheduler") and cfg.scheduler.get("_target_")
+        if cfg.scheduler and cfg.scheduler.get("_target_")
         else None,
         label_smoothing=cfg.train.label_smoothing,
         backbone_lr_scale=lr_scale,
         frozen_modules=frozen,
-        compile=cfg.trainer.get("compile", False),
+        compile=cfg.trainer.compile,
         hparams=hparams,
         log_prefix=log_prefix,
         channels_last=channels_last(cfg.trainer),
@@ -227,14 +222,14 @@ def fit(
             save_on_train_epoch_end=False,  # when VAL_ACC of the epoch is known
         )
         callbacks.append(best)
-    ema = cfg.train.get("ema_decay")
+    ema = cfg.train.ema_decay
     if ema is not None:  # the network ends with its averaged weights (engine/ema.py)
         callbacks.append(EMA(float(ema)))
     trainer = build_trainer(
         cfg.trainer,
         max_epochs=epochs,
         ckpt_dir=ckpt_dir,
-        ckpt_every_s=cfg.train.get("checkpoint_every_s"),
+        ckpt_every_s=cfg.train.checkpoint_every_s,
         progress=cfg.progress,
         callbacks=callbacks,
         root_dir=work_dir,

@@ -119,7 +119,7 @@ def round_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def build_run_loggers(cfg: DictConfig, run_path: Path) -> RunLoggers | None:
     """The loggers of `cfg.logger` (None without any), on rank 0 (other ranks: none)."""
-    nodes = cfg.get("logger") or {}
+    nodes = cfg.logger or {}
     if not nodes:
         return None
     if not dist.is_rank_zero():

@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 
 from pipeline.data.splits import network_classes
-from pipeline.engine.datamodule import Batches, ViewsFn
+from pipeline.engine.batches import Batches
+from pipeline.engine.datamodule import ViewsFn
 from pipeline.engine.fit import datamodule
 from pipeline.engine.module import LitClassifier
 from pipeline.engine.trainer import build_trainer, channels_last

@@ -77,7 +77,7 @@ def train_model(
     hparams = hparams_for(cfg, data_cfg, task.num_classes, task.bundle.classes)
     # A pretraining source without a val split keeps its last epoch (checks.py refuses
     # best_val without a val split on the data a stage trains on).
-    select = str(cfg.train.get("select", "last")) if task.val is not None else "last"
+    select = str(cfg.train.select) if task.val is not None else "last"
     tracker = run.tracker
     steps = None
     if run.checkpoint_intact(model_path):  # trained before a kill (and intact): evaluate it

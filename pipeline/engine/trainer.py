@@ -89,7 +89,7 @@ def _agreed_flags(trainer: L.Trainer, *flags: int | torch.Tensor) -> list[int]:
 class LastCheckpoint(Checkpoint):
     """Writes `path` (checkpoints/last.ckpt), what a killed run resumes from: every `every_s`
     seconds of training (or, with None, at every epoch's end), and at the next step after a
-    signal, which then stops training (the stage exits or requeues: runtime/preemption.py).
+    signal, which then stops training (the stage exits or requeues: runtime/requeue.py).
     It also stops a training that diverged (a loss that is not finite, checked every step;
     weights that are not, at every epoch's end) with one line (exit 2), never saving its
     weights: last.ckpt keeps the last good state.
@@ -284,7 +284,7 @@ class Trainer(L.Trainer):
 
 def channels_last(trainer_cfg: Mapping[str, Any]) -> bool:
     """`trainer.channels_last`: networks and batches in the NHWC memory format."""
-    return bool(trainer_cfg.get("channels_last", False))
+    return bool(trainer_cfg["channels_last"])
 
 
 def trainer_arguments(trainer_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def load_net(
     model = recorded_model(ckpt)
     if model is not None:
         name = model.get("name")
-        if name != cfg.model.get("name"):
+        if name != cfg.model.name:
             log.info("%s is a model=%s: built as it names", ckpt_path, name)
         net = build_recorded_net(model, num_classes, f"checkpoint {ckpt_path}")
     else:

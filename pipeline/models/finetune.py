@@ -169,7 +169,7 @@ def check_cache_features(cfg: DictConfig) -> bool:
 
     rounds = cfg.selftrain.rounds if cfg.stage == "selftrain" else 0
     models = [round_model(cfg, k) for k in range(rounds + 1)]
-    cached = [m for m in models if m.get("cache_features")]
+    cached = [m for m in models if m.cache_features]
     if not cached or cfg.stage not in CACHED_STAGES:
         return False
     if cfg.finetune.mode != "linear":

@@ -183,7 +183,7 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
     path = tmp / "config.yaml"
     OmegaConf.save(cfg, path, resolve=True)
     port = free_port()
-    threads = str(cfg.trainer.get("num_threads") or cpu_threads_per_rank(n))
+    threads = str(cfg.trainer.num_threads or cpu_threads_per_rank(n))
     procs = []
     for r in range(n):
         env = dict(os.environ)

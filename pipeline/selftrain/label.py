@@ -38,16 +38,18 @@ from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
 from pipeline.runtime import io
 from pipeline.runtime.rundir import RunDir, Step
-from pipeline.selftrain.select import (
+from pipeline.selftrain.pool import (
     PoolHandling,
-    PseudoLabels,
     alignment_weights,
-    balance_target,
     crest_keep_rates,
-    duplicate_to_k,
     em_prior,
     ood_score,
     ood_threshold,
+)
+from pipeline.selftrain.select import (
+    PseudoLabels,
+    balance_target,
+    duplicate_to_k,
     per_class_stats,
     select_from_shards,
 )
@@ -108,9 +110,9 @@ def selection_context(
     is their mean probability's max, energy the clean view's) and the pool's foreign flags."""
     pl = cfg.pseudo_label
     needs_task = (
-        pl.get("dist_align", "none") in ("labelled", "estimated")
-        or pl.get("rebalance_alpha") is not None
-        or pl.get("ood_score", "none") != "none"
+        pl.dist_align in ("labelled", "estimated")
+        or pl.rebalance_alpha is not None
+        or pl.ood_score != "none"
     )
     if task is None:
         if needs_task:
@@ -123,7 +125,7 @@ def selection_context(
         "labelled_counts": np.bincount(task.labelled.labels.numpy(), minlength=task.num_classes),
         "foreign": task.pool_foreign,
     }
-    kind = str(pl.get("ood_score", "none"))
+    kind = str(pl.ood_score)
     if kind != "none":
         reference = concat([task.labelled, *([task.val] if task.val is not None else [])])
         views = teacher_views(cfg, data_cfg)
@@ -137,7 +139,7 @@ def pool_handling(
 ) -> tuple[PoolHandling, dict[str, Any]]:
     """The PoolHandling of pseudo_label.dist_align / prior / rebalance_alpha / ood_score over
     this pass's shard files, and what it found (for the diagnostics)."""
-    mode = str(pl.get("dist_align", "none"))
+    mode = str(pl.dist_align)
     counts = context.get("labelled_counts")
     prior = counts / max(1, counts.sum()) if counts is not None else None
     found: dict[str, Any] = {}
@@ -151,17 +153,17 @@ def pool_handling(
         for p in chunks():
             total, n = total + p.sum(axis=0), n + len(p)
         pool_mean = np.asarray(total) / max(1, n)
-        given = np.asarray(pl.prior, np.float64) if pl.get("prior") is not None else None
+        given = np.asarray(pl.prior, np.float64) if pl.prior is not None else None
         estimated = em_prior(chunks, prior) if mode == "estimated" else None
         weights = alignment_weights(mode, pool_mean, prior, given, estimated)
         found["dist_align_weights"] = [round(float(w), 6) for w in weights]
         if estimated is not None:
             found["estimated_prior"] = [round(float(x), 6) for x in estimated]
     rates = None
-    if pl.get("rebalance_alpha") is not None:
+    if pl.rebalance_alpha is not None:
         rates = crest_keep_rates(counts, float(pl.rebalance_alpha))
         found["rebalance_keep_rates"] = [round(float(r), 6) for r in rates]
-    kind = str(pl.get("ood_score", "none"))
+    kind = str(pl.ood_score)
     threshold = None
     if kind != "none":
         threshold = ood_threshold(context["reference_scores"], float(pl.ood_quantile))
@@ -171,7 +173,7 @@ def pool_handling(
 def shard_plan(cfg: DictConfig, n: int) -> ShardPlan:
     """The pool's shards: pseudo_label.num_shards, or one per pseudo_label.shard_size images."""
     pl = cfg.pseudo_label
-    num = pl.get("num_shards") or max(1, math.ceil(n / int(pl.get("shard_size") or 4096)))
+    num = pl.num_shards or max(1, math.ceil(n / int(pl.shard_size)))
     return ShardPlan(n, int(num))
 
 
@@ -203,10 +205,10 @@ def label_shards(
     if not todo:
         return plan
     pl = cfg.pseudo_label
-    soft_topk = pl.get("soft_topk") if pl.soft else None
+    soft_topk = pl.soft_topk if pl.soft else None
     # Distribution alignment re-weights every class's probability: the shards keep them all.
-    keep_probs = pl.soft or pl.get("dist_align", "none") != "none"
-    extras = ("energy",) if pl.get("ood_score", "none") == "energy" else ()
+    keep_probs = pl.soft or pl.dist_align != "none"
+    extras = ("energy",) if pl.ood_score == "energy" else ()
 
     def write(
         shard: int, index: np.ndarray, probs: np.ndarray, bad: Unreadable, **extra: np.ndarray
@@ -271,7 +273,7 @@ def select_and_write(
                 f"(e.g. {missing[0]}); run the jobs of pseudo_label.shard=... first"
             )
         pl = cfg.pseudo_label
-        balance = str(pl.get("balance", "none"))
+        balance = str(pl.balance)
         handling, found = pool_handling(pl, files, context)
         kept, stats = select_from_shards(
             files, plan, pl.threshold, pl.max_per_class, pl.soft, pl.temperature, truth, balance,
@@ -296,7 +298,7 @@ def select_and_write(
 def teacher_views(cfg: DictConfig, data_cfg: DictConfig) -> ViewsFn | None:
     """The fixed views the teacher averages over (pseudo_label.tta_views of data.augment's
     affine ranges); None without views or augmentation."""
-    return views_fn(int(cfg.pseudo_label.get("tta_views", 0)), data_augment(data_cfg))
+    return views_fn(int(cfg.pseudo_label.tta_views), data_augment(data_cfg))
 
 
 def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:

@@ -52,7 +52,7 @@ def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     if out.suffix != ".npz":
         raise UserError(f"out={out} must end in .npz")
     net = load_net(cfg, cfg.ckpt, task.num_classes)
-    shard = cfg.pseudo_label.get("shard")
+    shard = cfg.pseudo_label.shard
     if shard is not None:
         shard_dir = out.with_suffix(".shards")
         plan = label_shards(cfg, cfg.data, net, task.unlabelled, shard_dir, run, only=int(shard))

@@ -35,7 +35,7 @@ def train_student(
 def duplicate_target(cfg: DictConfig, pseudo: PseudoLabels | None) -> int | None:
     """K up to which the classes' pseudo-labels are duplicated (pseudo_label.balance=duplicate;
     K = pseudo_label.max_per_class, or the median class count); None: no duplication."""
-    if cfg.pseudo_label.get("balance", "none") != "duplicate" or pseudo is None:
+    if cfg.pseudo_label.balance != "duplicate" or pseudo is None:
         return None
     return balance_target(pseudo.label, cfg.pseudo_label.max_per_class)
 
