@@ -224,9 +224,12 @@ def bench_folder_labelling(work: Path, n: int, repeats: int, compose, medians) -
     }
 
 
-def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) -> dict:
-    """Our training path on n JPEGs streamed from disk vs the same images decoded in memory."""
-    from pipeline.data.image_folder import load_image_folder
+def train_vs_memory(
+    cfg, images, source, repeats: int, medians, prefix: str, memory_key: str
+) -> dict:
+    """One training epoch on `images` (streamed or cached) vs the same images decoded from
+    `source` into memory: images per second of each (`memory_key` the in-memory figure's
+    name) and their ratio, the other keys named `prefix`_*."""
     from pipeline.data.streamed import decode_all
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
@@ -234,30 +237,38 @@ def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) ->
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
+    memory = decode_all(source, False, "pool")
+    train_set = merge_labelled_and_pseudo(np.arange(len(images)) % 3, None, 3)
+    augment = BatchAugment(**data_augment(cfg.data))
+    per_epoch = len(training_batches(train_set, cfg, 1)(np.random.default_rng(0)))
+    images_per_run = per_epoch * int(cfg.train.batch_size)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-train-"))
+
+    def run(data) -> None:
+        subprocess.run(["rm", "-rf", str(work_dir)], check=True)
+        net = build_net(cfg, 3)
+        fit(cfg, cfg.data, net, data, train_set, work_dir, 0, 1, {"num_classes": 3}, augment)
+
+    t_images, t_memory = medians(lambda: run(images), lambda: run(memory), repeats)
+    return {
+        f"{prefix}_train_images": images_per_run,
+        f"{prefix}_train_images_per_s": round(images_per_run / t_images, 1),
+        memory_key: round(images_per_run / t_memory, 1),
+        f"{prefix}_train_ratio_vs_memory": round(t_memory / t_images, 3),
+    }
+
+
+def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) -> dict:
+    """Our training path on n JPEGs streamed from disk vs the same images decoded in memory."""
+    from pipeline.data.image_folder import load_image_folder
+
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*data_args(work, pool_dir)[:-1], "data.in_memory=false", "train.min_steps=0",
                   "train.checkpoint_every_s=60")  # fmt: skip
     streamed = load_image_folder(cfg.data).extra_unlabelled
-    memory = decode_all(streamed, False, "pool")
-    labels = np.arange(len(streamed)) % 3
-    train_set = merge_labelled_and_pseudo(labels, None, 3)
-    augment = BatchAugment(**data_augment(cfg.data))
-    per_epoch = len(training_batches(train_set, cfg, 1)(np.random.default_rng(0)))
-    images_per_run = per_epoch * int(cfg.train.batch_size)
-    work_dir = Path(tempfile.mkdtemp(prefix="bench-stream-train-"))
-
-    def run(images) -> None:
-        subprocess.run(["rm", "-rf", str(work_dir)], check=True)
-        net = build_net(cfg, 3)
-        fit(cfg, cfg.data, net, images, train_set, work_dir, 0, 1, {"num_classes": 3}, augment)
-
-    t_stream, t_memory = medians(lambda: run(streamed), lambda: run(memory), repeats)
-    return {
-        "stream_train_images": images_per_run,
-        "stream_train_images_per_s": round(images_per_run / t_stream, 1),
-        "memory_train_images_per_s": round(images_per_run / t_memory, 1),
-        "stream_train_ratio_vs_memory": round(t_memory / t_stream, 3),
-    }
+    return train_vs_memory(
+        cfg, streamed, streamed, repeats, medians, "stream", "memory_train_images_per_s"
+    )
 
 
 # --- data.cache=decoded --------------------------------------------------------------------
@@ -272,37 +283,14 @@ def bench_cache_training(work: Path, n: int, repeats: int, compose, medians) -> 
     """Our training path on n images read from the decoded-image cache vs the same images
     decoded in memory (the cache made before the timing)."""
     from pipeline.data.image_folder import load_image_folder
-    from pipeline.data.streamed import decode_all
-    from pipeline.engine.augment import BatchAugment
-    from pipeline.engine.fit import fit, training_batches
-    from pipeline.engine.train import data_augment
-    from pipeline.models.checkpoint import build_net
-    from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0",
                   "train.checkpoint_every_s=60")  # fmt: skip
     cached = load_image_folder(cfg.data).extra_unlabelled
-    memory = decode_all(cached.source, False, "pool")
-    labels = np.arange(len(cached)) % 3
-    train_set = merge_labelled_and_pseudo(labels, None, 3)
-    augment = BatchAugment(**data_augment(cfg.data))
-    per_epoch = len(training_batches(train_set, cfg, 1)(np.random.default_rng(0)))
-    images_per_run = per_epoch * int(cfg.train.batch_size)
-    work_dir = Path(tempfile.mkdtemp(prefix="bench-cache-train-"))
-
-    def run(images) -> None:
-        subprocess.run(["rm", "-rf", str(work_dir)], check=True)
-        net = build_net(cfg, 3)
-        fit(cfg, cfg.data, net, images, train_set, work_dir, 0, 1, {"num_classes": 3}, augment)
-
-    t_cache, t_memory = medians(lambda: run(cached), lambda: run(memory), repeats)
-    return {
-        "cache_train_images": images_per_run,
-        "cache_train_images_per_s": round(images_per_run / t_cache, 1),
-        "cache_memory_train_images_per_s": round(images_per_run / t_memory, 1),
-        "cache_train_ratio_vs_memory": round(t_memory / t_cache, 3),
-    }
+    return train_vs_memory(
+        cfg, cached, cached.source, repeats, medians, "cache", "cache_memory_train_images_per_s"
+    )
 
 
 def bench_cache_first_pass(work: Path, n: int, repeats: int, compose, medians) -> dict:
