@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
@@ -25,7 +26,6 @@ from pipeline.engine.ema import EMA
 from pipeline.engine.features import FeatureDataModule, is_features
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
 from pipeline.engine.trainer import (
-    CachedKeyCheckpoint,
     build_trainer,
     channels_last,
 )
@@ -211,7 +211,7 @@ def fit(
     callbacks: list[L.Callback] = []
     best = None
     if select == "best_val":
-        best = CachedKeyCheckpoint(
+        best = ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best",
             monitor=VAL_ACC,

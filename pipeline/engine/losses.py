@@ -34,8 +34,10 @@ class RankSync(Sync):
         self.module = module
 
     def _world(self) -> int:
-        trainer = self.module._trainer
-        return 1 if trainer is None else trainer.world_size
+        try:
+            return self.module.trainer.world_size
+        except RuntimeError:  # not attached to a Trainer (a module used on its own)
+            return 1
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         if self._world() == 1:

@@ -118,31 +118,6 @@ class LitClassifier(PoolLoss, L.LightningModule):
         self._sync = RankSync(self)
         self._pool_stats: torch.Tensor | float = 0.0  # seen, kept, kept with truth, right
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets `_current_fx_name` (a str or None) before and after every hook it
-        # calls, dozens of times a step; nn.Module.__setattr__ checks every value against
-        # parameters, modules and buffers first. A str lands in __dict__ either way.
-        if name == "_current_fx_name":
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
-
-    @property
-    def automatic_optimization(self) -> bool:  # type: ignore[override]
-        """Lightning's automatic optimization only where its Trainer features need it (gradient
-        clipping, accumulation). Otherwise training_step steps the optimizer itself (Lightning's
-        manual optimization): the same update in the same order, without the closure and the
-        hooks Lightning wraps around each step (about 0.08 ms a step on a 2-core CPU). Both give
-        the same weights (tests/test_fit.py)."""
-        trainer = self._trainer
-        return trainer is None or bool(
-            trainer.gradient_clip_val or trainer.accumulate_grad_batches > 1
-        )
-
-    @automatic_optimization.setter
-    def automatic_optimization(self, value: bool) -> None:
-        raise AttributeError("LitClassifier chooses its optimization from its Trainer's settings")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_net(x)
 
@@ -183,17 +158,6 @@ class LitClassifier(PoolLoss, L.LightningModule):
         self._loss_sum = self._loss_sum + loss.detach()
         self._loss_steps += 1
         self._images += len(batch["image"])
-        if not self.automatic_optimization:
-            # What Lightning's automatic loop does, in its order: zero the gradients, backward,
-            # step (through Lightning's optimizer wrapper: precision plugins, step counting),
-            # then the per-step schedule.
-            optimizer = self.optimizers()
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            optimizer.step()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

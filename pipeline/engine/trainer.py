@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
@@ -209,27 +209,17 @@ class StopOnSignal(L.Callback):
     on_test_batch_end = on_predict_batch_end = on_validation_batch_end = _check
 
 
-class CachedKeyCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint with its state key formatted once. Lightning formats every
-    callback's state key for each hook it dispatches, every step; ModelCheckpoint's is the repr
-    of its settings, which do not change after construction. The key is ModelCheckpoint's own, so
-    checkpoints written with either class resume with the other."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        key = super().state_key
-        self._state_key = ModelCheckpoint.__qualname__ + key[len(type(self).__qualname__) :]
-
-    @property
-    def state_key(self) -> str:
-        return self._state_key
-
-
 class _NoSignalHandlers(_SignalConnector):
     """Lightning's signal handling, switched off: the pipeline's (runtime/preemption.py) saves
     and stops on USR1, USR2 and TERM. Lightning's own would end training on TERM at the next
     step without saving, with exit code 0 (a preempted job would look finished), broadcasting
-    from inside the signal handler."""
+    from inside the signal handler.
+
+    The one private Lightning class the pipeline touches, kept for correctness, not speed: the
+    Trainer has no public switch for its handlers. Lightning's SIGTERMException is a SystemExit
+    without a code, so the process exits 0 (Lightning-AI/pytorch-lightning#19916, open), and its
+    connector replaces the handlers a job installed before it (#1455). tests/test_signals.py
+    fails if this class stops doing its job under a new Lightning release."""
 
     def register_signal_handlers(self) -> None:
         self.received_sigterm = False
