@@ -152,27 +152,6 @@ def test_sigterm_stops_a_sweep_before_its_next_job(tmp_path):
     assert not (job / "summary.json").exists()
 
 
-def test_the_checkpoint_callbacks_state_key_is_lightnings_own(tmp_path):
-    """CachedKeyCheckpoint formats its state key once (Lightning formats it per hook, per
-    step): the key must stay ModelCheckpoint's, or a last.ckpt written by one would not restore
-    the other's state."""
-    import datetime
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from pipeline.engine.trainer import CachedKeyCheckpoint
-
-    for kwargs in (
-        {"filename": "last", "save_top_k": 1, "every_n_epochs": 1},
-        {"filename": "last", "train_time_interval": datetime.timedelta(seconds=60)},
-        {"filename": "best", "monitor": "val_accuracy", "mode": "max", "save_weights_only": True},
-    ):
-        ours = CachedKeyCheckpoint(dirpath=tmp_path, **kwargs)
-        assert ours.state_key == ModelCheckpoint(dirpath=tmp_path, **kwargs).state_key
-        assert ours.state_key.startswith("ModelCheckpoint{")
-        assert ours.state_key is ours.state_key  # formatted once
-
-
 # --- TERM in a SLURM job: SLURM's decision stands (runtime/requeue.py settle_term) -------------
 
 # A stand-in for scontrol: it logs its arguments to $FAKE_SLURM/calls, prints the job's fields
