@@ -33,7 +33,7 @@ from pipeline.config.sweep import check_optimising_sweeper, shared_job_dir
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.runtime.rundir import RunDir
+    from pipeline.runtime.rundir import JobConfig, RunDir
 
 CONF_DIR = str(config.CONF_DIR)
 log = logging.getLogger("pipeline")
@@ -93,7 +93,6 @@ def run_resolved(
     cfg: DictConfig, started_ranks: bool = False, overrides: list[str] | None = None
 ) -> int:
     """Run one job (on this rank) from a resolved config; returns the exit code."""
-    from pipeline.config.keys import differing_keys
     from pipeline.runtime import dist, launch, preemption, requeue
     from pipeline.runtime.run_lock import RunDirBusy
     from pipeline.runtime.rundir import RunDir
@@ -102,26 +101,29 @@ def run_resolved(
     preemption.install(cfg.max_requeues, started_rank=started_ranks)
     setup_logging(rank_zero=dist.rank() == 0)
     run = RunDir(cfg.run_dir)
+    job = job_config(cfg, overrides)
     before = None if started_ranks else run.entries_before()
     try:
         with preemption.stage():
             external = started_ranks or launch.externally_launched()
             if not external:
                 run.lock()  # one live run per run_dir; the ranks it starts run under it
-                run.check_config(cfg, differing_keys, requeue.requeued_job())
-                n = launch.ranks_to_start(cfg.trainer)
+                run.check_config(job, requeue.requeued_job())
+                n = launch.ranks_to_start(job.values["trainer"])
                 if n:
                     log.info("starting %d DDP ranks for this job (one process group per job)", n)
-                    run.begin(cfg, overrides)
-                    code = launch.start_ranks(cfg, n)
+                    run.begin(job)
+                    code = launch.start_ranks(
+                        OmegaConf.to_yaml(cfg, resolve=True), cfg.trainer.num_threads, n
+                    )
                     if code == 2:
                         run.undo_new(before)
                     return code
             dist.init_from_environment(str(cfg.trainer.get("accelerator", "auto")))
             if external and not started_ranks:
                 run.on_rank_zero(run.lock)  # rank 0 holds it for the job's ranks
-                run.check_config_on_every_rank(cfg, differing_keys, requeue.requeued_job())
-            run.begin(cfg, overrides)
+                run.check_config_on_every_rank(job, requeue.requeued_job())
+            run.begin(job)
             return run_stage(cfg, run)
     except UserError as e:
         if dist.is_rank_zero():
@@ -135,6 +137,21 @@ def run_resolved(
         run.unlock()
 
 
+def job_config(cfg: DictConfig, overrides: list[str] | None) -> JobConfig:
+    """What the run dir records and checks of this job's config (runtime/rundir.py)."""
+    from pipeline.config.files import read_yaml
+    from pipeline.config.keys import differing_keys
+    from pipeline.runtime.rundir import JobConfig
+
+    return JobConfig(
+        values=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        text=OmegaConf.to_yaml(cfg),
+        overrides_text=OmegaConf.to_yaml(list(overrides)) if overrides is not None else None,
+        read=read_yaml,
+        differing=differing_keys,
+    )
+
+
 def stopped_by_signal() -> bool:
     """Whether a job of this process was stopped by a signal (runtime/preemption.py)."""
     preemption = sys.modules.get("pipeline.runtime.preemption")
@@ -142,6 +159,7 @@ def stopped_by_signal() -> bool:
 
 
 def run_stage(cfg: DictConfig, run: RunDir) -> int:
+    from pipeline.config.specs import run_spec
     from pipeline.console import print_summary
     from pipeline.runtime.io import read_json
     from pipeline.stages import RERUN, recipe
@@ -155,8 +173,9 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
     from pipeline.runtime.memory import freeze_imported_objects
 
     stage = recipe(cfg.stage)  # imports what the stage uses (torch, Lightning, ...)
+    spec = run_spec(cfg)  # the one conversion: everything below reads the typed spec
     freeze_imported_objects()
-    threads = torch_threads(cfg.trainer)  # trainer.num_threads, or SLURM's CPUs per task
+    threads = torch_threads(spec.trainer.args)  # trainer.num_threads, or SLURM's CPUs per task
     if threads:
         import torch
 
@@ -164,12 +183,12 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
     if cfg.stage != "report":
         from pipeline.engine.loggers import build_run_loggers
 
-        run.tracker = build_run_loggers(cfg, run.path)
+        run.tracker = build_run_loggers(spec, run.path)
     status, result = "failed", None
     try:
         if run.tracker is not None:
-            run.tracker.log_params(cfg)
-        result = stage(cfg, run)
+            run.tracker.log_params(spec.config)
+        result = stage(spec, run)
         status = "success"
     finally:
         if run.tracker is not None:

@@ -1,4 +1,5 @@
-"""The stages by name: `stage=NAME` runs the recipe `run(cfg, run) -> summary` found here.
+"""The stages by name: `stage=NAME` runs the recipe `run(spec, run) -> summary` found here, with
+the job's RunSpec (config/specs.py; the CLI builds it once from the composed config).
 
 Each recipe reads top to bottom like the step it is; the modules are imported only when their
 stage runs (so `python -m pipeline --help` imports no torch).

@@ -27,12 +27,17 @@
   from summary.json (start-up left out), each run in a fresh run_dir (the cache is computed
   inside the timed run). Tiny check: --only-features --repeats 1 --features-epochs 1
   --features-min-steps 2 --features-image-size 32.
+- --set KEY=VALUE (repeatable) composes the config with those overrides, and --only-ratios
+  runs only the training and labelling ratios: the figures on a model whose step costs what
+  users' steps cost, e.g.
+  --only-ratios --set model=wide_resnet28_2 --set data=mnist5k --set data.image_size=32
 Each timing is the median of --repeats runs after a warm-up; A and B alternate.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,12 +64,13 @@ def compose(*overrides: str):
 
     from pipeline import config
     from pipeline.cli import CONF_DIR, resolve
+    from pipeline.config.specs import run_spec
 
     config.register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose("config", overrides=["run_dir=/tmp/bench-unused", "progress=false",
                                                  *overrides])  # fmt: skip
-    return resolve(cfg)
+    return run_spec(resolve(cfg))  # the typed spec the stages take
 
 
 def alternating_medians(a, b, repeats: int) -> tuple[float, float]:
@@ -100,7 +106,8 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     pseudo = PseudoLabels(rows, task.unlabelled.labels.numpy(), np.ones(len(rows), np.float32))
     train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), pseudo, task.num_classes)
     images = ImageArrays(torch.cat([task.labelled.images, task.unlabelled.images]), None)
-    cfg.train.min_steps = 0  # before the batches are made: both paths then train the same steps
+    # before the batches are made: both paths then train the same steps
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_steps=0))
     make = training_batches(train_set, cfg, 1)
     per_epoch = len(make(np.random.default_rng(0)))
     epochs = max(1, steps // per_epoch)
@@ -122,7 +129,7 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     def raw() -> None:
         torch.manual_seed(0)
         net = build_net(cfg, task.num_classes)
-        if channels_last(cfg.trainer):  # the memory format our path trains in
+        if channels_last(cfg.trainer.args):  # the memory format our path trains in
             net.to(memory_format=torch.channels_last)
         opt = instantiate(cfg.optimizer)(net.parameters())
         sched = instantiate(cfg.scheduler)(opt, T_max=epochs * per_epoch)
@@ -160,7 +167,6 @@ def bench_consistency(steps: int, repeats: int, batch: int = 8, mu: int = 7) -> 
     import torch.nn.functional as F
     from hydra.utils import instantiate
 
-    from pipeline.config.specs import consistency_spec
     from pipeline.data.task import prepare_task
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.batches import with_pool
@@ -176,7 +182,7 @@ def bench_consistency(steps: int, repeats: int, batch: int = 8, mu: int = 7) -> 
         f"data.labels_per_class={-(-steps * batch // 10)}", "trainer.channels_last=false",
     )  # fmt: skip
     task = prepare_task(cfg.data, cfg.seed, None)
-    spec = consistency_spec(cfg)
+    spec = cfg.consistency
     train_set = merge_labelled_and_pseudo(task.labelled.labels.numpy(), None, task.num_classes)
     images, pool_images = task.labelled, task.unlabelled
     weak = BatchAugment(translate=0.125, flip=True)
@@ -240,8 +246,6 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     views=0: the clean image only, against a bare `model(x)` loop (the stage's own overhead).
     views=V: the stage's test-time augmentation (clean + V fixed views), against a bare loop
     doing the same V+1 forward passes on the same views."""
-    from omegaconf import OmegaConf
-
     from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
     from pipeline.engine.augment import BatchAugment, fixed_views
@@ -251,13 +255,15 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     from pipeline.runtime.rundir import RunDir
     from pipeline.selftrain.label import pseudo_label
 
-    cfg = OmegaConf.merge(cfg, {"pseudo_label": {"tta_views": views}})
+    cfg = dataclasses.replace(
+        cfg, pseudo_label=dataclasses.replace(cfg.pseudo_label, tta_views=views)
+    )
     task = prepare_task(cfg.data, cfg.seed, None)
     reps = -(-n // len(task.unlabelled))
     images = task.unlabelled.images.repeat(reps, 1, 1, 1)[:n].contiguous()
     unlabelled = ImageArrays(images, None)
     net = build_net(cfg, task.num_classes).eval()
-    if channels_last(cfg.trainer):  # the memory format our path labels in
+    if channels_last(cfg.trainer.args):  # the memory format our path labels in
         net.to(memory_format=torch.channels_last)
     work = Path(tempfile.mkdtemp(prefix="bench-pl-"))
     mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
@@ -446,6 +452,18 @@ def main() -> None:
     p.add_argument("--only-consistency", action="store_true")
     p.add_argument("--consistency-steps", type=int, default=20)
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override for the composed config (repeatable)",
+    )
+    p.add_argument(
+        "--only-ratios",
+        action="store_true",
+        help="only the training and labelling ratios (with --set: on another model or data)",
+    )
+    p.add_argument(
         "--only-features",
         action="store_true",
         help="only the cached-features round (model.cache_features) vs uncached",
@@ -472,7 +490,7 @@ def main() -> None:
     from pipeline.stages import recipe
 
     setup_logging(rank_zero=True)
-    cfg = compose()
+    cfg = compose(*args.set)
     recipe("selftrain")  # imported, then frozen, as `python -m pipeline` does before a stage
     freeze_imported_objects()
     result: dict = {
@@ -480,6 +498,8 @@ def main() -> None:
         f"threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}",
         "model": str(cfg.model.name),
         "dataset": str(cfg.data.name),
+        "image_size": int(cfg.data.image_size),
+        "overrides": list(args.set),
         "batch_size": int(cfg.train.batch_size),
     }
     if args.only_features:
@@ -494,15 +514,17 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     result.update(bench_training(cfg, args.train_steps, args.repeats))
-    if cfg.data.augment.randaugment_ops:
+    if (cfg.data.augment or {}).get("randaugment_ops"):
         # The same without RandAugment (digits' default noise before it had two ops): shorter
         # steps, so what our path adds per step weighs more.
-        plain = compose("data.augment.randaugment_ops=0")
+        plain = compose(*args.set, "data.augment.randaugment_ops=0")
         result.update(bench_training(plain, args.train_steps, args.repeats, "_no_randaugment"))
     result.update(bench_pseudolabel(cfg, args.pseudolabel_images, args.repeats))
     views = int(cfg.pseudo_label.tta_views)
     if views:  # the default labelling, with test-time augmentation
         result.update(bench_pseudolabel(cfg, args.pseudolabel_images // 4, args.repeats, views))
+    if args.only_ratios:
+        args.skip_rss = args.skip_stream = args.skip_consistency = args.skip_default = True
     if not args.skip_rss:
         result.update(bench_rss(args.rss_images))
     if not args.skip_stream:

@@ -178,9 +178,9 @@ def bench_folder_labelling(work: Path, n: int, repeats: int, compose, medians) -
     cfg = compose(
         *data_args(work, pool_dir)[:-1], "data.in_memory=false", "pseudo_label.tta_views=0"
     )
-    pool = load_image_folder(cfg.data).extra_unlabelled
+    pool = load_image_folder(cfg.data.node).extra_unlabelled
     net = build_net(cfg, 3).eval()
-    if channels_last(cfg.trainer):  # the memory format our path labels in
+    if channels_last(cfg.trainer.args):  # the memory format our path labels in
         net.to(memory_format=torch.channels_last)
     workers = resolve_workers(cfg.data.num_workers, [pool])
     out_dir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
@@ -265,7 +265,7 @@ def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) ->
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*data_args(work, pool_dir)[:-1], "data.in_memory=false", "train.min_steps=0",
                   "train.checkpoint_every_s=60")  # fmt: skip
-    streamed = load_image_folder(cfg.data).extra_unlabelled
+    streamed = load_image_folder(cfg.data.node).extra_unlabelled
     return train_vs_memory(
         cfg, streamed, streamed, repeats, medians, "stream", "memory_train_images_per_s"
     )
@@ -287,7 +287,7 @@ def bench_cache_training(work: Path, n: int, repeats: int, compose, medians) -> 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0",
                   "train.checkpoint_every_s=60")  # fmt: skip
-    cached = load_image_folder(cfg.data).extra_unlabelled
+    cached = load_image_folder(cfg.data.node).extra_unlabelled
     return train_vs_memory(
         cfg, cached, cached.source, repeats, medians, "cache", "cache_memory_train_images_per_s"
     )
@@ -304,7 +304,7 @@ def bench_cache_first_pass(work: Path, n: int, repeats: int, compose, medians) -
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*data_args(work, pool_dir)[:-1], "data.in_memory=false")
-    streamed = load_image_folder(cfg.data).extra_unlabelled
+    streamed = load_image_folder(cfg.data.node).extra_unlabelled
     files = [str(pool_dir / k) for k in streamed.keys(np.arange(len(streamed)))]
     cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-first-"))
     threads = min(8, os.cpu_count() or 1)  # what the cache's builder uses
@@ -350,7 +350,7 @@ def cache_rss_child(work: Path, n: int) -> None:
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0", "train.batch_size=256",
                   "train.checkpoint_every_s=null")  # fmt: skip
-    cached = load_image_folder(cfg.data).extra_unlabelled
+    cached = load_image_folder(cfg.data.node).extra_unlabelled
     train_set = merge_labelled_and_pseudo(np.arange(len(cached)) % 3, None, 3)
     augment = BatchAugment(**data_augment(cfg.data))
     work_dir = Path(tempfile.mkdtemp(prefix="bench-cache-rss-"))
@@ -367,7 +367,7 @@ def bench_cache_rss(work: Path, small: int, large: int, compose) -> dict:
 
     out = {}
     for name, n in (("small", small), ("large", large)):
-        load_image_folder(compose(*cache_args(work, jpeg_folder(work / f"pool{n}", n))).data)
+        load_image_folder(compose(*cache_args(work, jpeg_folder(work / f"pool{n}", n))).data.node)
         command = [sys.executable, __file__, "--dir", str(work), "--cache-rss-child", str(n)]
         proc = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
         figures = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -110,6 +110,15 @@ def compose_cfg(*overrides: str):
         return compose("config", overrides=["run_dir=/tmp/unused", *overrides])
 
 
+def compose_spec(*overrides: str):
+    """The RunSpec (config/specs.py) of the root config composed with `overrides`, resolved and
+    checked as the CLI does before a stage runs: what the building blocks take."""
+    from pipeline.cli import resolve
+    from pipeline.config.specs import run_spec
+
+    return run_spec(resolve(compose_cfg(*overrides)))
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread (pytestmark = pytest.mark.usefixtures("one_thread")): small convs gain
@@ -147,22 +156,19 @@ def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callb
     and fit's FitResult."""
     import numpy as np
 
-    from pipeline.cli import resolve
     from pipeline.data import ImageArrays
     from pipeline.engine import fit as engine_fit
     from pipeline.models import checkpoint as models
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
-    cfg = resolve(
-        compose_cfg(
-            "trainer.accelerator=cpu",
-            "progress=false",
-            "model.net.width=8",
-            "train.min_steps=12",
-            "train.batch_size=8",
-            "train.checkpoint_every_s=null",
-            *overrides,
-        )
+    cfg = compose_spec(
+        "trainer.accelerator=cpu",
+        "progress=false",
+        "model.net.width=8",
+        "train.min_steps=12",
+        "train.batch_size=8",
+        "train.checkpoint_every_s=null",
+        *overrides,
     )
     torch.manual_seed(1)
     net = models.build_net(cfg, 3)

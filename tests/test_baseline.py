@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, compose_spec
 from hydra import compose, initialize_config_dir
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -70,15 +70,13 @@ def _pretrained_checkpoint(cfg, path: Path) -> dict[str, torch.Tensor]:
 def _finetune(tmp_path: Path, *overrides: str):
     """Fine-tune a 3-class target net from a 10-class checkpoint with the pipeline's own steps
     (init_from_pretrained, finetune_setup, fit), recording what Lightning trains."""
-    cfg = resolve(
-        compose_cfg(
-            "trainer.accelerator=cpu",
-            "progress=false",
-            "model.net.width=8",
-            "train.min_steps=6",
-            "train.batch_size=8",
-            *overrides,
-        )
+    cfg = compose_spec(
+        "trainer.accelerator=cpu",
+        "progress=false",
+        "model.net.width=8",
+        "train.min_steps=6",
+        "train.batch_size=8",
+        *overrides,
     )
     source = _pretrained_checkpoint(cfg, tmp_path / "source.ckpt")
     net = models.build_net(cfg, 3)
@@ -120,7 +118,7 @@ def test_full_trains_everything_with_a_smaller_backbone_lr(tmp_path):
     cfg, net, _, start, _, seen = _finetune(tmp_path, "finetune.mode=full")
     all_params = {n for n, _ in net.named_parameters()}
     all_bn = {n for n, m in net.named_modules() if isinstance(m, _BatchNorm)}
-    base_lr = cfg.optimizer.lr
+    base_lr = cfg.optimizer["lr"]
     for step in seen:
         assert step["grad"] == all_params and step["bn_training"] == all_bn
         body_lr, head_lr = step["lrs"]
@@ -168,12 +166,12 @@ def test_last_layers_freezes_the_first_blocks(tmp_path):
 
 
 def test_checkpoint_that_cannot_load_is_named(tmp_path):
-    cfg = resolve(compose_cfg("model.net.width=8"))
+    cfg = compose_spec("model.net.width=8")
     _pretrained_checkpoint(cfg, tmp_path / "w8.ckpt")
-    wider = resolve(compose_cfg("model.net.width=16"))
+    wider = compose_spec("model.net.width=16")
     with pytest.raises(UserError, match=r"features\.0\.weight checkpoint \(8,1,3,3\) vs model"):
         models.init_from_pretrained(wider, models.build_net(wider, 3), tmp_path / "w8.ckpt")
-    other = resolve(compose_cfg("model=resnet18", "data.channels=1"))
+    other = compose_spec("model=resnet18", "data.channels=1")
     with pytest.raises(UserError, match="is a model=small_cnn.*pass model=small_cnn"):
         models.init_from_pretrained(other, models.build_net(other, 3), tmp_path / "w8.ckpt")
 

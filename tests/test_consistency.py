@@ -115,7 +115,7 @@ def fit_with_pool(tmp_path, name, method, *overrides, callbacks=(), epochs=3):
         truth = torch.arange(48) % 3
         return OnlinePool(
             ImageArrays(images, truth),
-            consistency_spec(cfg),
+            cfg.consistency,
             augment.BatchAugment(translate=0.125),
             augment.BatchAugment(translate=0.125, cutout=0.5, randaugment_ops=2),
             truth,

@@ -201,9 +201,8 @@ def test_requeue_signal_saves_last_ckpt_and_the_rerun_resumes(tmp_path):
 
 
 def trainer_cfg(**kw):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create({"accelerator": "cpu", "devices": 1, "strategy": "auto", **kw})
+    """The trainer node as the runtime gets it: plain values."""
+    return {"accelerator": "cpu", "devices": 1, "strategy": "auto", **kw}
 
 
 def test_which_strategies_start_ranks(monkeypatch):

@@ -22,6 +22,7 @@ from streaming_data import CLASSES, class_tree, flat_folder, jpeg, shards
 from test_config import compose_cfg
 
 from pipeline.cli import resolve
+from pipeline.config.specs import run_spec
 from pipeline.deploy import table
 from pipeline.deploy.model import load_model, read_card
 from pipeline.engine.predict import ShardPlan, Unreadable
@@ -70,12 +71,12 @@ def bad(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def tiny_cfg(*overrides: str):
-    return resolve(
+    return run_spec(resolve(
         compose_cfg(
             "data.num_classes=3", "data.image_size=16", "data.mean=[0.3]", "data.std=[0.3]",
             "model.net.width=8", *overrides,
         )
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 @pytest.fixture

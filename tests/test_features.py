@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, compose_spec, run_cli
 from omegaconf import OmegaConf
 
 from pipeline.cli import resolve
+from pipeline.config.specs import run_spec
 from pipeline.data.task import prepare_task
 from pipeline.engine import features
 from pipeline.engine.features import FeatureSet, HeadOnly, split_features
@@ -33,7 +34,7 @@ SMALL = ["model.net.dropout=0", "trainer.accelerator=cpu", "progress=false"]
 
 @pytest.fixture
 def setup(tmp_path):
-    cfg = resolve(compose_cfg(*SMALL, "train.epochs=2", "train.min_steps=10"))
+    cfg = compose_spec(*SMALL, "train.epochs=2", "train.min_steps=10")
     run = RunDir(tmp_path / "run")
     task = prepare_task(cfg.data, 0, run)
     torch.manual_seed(0)
@@ -125,7 +126,7 @@ def test_heads_trained_on_features_equal_heads_trained_on_images(setup, tmp_path
 
 def test_pseudo_labels_from_cached_features_equal_those_from_images(setup, tmp_path):
     cfg, run, task, net, _ = setup
-    cfg = resolve(compose_cfg(*SMALL, "pseudo_label.tta_views=0", "pseudo_label.threshold=0.0"))
+    cfg = compose_spec(*SMALL, "pseudo_label.tta_views=0", "pseudo_label.threshold=0.0")
     truth = task.unlabelled_truth()
     plain, _ = pseudo_label(cfg, cfg.data, net, task.unlabelled, tmp_path / "a.npz", run, truth)
     cached = features.feature_task(cfg, cfg.data, net, task, run, "small_cnn", ("unlabelled",))
@@ -140,11 +141,14 @@ def test_pseudo_labels_from_cached_features_equal_those_from_images(setup, tmp_p
 def test_cache_mode_is_on_only_where_asked_for_a_frozen_body_and_refused_elsewhere():
     base = resolve(compose_cfg("model.cache_features=true", "finetune.mode=linear"))
 
-    def variant(**keys):
+    def variant_cfg(**keys):
         cfg = copy.deepcopy(base)
         for key, value in keys.items():
             OmegaConf.update(cfg, key.replace("__", "."), value)
         return cfg
+
+    def variant(**keys):
+        return run_spec(variant_cfg(**keys))
 
     assert check_cache_features(variant(init="pretrained"))
     assert check_cache_features(variant(stage="baseline"))
@@ -163,11 +167,11 @@ def test_cache_mode_is_on_only_where_asked_for_a_frozen_body_and_refused_elsewhe
         with pytest.raises(UserError, match=message):
             check_cache_features(variant(**keys))
     # a student network asking for it is checked too: from scratch, its body would train
-    cfg = variant(init="scratch", **off)
+    cfg = variant_cfg(init="scratch", **off)
     cfg.student_model = {**OmegaConf.to_container(cfg.model), "name": "small_cnn_wide",
                          "cache_features": True}  # fmt: skip
     with pytest.raises(UserError, match="model=small_cnn_wide trains from scratch"):
-        check_cache_features(cfg)
+        check_cache_features(run_spec(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +261,7 @@ def test_a_cached_training_stopped_mid_epoch_resumes_to_the_same_weights(tmp_pat
     from pipeline.models.checkpoint import hparams_for, model_checkpoint
     from pipeline.runtime.io import load_checkpoint, save_checkpoint
 
-    cfg = resolve(compose_cfg(*SMALL))
+    cfg = compose_spec(*SMALL)
     torch.manual_seed(1)
     pre = tmp_path / "pre.ckpt"
     save_checkpoint(pre, model_checkpoint(build_net(cfg, 10), hparams_for(cfg, cfg.data, 10), {}))

@@ -238,3 +238,66 @@ def test_the_size_checker_counts_every_module(tmp_path: Path) -> None:
     (tmp_path / "sub" / "nested.py").write_text("\n" * 450)
     (tmp_path / "notes.txt").write_text("x\n" * 900)  # not a module
     assert long_modules(tmp_path) == {"over.py": 401, "sub/nested.py": 450}
+
+
+# --- the composed config stays at the top: specs below the stage entry points ------------------
+
+# Where the Hydra config (omegaconf, DictConfig) may appear: the entry points, which compose it,
+# and config/, which checks it and turns it into the typed specs (config/specs.py) that every
+# layer below the stages takes. Modules still to convert would be listed here, each failing the
+# test once it is converted; none is.
+CONFIG_UNITS = {"cli", "command_line", "usage", "rank", "__main__", "stages", "config"}
+KNOWN_CONFIG_USERS: set[str] = set()
+
+
+def config_users(package: Path = PACKAGE) -> set[str]:
+    """The modules that import omegaconf or name DictConfig (in code, annotations or strings)."""
+    found = set()
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            imported = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            named = (
+                isinstance(node, ast.Name)
+                and node.id in ("DictConfig", "ListConfig", "OmegaConf")
+                or isinstance(node, ast.Attribute)
+                and node.attr in ("DictConfig", "ListConfig")
+                or isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and "DictConfig" in node.value  # a string annotation (or a docstring naming it)
+            )
+            if named or any(m.split(".")[0] == "omegaconf" for m in imported):
+                found.add(module_name(path) if package == PACKAGE else path.stem)
+                break
+    return found
+
+
+def config_users_below_the_stages() -> set[str]:
+    return {m for m in config_users() if unit_of(m) not in CONFIG_UNITS}
+
+
+def test_no_hydra_config_below_the_stage_entry_points() -> None:
+    new = config_users_below_the_stages() - KNOWN_CONFIG_USERS
+    assert not new, (
+        "these modules take or import the Hydra config; give them a spec of "
+        "pipeline/config/specs.py instead: " + ", ".join(sorted(new))
+    )
+
+
+def test_known_config_users_are_still_there() -> None:
+    gone = KNOWN_CONFIG_USERS - config_users_below_the_stages()
+    assert not gone, "converted, remove from KNOWN_CONFIG_USERS: " + ", ".join(sorted(gone))
+
+
+def test_the_config_checker_sees_imports_and_annotations(tmp_path: Path) -> None:
+    (tmp_path / "lazy.py").write_text("def f():\n    from omegaconf import OmegaConf\n")
+    (tmp_path / "typed.py").write_text("def f(cfg: 'DictConfig') -> None:\n    pass\n")
+    (tmp_path / "plain.py").write_text("def f(spec: 'RunSpec') -> dict:\n    return {}\n")
+    (tmp_path / "aliased.py").write_text("import omegaconf as oc\n")
+    assert config_users(tmp_path) == {"lazy", "typed", "aliased"}

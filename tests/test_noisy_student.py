@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import StopAtEpoch, compose_cfg, fit_small
+from conftest import StopAtEpoch, compose_cfg, compose_spec, fit_small
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline import config
 from pipeline.cli import resolve
-from pipeline.config.architecture import round_config, round_model, round_names
+from pipeline.config.architecture import round_model, round_names
+from pipeline.config.specs import run_spec
 from pipeline.engine import ema as engine_ema
 from pipeline.engine import fit as engine_fit
 from pipeline.engine.augment import BatchAugment
@@ -145,9 +146,12 @@ def test_student_model_group_and_per_round_list():
     # the list wins over student_model; rounds past its end keep its last entry
     assert round_names(cfg) == ["small_cnn", "small_cnn", "small_cnn_wide", "small_cnn_wide"]
     assert round_model(cfg, 2).net.width == 64 and round_model(cfg, 2).net.num_classes == 10
-    assert round_config(cfg, 2).model.name == "small_cnn_wide"
-    assert cfg.model.name == "small_cnn"  # the run's own config is left as it is
-    net = models.build_net(round_config(cfg, 3), 10)
+    spec = run_spec(cfg)
+    assert spec.for_round(2).model.name == "small_cnn_wide"
+    assert spec.for_round(2).config["model"]["name"] == "small_cnn_wide"
+    assert spec.for_round(1) is spec  # `same`: the run's own spec, nothing copied
+    assert spec.model.name == "small_cnn"  # the run's own spec is left as it is
+    net = models.build_net(spec.for_round(3), 10)
     assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
@@ -200,9 +204,9 @@ def _save(cfg, path: Path, num_classes: int = 10) -> dict[str, torch.Tensor]:
 
 
 def test_checkpoint_of_another_architecture_loads_as_it_names(tmp_path):
-    wide = resolve(compose_cfg("model=small_cnn_wide"))
+    wide = compose_spec("model=small_cnn_wide")
     state = _save(wide, tmp_path / "wide.ckpt")
-    small = resolve(compose_cfg())  # this run's model= is small_cnn
+    small = compose_spec()  # this run's model= is small_cnn
     net = models.load_net(small, tmp_path / "wide.ckpt", 10)
     assert net.num_features == 4 * 64
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
@@ -212,7 +216,7 @@ def test_checkpoint_of_another_architecture_loads_as_it_names(tmp_path):
 
 
 def test_checkpoint_naming_a_foreign_network_is_refused(tmp_path):
-    cfg = resolve(compose_cfg())
+    cfg = compose_spec()
     marker = tmp_path / "RAN"
     for target, extra in (
         ("os.system", {"command": f"touch {marker}"}),
@@ -238,7 +242,7 @@ def test_warmup_decay_follows_tensorflow():
 
 
 def test_recompute_batchnorm_matches_swa_update_bn():
-    cfg = resolve(compose_cfg("model.net.width=8"))
+    cfg = compose_spec("model.net.width=8")
     torch.manual_seed(0)
     net = models.build_net(cfg, 10)
     inputs = [torch.randn(16, 1, 8, 8) * 3 + 1 for _ in range(5)]
@@ -436,7 +440,7 @@ def test_init_pretrained_pretrains_each_student_architecture(tmp_path):
 
 
 def test_no_frozen_batchnorm_is_recomputed():
-    cfg = resolve(compose_cfg("model.net.width=8"))
+    cfg = compose_spec("model.net.width=8")
     net = models.build_net(cfg, 10)
     frozen = [m for m in net.modules() if isinstance(m, _BatchNorm)][:2]
     net.train()

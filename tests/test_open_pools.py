@@ -194,15 +194,14 @@ def test_config_checks_of_the_new_keys():
 @pytest.fixture(scope="module")
 def open_task():
     """digits with the even classes known and mnist5k's train images as foreign pool images."""
-    from omegaconf import OmegaConf
-    from test_config import compose_cfg
+    from conftest import compose_spec
 
     from pipeline.data.task import prepare_task
 
-    data = compose_cfg(
+    data = compose_spec(
         "data.open_set.known_classes=[0,2,4,6,8]", "data.open_set.extra_pool=mnist5k"
     ).data
-    return prepare_task(data, 0, None), OmegaConf.to_container(data)
+    return prepare_task(data, 0, None), data.node
 
 
 def test_open_set_task(open_task):
@@ -379,13 +378,13 @@ class ConstantNet(nn.Module):
 
 
 def test_evaluate_reports_per_class_recall_and_balanced_accuracy():
-    from test_config import compose_cfg
+    from conftest import compose_spec
 
     from pipeline.data import load_data
     from pipeline.engine.fit import evaluate
 
-    cfg = compose_cfg("progress=false", "trainer.accelerator=cpu")
-    test = load_data(cfg.data).test
+    cfg = compose_spec("progress=false", "trainer.accelerator=cpu")
+    test = load_data(cfg.data.node).test
     metrics = evaluate(cfg, cfg.data, ConstantNet(10), test)
     share = float((test.labels == 0).float().mean())
     assert metrics["test_accuracy"] == pytest.approx(share)

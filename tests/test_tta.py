@@ -3,11 +3,13 @@ same whatever the batch an image lands in."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-from omegaconf import OmegaConf
 from test_config import compose_cfg
 
 from pipeline.cli import resolve
+from pipeline.config.specs import run_spec
 from pipeline.data import ImageArrays
 from pipeline.engine.augment import BatchAugment, fixed_views
 from pipeline.engine.batches import Batches
@@ -24,7 +26,7 @@ def label(cfg, net, images, tmp_path):
 
 
 def setup(*overrides: str):
-    cfg = resolve(compose_cfg("progress=false", "trainer.accelerator=cpu", *overrides))
+    cfg = run_spec(resolve(compose_cfg("progress=false", "trainer.accelerator=cpu", *overrides)))
     torch.manual_seed(0)
     net = build_net(cfg, 10).eval()
     images = torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8)
@@ -72,7 +74,7 @@ def test_no_views_is_the_clean_prediction_and_batching_changes_nothing(tmp_path)
 
     cfg, net, images = setup("pseudo_label.tta_views=3")
     big_index, big = label(cfg, net, images, tmp_path)
-    small_cfg = OmegaConf.merge(cfg, {"train": {"eval_batch_size": 5}})
+    small_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batch_size=5))
     small_index, small = label(small_cfg, net, images, tmp_path)
     assert torch.allclose(
         torch.from_numpy(big[big_index.argsort()]),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, compose_spec, run_cli
 from streaming_data import jpeg
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -328,7 +328,7 @@ def test_model_and_student_model_groups():
 
 def _zoo_ckpt(tmp_path: Path, *overrides: str):
     """A checkpoint of a zoo network, written the way the pipeline writes them."""
-    cfg = resolve(compose_cfg("data.num_classes=3", "data.image_size=32", *overrides))
+    cfg = compose_spec("data.num_classes=3", "data.image_size=32", *overrides)
     hparams = hparams_for(cfg, cfg.data, 3, ["a", "b", "c"])
     torch.manual_seed(0)
     net = build_recorded_net(hparams["model"], 3, "test").eval()  # (offline, see below)
@@ -455,12 +455,12 @@ def test_the_training_module_builds_its_optimizer_with_layer_decay():
     head at lr; without it, one group at lr."""
     import functools
 
-    from conftest import compose_cfg
+    from conftest import compose_spec
 
     from pipeline.engine.module import LitClassifier
     from pipeline.models.checkpoint import build_net
 
-    net = build_net(compose_cfg(), 10)
+    net = build_net(compose_spec(), 10)
     n = len(net.blocks())
     sgd = functools.partial(torch.optim.SGD, lr=0.1)
     module = LitClassifier(net, 10, optimizer=sgd, backbone_lr_scale=0.5, layer_decay=0.5)

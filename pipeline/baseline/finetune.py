@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
+from pipeline.config.specs import ModelSpec, RunSpec
 from pipeline.data.task import Task, prepare_task
 from pipeline.engine.pretrained import pretrained_checkpoint
 from pipeline.engine.summary import summary
@@ -18,7 +17,7 @@ from pipeline.runtime import io
 from pipeline.runtime.rundir import DONE, RunDir, Step
 
 
-def run_finetune(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_finetune(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """Fine-tune `ckpt` on the labelled target split with finetune.mode; evaluate."""
     start = time.time()
     check_cache_features(cfg)
@@ -27,7 +26,7 @@ def run_finetune(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     return summary(cfg, run, "finetune", task, [metrics], start)
 
 
-def finetune(cfg: DictConfig, task: Task, step: Step, ckpt: Path | None) -> dict[str, Any]:
+def finetune(cfg: RunSpec, task: Task, step: Step, ckpt: Path | None) -> dict[str, Any]:
     """Train on the labelled target starting from `ckpt` (None: torchvision's model.weights)."""
     if step.done:
         return step.result()
@@ -36,11 +35,11 @@ def finetune(cfg: DictConfig, task: Task, step: Step, ckpt: Path | None) -> dict
     return step.finish(metrics)
 
 
-def model_weights_source(model: DictConfig) -> str:
+def model_weights_source(model: ModelSpec) -> str:
     """Where a model's own pretrained weights come from: "torchvision IMAGENET1K_V1",
     "timm resnet50 (pretrained)", "timm resnet50 /path/w.safetensors"."""
-    zoo = model.get("zoo") or "torchvision"
-    if model.get("weights"):
+    zoo = model.zoo or "torchvision"
+    if model.weights:
         return (
             f"{zoo} {model.weights}"
             if zoo == "torchvision"
@@ -49,7 +48,7 @@ def model_weights_source(model: DictConfig) -> str:
     return f"{zoo} {model.name} (pretrained)"
 
 
-def run_baseline(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_baseline(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """Pretrain (or take pretrained weights) -> fine-tune on the labelled target -> evaluate."""
     start = time.time()
     check_cache_features(cfg)  # (before the pretraining: a refusal is exit 2 at once)

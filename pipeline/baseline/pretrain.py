@@ -6,13 +6,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from omegaconf import DictConfig
-
+from pipeline.config.specs import RunSpec
 from pipeline.engine.pretrained import pretrain
 from pipeline.runtime.rundir import RunDir
 
 
-def run_pretrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_pretrain(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """Supervised training on every label of the source set (pretrain_data); evaluated on the
     source's own test split."""
     start = time.time()

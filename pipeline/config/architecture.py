@@ -10,7 +10,8 @@ architecture: its checkpoint names it (models/checkpoint.py).
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,27 +55,26 @@ def round_model(cfg: DictConfig, k: int) -> DictConfig:
     """The (resolved) model config of round k."""
     if k == 0:
         return cfg.model
-    names = cfg.selftrain.student_models
+    node = round_model_node(OmegaConf.to_container(cfg, resolve=True), k)  # type: ignore[arg-type]
+    return OmegaConf.create(node)
+
+
+def round_model_node(config: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The model node of round k in a resolved config given as plain values: the config's own
+    `model` or `student_model` node (the same object), or a student_models entry's, resolved
+    against the config."""
+    names = config["selftrain"]["student_models"]
+    if k == 0:
+        return config["model"]
     if not names:
-        return cfg.student_model
+        return config["student_model"]
     name = str(names[min(k, len(names)) - 1])
     if name == SAME:
-        return cfg.model
+        return config["model"]
     # Interpolations (${data.num_classes}, ${..weights}) resolve against this run's config.
-    scratch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    scratch = OmegaConf.create(dict(config))
     scratch.model = model_option(name)
-    return OmegaConf.create(OmegaConf.to_container(scratch.model, resolve=True))
-
-
-def round_config(cfg: DictConfig, k: int) -> DictConfig:
-    """The run's config with `model` set to round k's network (what train_model, build_net and
-    the pretraining read); the run's own config is left as it is."""
-    model = round_model(cfg, k)
-    if k == 0 or model is cfg.model:
-        return cfg
-    out = copy.deepcopy(cfg)
-    out.model = copy.deepcopy(model)
-    return out
+    return OmegaConf.to_container(scratch.model, resolve=True)  # type: ignore[return-value]
 
 
 def round_names(cfg: DictConfig) -> list[str]:

@@ -4,11 +4,15 @@ refusal of a source that holds the target's own images."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.paths import CONF_DIR
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.config.specs import RunSpec
 
 # pretrain_data=auto: the offline source of each bundled target is the other bundled set.
 AUTO_SOURCE = {"digits": "mnist5k", "mnist5k": "digits"}
@@ -16,7 +20,7 @@ AUTO_SOURCE = {"digits": "mnist5k", "mnist5k": "digits"}
 SAME_IMAGES = ({"mnist", "mnist5k"},)
 
 
-def uses_pretrained(cfg: DictConfig) -> bool:
+def uses_pretrained(cfg: DictConfig | RunSpec) -> bool:
     """Whether this run's models start from pretrained weights."""
     return cfg.stage == "baseline" or (
         cfg.stage in ("selftrain", "train") and cfg.init == "pretrained"
@@ -116,3 +120,22 @@ def check_pretrained_students(cfg: DictConfig) -> None:
             f"pretrain_data, which has no offline source for data={cfg.data.name}; pass "
             "pretrain_data=NAME"
         )
+
+
+def data_option(name: str, what: str) -> dict[str, Any]:
+    """conf/data/NAME.yaml merged over the files its defaults list names (as Hydra composes
+    it; composing a group inside a running app is not possible), as plain values. `what`
+    names the key that asked for it, in the error for an unknown option."""
+    return OmegaConf.to_container(_data_yaml(name, what), resolve=True)  # type: ignore[return-value]
+
+
+def _data_yaml(name: str, what: str) -> DictConfig:
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"{what}={name} is not a data= option (conf/data/)")
+    node = OmegaConf.load(path)
+    merged = OmegaConf.create()
+    for base in node.pop("defaults", None) or []:
+        if base != "_self_":
+            merged = OmegaConf.merge(merged, _data_yaml(str(base), what))
+    return OmegaConf.merge(merged, node)  # type: ignore[return-value]

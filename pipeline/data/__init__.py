@@ -1,6 +1,6 @@
 """Datasets and their splits.
 
-`load_data(cfg.data)` dispatches on `data.name` through `LOADERS` and makes every set match
+`load_data(data.node)` (a data option's plain node, config.specs.DataSpec) dispatches on `data.name` through `LOADERS` and makes every set match
 `data.image_size` and `data.channels`; `make_splits` carves the labelled, val and unlabelled
 index sets out of the train set; `unlabelled_pool` is the unlabelled set whose positions are the
 "unlabelled index" of pseudo-label files.
@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import bundled, image_folder, torchvision_sets
 from pipeline.data.arrays import DataBundle, ImageArrays, conform_arrays, subset
@@ -95,7 +93,6 @@ def load_data(cfg: Mapping, run: RunDir | None = None) -> DataBundle:
 
 
 def _plain(cfg: Mapping) -> dict[str, Any]:
-    """A plain dict of the config node, so missing optional keys can be read with .get()."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    """A dict of the data node (plain values: DataSpec.node), so missing optional keys can be
+    read with .get()."""
     return dict(cfg)

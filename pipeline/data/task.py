@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config.paths import CONF_DIR
+from pipeline.config.pretraining import data_option
+from pipeline.config.specs import DataSpec
 from pipeline.data import load_data
 from pipeline.data.arrays import DataBundle, ImageArrays, ImageSet, subset
 from pipeline.data.splits import (
@@ -68,26 +68,26 @@ class Task:
         return labels.numpy() if labels is not None else None
 
 
-def prepare_task(data_cfg: DictConfig, seed: int, run: RunDir | None) -> Task:
+def prepare_task(data: DataSpec, seed: int, run: RunDir | None) -> Task:
     """Load the data, split it by `labels_per_class`, `val_per_class` and `seed`, check the
     splits do not overlap, and record them in run_dir/splits.npz. The val set is the
     `val_per_class` split or, with data.val_dir, that folder."""
-    bundle = load_data(data_cfg, run)
+    bundle = load_data(data.node, run)
     assert bundle.train.labels is not None
     splits = make_splits(
         bundle.train.labels.numpy(),
-        data_cfg.get("labels_per_class"),
-        int(data_cfg.get("val_per_class") or 0),
+        data.labels_per_class,
+        int(data.val_per_class or 0),
         seed,
         len(bundle.classes),
-        pool_spec(data_cfg, len(bundle.classes)),
+        pool_spec(data.node, len(bundle.classes)),
     )
     check_disjoint(labelled=splits.labelled, val=splits.val, unlabelled=splits.unlabelled)
     if run is not None and not run.exists(run / "splits.npz"):
         run.write_npz(run / "splits.npz", splits.arrays())
     foreign = None
     if splits.known_classes is not None:
-        bundle, foreign = open_set_bundle(bundle, splits, data_cfg)
+        bundle, foreign = open_set_bundle(bundle, splits, data)
     val = subset(bundle.train, splits.val) if len(splits.val) else bundle.val
     return Task(
         bundle=bundle,
@@ -101,7 +101,7 @@ def prepare_task(data_cfg: DictConfig, seed: int, run: RunDir | None) -> Task:
 
 
 def open_set_bundle(
-    bundle: DataBundle, splits: Splits, data_cfg: DictConfig
+    bundle: DataBundle, splits: Splits, data: DataSpec
 ) -> tuple[DataBundle, np.ndarray]:
     """The bundle of an open-set pool: the known classes only (labels remapped to 0..K-1 in
     splits.known_classes order, test and val sets cut to them), the train set's unknown
@@ -114,9 +114,9 @@ def open_set_bundle(
     extra = [bundle.extra_unlabelled] if bundle.extra_unlabelled is not None else []
     if extra:
         foreign.append(np.full(len(extra[0]), -1, np.int8))  # e.g. STL-10's unlabelled split
-    name = (data_cfg.get("open_set") or {}).get("extra_pool")
+    name = (data.node.get("open_set") or {}).get("extra_pool")
     if name:
-        images = extra_pool_images(str(name), data_cfg)
+        images = extra_pool_images(str(name), data)
         extra.append(images)
         foreign.append(np.ones(len(images), np.int8))
     out = dataclasses.replace(
@@ -144,36 +144,20 @@ def known_only(images: ImageSet, known: np.ndarray) -> ImageSet:
     return relabel(kept, remap_labels(kept.labels.numpy(), known))
 
 
-def data_yaml(name: str) -> DictConfig:
-    """conf/data/NAME.yaml merged over the files its defaults list names (as Hydra composes
-    it; composing a group inside a running app is not possible)."""
-    path = CONF_DIR / "data" / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"data.open_set.extra_pool={name} is not a data= option (conf/data/)")
-    node = OmegaConf.load(path)
-    merged = OmegaConf.create()
-    for base in node.pop("defaults", None) or []:
-        if base != "_self_":
-            merged = OmegaConf.merge(merged, data_yaml(str(base)))
-    return OmegaConf.merge(merged, node)  # type: ignore[return-value]
-
-
-def extra_pool_images(name: str, data_cfg: DictConfig) -> ImageSet:
+def extra_pool_images(name: str, data: DataSpec) -> ImageSet:
     """The train images of data=NAME, shaped like the target (image_size, channels; the
     target's mean and std normalise them in the batches), labels -1: foreign to the task."""
-    target = str(data_cfg.name)
+    target = str(data.name)
     if name == target or any({name, target} <= group for group in SAME_IMAGES):
         raise UserError(
             f"data.open_set.extra_pool={name} holds the target's own images (data={target}); "
             "name another set (e.g. digits for mnist5k)"
         )
-    node = data_yaml(name)
     settings: dict[str, Any] = {
-        "image_size": data_cfg.image_size,
-        "channels": data_cfg.channels,
-        "root": data_cfg.get("root", "data"),
-        "download": bool(data_cfg.get("download", False)),
+        "image_size": data.image_size,
+        "channels": data.channels,
+        "root": data.node.get("root", "data"),
+        "download": bool(data.node.get("download", False)),
     }
-    node = OmegaConf.merge(node, settings)
-    bundle = load_data(node)
+    bundle = load_data({**data_option(name, "data.open_set.extra_pool"), **settings})
     return relabel(bundle.train, np.full(len(bundle.train), -1, np.int64))

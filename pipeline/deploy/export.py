@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from pipeline.config.specs import RunSpec
 from pipeline.deploy.model import ModelCard, read_card
 from pipeline.deploy.predict import old_checkpoint_hint, writable
 from pipeline.errors import UserError
@@ -47,12 +47,12 @@ class Exportable(nn.Module):
         return torch.softmax(self.net((image - self.mean) / self.std), dim=1)
 
 
-def run_export(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_export(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     fmt = str(cfg.format)
     missing = [m for m in NEEDS[fmt] if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"format={fmt} needs the package(s) {', '.join(missing)}; {INSTALL}")
-    card = read_card(cfg.ckpt, cfg.data, old_checkpoint_hint(cfg))
+    card = read_card(cfg.ckpt, cfg.data.node, old_checkpoint_hint(cfg))
     target = export_path(Path(str(cfg.ckpt)), fmt, cfg.out)
     info = preprocess_path(target)
     diff = run.on_rank_zero(lambda: writable(target, lambda: export(card, fmt, target, info)))

@@ -83,9 +83,8 @@ class ModelCard:
         if "in_channels" in net_cfg:
             net_cfg["in_channels"] = self.channels
         from hydra.utils import instantiate
-        from omegaconf import OmegaConf
 
-        net = instantiate(OmegaConf.create(net_cfg))
+        net = instantiate(net_cfg)
         state = self.state_dict
         if any(k.startswith("net.") for k in state):
             state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}

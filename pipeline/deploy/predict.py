@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
+from pipeline.config.specs import DataSpec, RunSpec
 from pipeline.data.manifest import (
     IMAGE_EXTENSIONS,
     Listing,
@@ -46,7 +45,7 @@ log = logging.getLogger("pipeline")
 PARQUET_HINT = "pip install -e '.[parquet]' (or pip install pyarrow)"
 
 
-def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_predict(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     start = time.time()
     out = Path(str(cfg.out)).expanduser().resolve()
     if out.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
@@ -56,8 +55,8 @@ def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     if previous is not None:
         log.info("%s is complete (%s); nothing to redo", out, run.path)
         return previous
-    card = read_card(cfg.ckpt, cfg.data, old_checkpoint_hint(cfg))
-    data_cfg = engine_data(cfg, card)
+    card = read_card(cfg.ckpt, cfg.data.node, old_checkpoint_hint(cfg))
+    data = engine_data(cfg, card)
     views = tta_views(cfg, card)
     manifest = input_manifest(cfg, run)
     topk = min(int(cfg.predict.topk), card.num_classes)
@@ -66,14 +65,14 @@ def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     made_by = table.identity(
         ckpt=str(ckpt), ckpt_state=_file_state(ckpt), input=manifest.meta, count=len(manifest),
         shards=plan.num_shards, topk=topk, tta_views=int(cfg.predict.tta_views),
-        on_bad_image=data_cfg.on_bad_image,
+        on_bad_image=data.on_bad_image,
     )  # fmt: skip
     todo = run.on_rank_zero(lambda: writable(out, lambda: table.parts_to_do(parts, plan, made_by)))
     log.info("predicting %d images in %d parts (%d to do) with %s", plan.n, plan.num_shards,
              len(todo), ckpt)  # fmt: skip
     try:
         if todo:
-            predict_parts(cfg, data_cfg, card, manifest, plan, parts, todo, topk, views)
+            predict_parts(cfg, data, card, manifest, plan, parts, todo, topk, views)
     except UserError:
         drop_unstarted(parts)
         raise
@@ -82,7 +81,7 @@ def run_predict(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "stage": "predict",
         "ckpt": str(ckpt),
         "ckpt_state": _file_state(ckpt),
-        "input": str(_plain(cfg.input)),
+        "input": str(cfg.input),
         "out": str(out),
         "out_state": run.on_rank_zero(lambda: _file_state(out)),
         **counts,
@@ -117,8 +116,8 @@ def writable(out: Path, work: Any) -> Any:
 
 
 def predict_parts(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     card: ModelCard,
     manifest: Manifest,
     plan: Any,
@@ -145,7 +144,7 @@ def predict_parts(
 
     net = card.build_net()
     todo_rows = {s: plan.rows(s) for s in todo}  # the ranks take them in turn
-    predict_shards(cfg, data_cfg, net, batches(data_cfg, images), todo_rows, write, views)
+    predict_shards(cfg, data, net, batches(data, images), todo_rows, write, views)
 
 
 def finished(run: RunDir, out: Path, ckpt: Path) -> dict[str, Any] | None:
@@ -163,7 +162,7 @@ def finished(run: RunDir, out: Path, ckpt: Path) -> dict[str, Any] | None:
     return summary if same and changes(Manifest(listing)) is None else None
 
 
-def old_checkpoint_hint(cfg: DictConfig) -> str:
+def old_checkpoint_hint(cfg: RunSpec) -> str:
     return (
         "pass the data config it was trained with (data=NAME with its data.mean and data.std; "
         f"for image_folder, data.labelled_dir gives the class names); this command has "
@@ -171,13 +170,13 @@ def old_checkpoint_hint(cfg: DictConfig) -> str:
     )
 
 
-def engine_data(cfg: DictConfig, card: ModelCard) -> DictConfig:
+def engine_data(cfg: RunSpec, card: ModelCard) -> DataSpec:
     """The data node the engine reads: the checkpoint's input, the command's data.* runtime
     settings (on_bad_image, num_workers, decode_on)."""
     on_bad = cfg.data.on_bad_image or "fail"
     if on_bad not in ("fail", "skip"):
         raise UserError(f"data.on_bad_image must be 'fail' or 'skip', got {on_bad!r}")
-    return OmegaConf.create(
+    return DataSpec.of(
         {
             "name": "predict",
             "num_classes": card.num_classes,
@@ -193,7 +192,7 @@ def engine_data(cfg: DictConfig, card: ModelCard) -> DictConfig:
     )
 
 
-def tta_views(cfg: DictConfig, card: ModelCard) -> Any:
+def tta_views(cfg: RunSpec, card: ModelCard) -> Any:
     """predict.tta_views fixed views of the checkpoint's data.augment ranges (None: none)."""
     from pipeline.engine.augment import views_fn
 
@@ -207,7 +206,7 @@ def tta_views(cfg: DictConfig, card: ModelCard) -> Any:
     return views
 
 
-def shard_plan(cfg: DictConfig, n: int) -> Any:
+def shard_plan(cfg: RunSpec, n: int) -> Any:
     from pipeline.engine.predict import ShardPlan
 
     return ShardPlan(n, max(1, math.ceil(n / int(cfg.predict.shard_size))))
@@ -215,7 +214,6 @@ def shard_plan(cfg: DictConfig, n: int) -> Any:
 
 def input_spec(value: Any) -> Any:
     """`input` checked: tar shards (a .tar, a brace pattern, a list) or an existing folder."""
-    value = _plain(value)
     if is_shard_spec(value):
         return value
     path = Path(str(value)).expanduser()
@@ -229,7 +227,7 @@ def input_spec(value: Any) -> Any:
     return path.resolve()
 
 
-def input_manifest(cfg: DictConfig, run: RunDir) -> Manifest:
+def input_manifest(cfg: RunSpec, run: RunDir) -> Manifest:
     """The input's listing in the run (run_dir/manifest/input): the one listed when the run
     started, or a new one when the input changed since (its parts are then redone)."""
     spec = input_spec(cfg.input)
@@ -247,7 +245,7 @@ def input_manifest(cfg: DictConfig, run: RunDir) -> Manifest:
             if changed is None:
                 return len(Manifest(own))
             log.warning("input=%s changed since this run listed it (%s): listing it again",
-                        _plain(cfg.input), changed)  # fmt: skip
+                        cfg.input, changed)  # fmt: skip
             shutil.rmtree(own)
         listing = cached(spec, None, cache_dir, make)
         own.parent.mkdir(parents=True, exist_ok=True)
@@ -255,14 +253,10 @@ def input_manifest(cfg: DictConfig, run: RunDir) -> Manifest:
 
     if run.on_rank_zero(prepare) == 0:
         raise UserError(
-            f"input={_plain(cfg.input)} contains no images "
+            f"input={cfg.input} contains no images "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); check the path"
         )
     return Manifest(own)
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
 
 
 def _file_state(path: Path) -> list[int] | None:

@@ -29,9 +29,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from pipeline.config.specs import DataSpec, RunSpec
 from pipeline.data.arrays import ImageArrays, ImageSet
 from pipeline.data.streamed import ConcatImages, manifests
 from pipeline.data.task import Task
@@ -203,17 +203,15 @@ def set_digest(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def cache_key(
-    cfg: DictConfig, data_cfg: DictConfig, model: str, body: str, images: ImageSet
-) -> str:
+def cache_key(cfg: RunSpec, data: DataSpec, model: str, body: str, images: ImageSet) -> str:
     """The digest naming a split's feature folder: everything the features depend on."""
     what = {
         "body": body,
         "model": model,
-        "channels": int(data_cfg.channels),
-        "image_size": data_cfg.get("image_size"),
-        "mean": [float(m) for m in data_cfg.mean],
-        "std": [float(s) for s in data_cfg.std],
+        "channels": int(data.channels),
+        "image_size": data.image_size,
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
         "precision": str(cfg.trainer.precision),
         "images": set_digest(images),
     }
@@ -237,7 +235,7 @@ def open_parts(folder: Path, source: ImageSet) -> FeatureSet:
 
 
 def compute_parts(
-    cfg: DictConfig, data_cfg: DictConfig, net: nn.Module, images: ImageSet, folder: Path
+    cfg: RunSpec, data: DataSpec, net: nn.Module, images: ImageSet, folder: Path
 ) -> None:
     """The body's outputs for every row of `images` in parts of PART_ROWS rows, each written
     atomically (NaN rows: unreadable images); the parts already there are kept. The ranks take
@@ -273,10 +271,10 @@ def compute_parts(
         write(0, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), None)
     problem = None
     if batches_:
-        dm = datamodule(cfg, data_cfg, 0, None, predict=batches(data_cfg, images),
+        dm = datamodule(cfg, data, 0, None, predict=batches(data, images),
                         predict_batches=batches_)  # fmt: skip
         writer = ShardWriter(part_of_batch, write)
-        trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])
+        trainer = build_trainer(cfg.trainer.args, progress=cfg.progress, callbacks=[writer])
         try:
             trainer.predict(BodyOutputs(net.features, dim), datamodule=dm, return_predictions=False)
         except UserError as e:  # an unreadable image with data.on_bad_image=fail
@@ -287,8 +285,8 @@ def compute_parts(
 
 
 def split_features(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: nn.Module,
     images: ImageSet,
     split: str,
@@ -300,12 +298,12 @@ def split_features(
     run_dir/features when a folder with the same key is complete, else computed (the missing
     parts) and then read."""
     body = body or body_digest(net)
-    key = cache_key(cfg, data_cfg, model, body, images)
+    key = cache_key(cfg, data, model, body, images)
     folder = run / FEATURES_DIR / f"{split}-{key}"
     if not run.exists(folder / META):
         log.info("computing the features of the %s set (%d images) into %s", split, len(images),
                  folder)  # fmt: skip
-        compute_parts(cfg, data_cfg, net, images, folder)
+        compute_parts(cfg, data, net, images, folder)
         meta = {
             "split": split,
             "rows": len(images),
@@ -325,8 +323,8 @@ def body_is_frozen(net: nn.Module) -> bool:
 
 
 def feature_task(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: nn.Module,
     task: Task,
     run: RunDir,
@@ -339,13 +337,13 @@ def feature_task(
     sets = {s: getattr(task, s) for s in splits if getattr(task, s) is not None}
     return dataclasses.replace(
         task,
-        **{s: split_features(cfg, data_cfg, net, x, s, run, model, body) for s, x in sets.items()},
+        **{s: split_features(cfg, data, net, x, s, run, model, body) for s, x in sets.items()},
     )
 
 
 def training_inputs(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: nn.Module,
     task: Task,
     run: RunDir,
@@ -366,11 +364,11 @@ def training_inputs(
         )
     splits = ("labelled", "val", "test", *(("unlabelled",) if with_pool else ()))
     model = str(cfg.model.name)
-    return HeadOnly(net), feature_task(cfg, data_cfg, net, task, run, model, splits)
+    return HeadOnly(net), feature_task(cfg, data, net, task, run, model, splits)
 
 
 def labelling_inputs(
-    cfg: DictConfig, net: nn.Module, task: Task, run: RunDir, teacher_ckpt: Path
+    cfg: RunSpec, net: nn.Module, task: Task, run: RunDir, teacher_ckpt: Path
 ) -> tuple[nn.Module, Task] | None:
     """For a teacher trained on cached features (its checkpoint's `model.cache_features`):
     its head alone and the pool (with pseudo_label.ood_score also the labelled and val sets)

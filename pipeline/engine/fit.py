@@ -15,8 +15,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
 
+from pipeline.config.specs import DataSpec, RunSpec
 from pipeline.consistency import ConsistencySpec
 from pipeline.consistency import build as build_consistency
 from pipeline.data.arrays import ImageSet
@@ -38,8 +38,8 @@ log = logging.getLogger("pipeline")
 
 
 def datamodule(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     seed: int,
     augment: torch.nn.Module | None,
     pool_views: tuple[torch.nn.Module, torch.nn.Module] | None = None,
@@ -49,30 +49,30 @@ def datamodule(
     datasets += [v.pool.images for v in sets.values() if isinstance(v, PairedBatches)]
     # Cached features (model.cache_features) are served as they are, from memory maps.
     features = bool(datasets) and all(is_features(d) for d in datasets)
-    workers = resolve_workers(data_cfg.get("num_workers", "auto"), datasets)
+    workers = resolve_workers(data.num_workers, datasets)
     return (FeatureDataModule if features else ImageDataModule)(
-        mean=list(data_cfg.mean),
-        std=list(data_cfg.std),
+        mean=list(data.mean),
+        std=list(data.std),
         augment=augment,
         seed=seed,
         num_workers=0 if features else workers,
-        channels_last=channels_last(cfg.trainer),
+        channels_last=channels_last(cfg.trainer.args),
         eval_batch_size=cfg.train.eval_batch_size,
-        on_bad_image=str(data_cfg.get("on_bad_image") or "fail"),
-        channels=int(data_cfg.channels),
-        size=int(data_cfg.image_size or 0),
+        on_bad_image=str(data.on_bad_image or "fail"),
+        channels=int(data.channels),
+        size=int(data.image_size or 0),
         pool_views=pool_views,
         **sets,
     )
 
 
-def batches(data_cfg: DictConfig, images: ImageSet, **fields: Any) -> Batches:
+def batches(data: DataSpec, images: ImageSet, **fields: Any) -> Batches:
     """A set served in batches; its files decoded on the device with data.decode_on=device."""
-    return Batches(images, encoded=data_cfg.get("decode_on", "workers") == "device", **fields)
+    return Batches(images, encoded=data.decode_on == "device", **fields)
 
 
 def training_batches(
-    train_set: TrainingSet, cfg: DictConfig, epochs: int
+    train_set: TrainingSet, cfg: RunSpec, epochs: int
 ) -> Callable[[np.random.Generator], list[np.ndarray]]:
     """The epoch's global batches (train.batch_size rows each, split among the ranks): at least
     train.min_steps optimizer steps over the whole training, so a teacher on 40 labels still
@@ -134,8 +134,8 @@ class FitResult:
 
 
 def fit(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: torch.nn.Module,
     images: ImageSet,
     train_set: TrainingSet,
@@ -168,23 +168,23 @@ def fit(
         raise UserError(
             "train.select=best_val needs a val split (data.val_per_class or data.val_dir)"
         )
-    data = batches(
-        data_cfg, images, targets=train_set.target_rows, weight=torch.from_numpy(train_set.weight)
+    train_data = batches(
+        data, images, targets=train_set.target_rows, weight=torch.from_numpy(train_set.weight)
     )
-    val_data = batches(data_cfg, val, labels=val.labels) if val is not None else None
+    val_data = batches(data, val, labels=val.labels) if val is not None else None
     make = training_batches(train_set, cfg, epochs)
     method = None
     if pool is not None:
         method = build_consistency(pool.spec, train_set.num_classes, len(pool.images))
-        data = PairedBatches(data, batches(data_cfg, pool.images, labels=pool.truth))
+        train_data = PairedBatches(train_data, batches(data, pool.images, labels=pool.truth))
         make = with_pool(make, len(pool.images), pool.spec.mu)
     dm = datamodule(
         cfg,
-        data_cfg,
+        data,
         seed,
         augment,
         pool_views=(pool.weak, pool.strong) if pool is not None else None,
-        train=data,
+        train=train_data,
         train_batches=make,
         val=val_data,
     )
@@ -201,7 +201,7 @@ def fit(
         compile=cfg.trainer.compile,
         hparams=hparams,
         log_prefix=log_prefix,
-        channels_last=channels_last(cfg.trainer),
+        channels_last=channels_last(cfg.trainer.args),
         consistency=method,
         consistency_weight=pool.spec.weight if pool is not None else 1.0,
         layer_decay=layer_decay,
@@ -226,7 +226,7 @@ def fit(
     if ema is not None:  # the network ends with its averaged weights (engine/ema.py)
         callbacks.append(EMA(float(ema)))
     trainer = build_trainer(
-        cfg.trainer,
+        cfg.trainer.args,
         max_epochs=epochs,
         ckpt_dir=ckpt_dir,
         ckpt_every_s=cfg.train.checkpoint_every_s,
@@ -258,7 +258,7 @@ def fit(
 
 
 def evaluate(
-    cfg: DictConfig, data_cfg: DictConfig, net: torch.nn.Module, test: ImageSet, split: str = "test"
+    cfg: RunSpec, data: DataSpec, net: torch.nn.Module, test: ImageSet, split: str = "test"
 ) -> dict[str, Any]:
     """Accuracy on a labelled set (the test set, or split="val"), each sample counted exactly
     once (also under DDP); unreadable images (data.on_bad_image=skip) are counted apart. Keys:
@@ -268,15 +268,15 @@ def evaluate(
     from pipeline.data.splits import network_classes
 
     assert test.labels is not None
-    num_classes = network_classes(data_cfg)
-    dm = datamodule(cfg, data_cfg, 0, None, test=batches(data_cfg, test, labels=test.labels))
+    num_classes = network_classes(data.node)
+    dm = datamodule(cfg, data, 0, None, test=batches(data, test, labels=test.labels))
     module = LitClassifier(
         net,
         num_classes=num_classes,
         optimizer=instantiate(cfg.optimizer),
-        channels_last=channels_last(cfg.trainer),
+        channels_last=channels_last(cfg.trainer.args),
     )
-    trainer = build_trainer(cfg.trainer, progress=cfg.progress)
+    trainer = build_trainer(cfg.trainer.args, progress=cfg.progress)
     out = trainer.test(module, datamodule=dm, verbose=False)[0]
     count = int(round(out[TEST_COUNT]))
     bad = int(dist.all_reduce_sum(dm.num_bad))

@@ -31,9 +31,9 @@ from typing import Any
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.keys import result_keys
+from pipeline.config.specs import RunSpec
 from pipeline.errors import UserError
 from pipeline.runtime import dist, io
 
@@ -60,9 +60,10 @@ class RunLoggers:
         """The prefix of a training's per-epoch metrics: `round_1/`."""
         return f"{self.step_name(step_path)}/"
 
-    def log_params(self, config: DictConfig) -> None:
-        """The settings the result depends on, once per logger run (the same on a resume)."""
-        params = {k: _param(v) for k, v in result_keys(_plain(config)).items()}
+    def log_params(self, config: dict[str, Any]) -> None:
+        """The settings the result depends on (of `config`, the resolved config as plain
+        values: RunSpec.config), once per logger run (the same on a resume)."""
+        params = {k: _param(v) for k, v in result_keys(config).items()}
         for logger in self.lightning:
             logger.log_hyperparams(params)
             logger.save()
@@ -117,7 +118,7 @@ def round_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def build_run_loggers(cfg: DictConfig, run_path: Path) -> RunLoggers | None:
+def build_run_loggers(cfg: RunSpec, run_path: Path) -> RunLoggers | None:
     """The loggers of `cfg.logger` (None without any), on rank 0 (other ranks: none)."""
     nodes = cfg.logger or {}
     if not nodes:
@@ -144,7 +145,7 @@ def build_run_loggers(cfg: DictConfig, run_path: Path) -> RunLoggers | None:
     return RunLoggers(loggers, run_path)
 
 
-def _resume_kwargs(name: str, node: DictConfig, logs: Path) -> dict[str, Any]:
+def _resume_kwargs(name: str, node: dict[str, Any], logs: Path) -> dict[str, Any]:
     """Arguments that continue the logger run of an earlier attempt (MLflow's and W&B's run
     ids), and W&B's offline mode unless logged in."""
     target = str(node.get("_target_", "")).rsplit(".", 1)[-1]
@@ -216,10 +217,6 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 def _param(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-
-
-def _plain(config: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

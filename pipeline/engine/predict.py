@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
-from omegaconf import DictConfig
 
+from pipeline.config.specs import DataSpec, RunSpec
 from pipeline.data.splits import network_classes
 from pipeline.engine.batches import Batches
 from pipeline.engine.datamodule import ViewsFn
@@ -100,8 +100,8 @@ class ShardWriter(BasePredictionWriter):
 
 
 def predict_shards(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: torch.nn.Module,
     dataset: Batches,
     shards: dict[int, np.ndarray],
@@ -114,7 +114,7 @@ def predict_shards(
     `write` receives each of this rank's shards as soon as it is done (and writes it from this
     rank), with the per-row `extras` of predict_step (e.g. "energy") as keywords. Returns when
     every rank is done; bad input met by any rank (UserError) is raised on every rank."""
-    num_classes = network_classes(data_cfg)
+    num_classes = network_classes(data.node)
     bs = int(cfg.train.eval_batch_size)
     batches, shard_of_batch = [], []
     mine = list(shards)[dist.rank() :: dist.world_size()]
@@ -126,17 +126,17 @@ def predict_shards(
         # A rank without a shard still takes part (Lightning refuses an empty loader): it
         # predicts one row that no writer receives.
         batches, shard_of_batch = [np.arange(1)], [NO_SHARD]
-    dm = datamodule(cfg, data_cfg, 0, None, predict=dataset, predict_batches=batches)
+    dm = datamodule(cfg, data, 0, None, predict=dataset, predict_batches=batches)
     dm.predict_views = views
     module = LitClassifier(
         net,
         num_classes=num_classes,
         optimizer=instantiate(cfg.optimizer),
         hparams={"num_classes": num_classes},
-        channels_last=channels_last(cfg.trainer),
+        channels_last=channels_last(cfg.trainer.args),
     )
     writer = ShardWriter(shard_of_batch, write, extras)
-    trainer = build_trainer(cfg.trainer, progress=cfg.progress, callbacks=[writer])
+    trainer = build_trainer(cfg.trainer.args, progress=cfg.progress, callbacks=[writer])
     problem = None
     try:
         trainer.predict(module, datamodule=dm, return_predictions=False)
@@ -150,33 +150,33 @@ def predict_shards(
 
 
 def predict(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: torch.nn.Module,
     dataset: Batches,
     views: ViewsFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every row's probabilities in memory: (index, probs). For tests and small sets in one
     process; pseudo-labelling uses predict_shards."""
-    index, probs, _ = predict_scores(cfg, data_cfg, net, dataset, views)
+    index, probs, _ = predict_scores(cfg, data, net, dataset, views)
     return index, probs
 
 
 def predict_scores(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: torch.nn.Module,
     dataset: Batches,
     views: ViewsFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every row's (index, probs, energy) in memory on rank 0 (empty on the others): small
     sets, e.g. the labelled images whose OOD scores set the pool's rejection threshold."""
-    n = network_classes(data_cfg)
+    n = network_classes(data.node)
     out = [(np.zeros(0, np.int64), np.zeros((0, n), np.float32), np.zeros(0, np.float32))]
 
     def keep(shard: int, index: np.ndarray, probs: np.ndarray, bad: Unreadable, energy) -> None:
         out.append((index, probs, energy))
 
     plan = {0: np.arange(len(dataset))}
-    predict_shards(cfg, data_cfg, net, dataset, plan, keep, views, extras=("energy",))
+    predict_shards(cfg, data, net, dataset, plan, keep, views, extras=("energy",))
     return out[-1]

@@ -10,10 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline.config.checks import has_own_weights
 from pipeline.config.keys import result_keys
+from pipeline.config.specs import RunSpec
 from pipeline.data.task import prepare_task
 from pipeline.engine.train import train_model
 from pipeline.engine.training_set import TrainingSet
@@ -47,7 +45,7 @@ PRETRAIN_FILES = ("model.ckpt", DONE)  # metrics.json last: its presence marks a
 PRETRAIN_SEED_OFFSET = 7919  # the pretraining's seed differs from the target training's
 
 
-def pretrain(cfg: DictConfig, step: Step) -> dict[str, Any]:
+def pretrain(cfg: RunSpec, step: Step) -> dict[str, Any]:
     """Train on the source set in `step` (resumable like any step); its metrics."""
     src = cfg.pretrain_data
     task = prepare_task(src, cfg.seed, None)
@@ -57,19 +55,19 @@ def pretrain(cfg: DictConfig, step: Step) -> dict[str, Any]:
     record = {"pretrain_source": str(src.name)}
     _, metrics = train_model(
         cfg, task, step, cfg.seed + PRETRAIN_SEED_OFFSET, train_set, phase="pretraining",
-        data_cfg=src, epochs=cfg.pretrain.epochs, record=record,
+        data=src, epochs=cfg.pretrain.epochs, record=record,
     )  # fmt: skip
     metrics.update({"round": 0, "source": str(src.name), "num_labelled": len(task.labelled)})
     return step.finish(metrics)
 
 
-def pretrained_checkpoint(cfg: DictConfig, run: RunDir, step_name: str = "pretrain") -> Path | None:
+def pretrained_checkpoint(cfg: RunSpec, run: RunDir, step_name: str = "pretrain") -> Path | None:
     """The pretrained weights this run (its `model`) starts from: pretrain.ckpt, torchvision
     weights (None: the network loads them itself), or a pretraining run inside
     run_dir/<step_name>."""
     if cfg.pretrain.ckpt:
         return Path(cfg.pretrain.ckpt)
-    if has_own_weights(cfg.model):
+    if cfg.model.own_weights:
         return None
     step = run.step(step_name)
     if not step.done and not take_cached_pretraining(cfg, step):
@@ -79,20 +77,20 @@ def pretrained_checkpoint(cfg: DictConfig, run: RunDir, step_name: str = "pretra
     return step / "model.ckpt"
 
 
-def pretrain_key(cfg: DictConfig) -> str:
+def pretrain_key(cfg: RunSpec) -> str:
     """A name for the pretraining this run does: the source, the seed, and a digest of every
     setting the pretraining reads (anything not known to be unread counts, so a new setting can
     only cause a cache miss, never a wrong hit)."""
     keys = {
         k: v
-        for k, v in result_keys(OmegaConf.to_container(cfg, resolve=True)).items()
+        for k, v in result_keys(cfg.config).items()
         if not any(k == n or k.startswith(n + ".") for n in NOT_READ_BY_PRETRAINING)
     }
     digest = hashlib.sha1(repr(sorted(keys.items())).encode()).hexdigest()[:12]
     return f"{cfg.pretrain_data.name}-seed{cfg.seed}-{digest}"
 
 
-def take_cached_pretraining(cfg: DictConfig, step: Step) -> bool:
+def take_cached_pretraining(cfg: RunSpec, step: Step) -> bool:
     """Copy a finished pretraining with the same settings from pretrain.cache_dir, if there is
     one (a sweep's jobs then pretrain once per seed instead of once per job)."""
     if not cfg.pretrain.cache_dir:
@@ -105,7 +103,7 @@ def take_cached_pretraining(cfg: DictConfig, step: Step) -> bool:
     return found
 
 
-def share_pretraining(cfg: DictConfig, step: Step) -> None:
+def share_pretraining(cfg: RunSpec, step: Step) -> None:
     """Publish a finished pretraining into pretrain.cache_dir. Atomic renames, no locks: jobs
     that pretrain the same thing at the same time only duplicate work."""
     if cfg.pretrain.cache_dir:  # the same on every rank

@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from omegaconf import DictConfig
-
+from pipeline.config.specs import RunSpec
 from pipeline.data.task import Task
 from pipeline.runtime.rundir import RunDir
 
@@ -23,7 +22,7 @@ def bad_images(task: Task, metrics: dict[str, Any]) -> dict[str, int]:
 
 
 def summary(
-    cfg: DictConfig,
+    cfg: RunSpec,
     run: RunDir,
     stage: str,
     task: Task,

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config.checks import has_own_weights
-from pipeline.config.specs import consistency_spec
+from pipeline.config.specs import DataSpec, RunSpec
 from pipeline.consistency import ConsistencySpec
 from pipeline.data.arrays import ImageSet, subset
 from pipeline.data.streamed import concat
@@ -40,7 +38,7 @@ TRAINING_RECORD = ("selected_by", "selected_epoch", "epochs", "train_images_per_
 
 
 def train_labelled(
-    cfg: DictConfig,
+    cfg: RunSpec,
     task: Task,
     step: Step,
     seed: int,
@@ -54,34 +52,34 @@ def train_labelled(
 
 
 def train_model(
-    cfg: DictConfig,
+    cfg: RunSpec,
     task: Task,
     step: Step,
     seed: int,
     train_set: TrainingSet,
     pretrained: Path | None = None,
     phase: str = "teacher",
-    data_cfg: DictConfig | None = None,
+    data: DataSpec | None = None,
     epochs: int | None = None,
     record: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train a fresh network on `train_set` of `data_cfg` (default: cfg.data) for `epochs`
+    """Train a fresh network on `train_set` of `data` (default: cfg.data) for `epochs`
     (default: train.epochs), time counted as `phase`, evaluating the task's val set after every
     epoch; keep the weights train.select picks (the last epoch's, or the best on val: never
     chosen by test accuracy); save them as the step's model.ckpt (with `record` and the
     training's per-epoch record in its "pipeline" entry) and evaluate them on the val and test
     sets."""
     run = step.run
-    data_cfg = cfg.data if data_cfg is None else data_cfg
+    data = cfg.data if data is None else data
     model_path = step / "model.ckpt"
-    hparams = hparams_for(cfg, data_cfg, task.num_classes, task.bundle.classes)
+    hparams = hparams_for(cfg, data, task.num_classes, task.bundle.classes)
     # A pretraining source without a val split keeps its last epoch (checks.py refuses
     # best_val without a val split on the data a stage trains on).
     select = str(cfg.train.select) if task.val is not None else "last"
     tracker = run.tracker
     steps = None
     if run.checkpoint_intact(model_path):  # trained before a kill (and intact): evaluate it
-        net = load_net(cfg, model_path, task.num_classes, int(data_cfg.channels))
+        net = load_net(cfg, model_path, task.num_classes, int(data.channels))
         trained = {k: v for k, v in (load_checkpoint(model_path).get("pipeline") or {}).items()
                    if k in TRAINING_RECORD}  # fmt: skip
         model, sets = net, task
@@ -91,33 +89,33 @@ def train_model(
         lr_scale, frozen, layer_decay = 1.0, [], None
         if pretrained is not None:
             init_from_pretrained(cfg, net, pretrained)
-        if pretrained is not None or has_own_weights(cfg.model):
+        if pretrained is not None or cfg.model.own_weights:
             lr_scale, frozen = finetune_setup(cfg, net)
             layer_decay = cfg.finetune.layer_decay
         with run.timed(phase):
             # model.cache_features: the head alone trains, on the sets' cached features.
             cached = training_inputs(
-                cfg, data_cfg, net, task, run, phase, len(train_set) > train_set.num_labelled
+                cfg, data, net, task, run, phase, len(train_set) > train_set.num_labelled
             )
             model, sets = cached or (net, task)
             images = training_images(sets, train_set)
-            augment = None if cached else from_config(data_augment(data_cfg))
+            augment = None if cached else from_config(data_augment(data))
             epochs = cfg.train.epochs if epochs is None else epochs
             result = fit(
-                cfg, data_cfg, model, images, train_set, step.path, seed, epochs, hparams,
+                cfg, data, model, images, train_set, step.path, seed, epochs, hparams,
                 augment, lr_scale, frozen, val=sets.val, select=select,
                 loggers=tracker.lightning if tracker is not None else None,
                 log_prefix=tracker.prefix(step.path) if tracker is not None else "",
-                pool=online_pool(consistency_spec(cfg), data_cfg, task, phase),
+                pool=online_pool(cfg.consistency, data, task, phase),
                 layer_decay=layer_decay,
             )  # fmt: skip
             steps, trained = result.steps, result.record()
             checkpoint = model_checkpoint(net, hparams, {**(record or {"seed": seed}), **trained})
             run.save_checkpoint(model_path, checkpoint)
     with run.timed("evaluation"):
-        metrics = evaluate(cfg, data_cfg, model, sets.test)
+        metrics = evaluate(cfg, data, model, sets.test)
         if task.val is not None:
-            metrics.update(evaluate(cfg, data_cfg, model, sets.val, split="val"))
+            metrics.update(evaluate(cfg, data, model, sets.val, split="val"))
             metrics["val_source"] = task.val_source
     metrics.update(trained)
     if steps is not None:
@@ -125,9 +123,7 @@ def train_model(
     return net, metrics
 
 
-def online_pool(
-    spec: ConsistencySpec, data_cfg: DictConfig, task: Task, phase: str
-) -> OnlinePool | None:
+def online_pool(spec: ConsistencySpec, data: DataSpec, task: Task, phase: str) -> OnlinePool | None:
     """The pool a training labels online (consistency=...): the task's unlabelled set, with
     the weak view (the data's shift and flip) and the strong one (the weak one plus
     RandAugment and cutout). None without a method, and for pretraining (a labelled source)."""
@@ -138,7 +134,7 @@ def online_pool(
             f"consistency={spec.method} trains on the unlabelled pool, and this data has none: "
             "set data.labels_per_class (or data.unlabelled_dir), or consistency=none"
         )
-    aug = data_augment(data_cfg) or {}
+    aug = data_augment(data) or {}
     shift = {"translate": float(aug.get("translate", 0.125)), "flip": bool(aug.get("flip", False))}
     strong = BatchAugment(
         **shift,
@@ -149,10 +145,9 @@ def online_pool(
     return OnlinePool(task.unlabelled, spec, BatchAugment(**shift), strong, task.unlabelled.labels)
 
 
-def data_augment(data_cfg: DictConfig) -> dict[str, Any] | None:
+def data_augment(data: DataSpec) -> dict[str, Any] | None:
     """`data.augment` as plain values (None: no augmentation)."""
-    aug = data_cfg.get("augment")
-    return OmegaConf.to_container(aug, resolve=True) if aug else None  # type: ignore[return-value]
+    return data.augment
 
 
 def training_images(task: Task, train_set: TrainingSet) -> ImageSet:

@@ -3,6 +3,7 @@ themselves, how they load (weights_only=True, architecture and class count check
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,8 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config.specs import DataSpec, RunSpec
 from pipeline.errors import UserError
 from pipeline.models.finetune import freeze_for_finetune, load_pretrained, reset_head
 from pipeline.runtime.io import load_checkpoint
@@ -21,7 +22,7 @@ log = logging.getLogger("pipeline")
 
 
 def hparams_for(
-    cfg: DictConfig, data_cfg: DictConfig, num_classes: int, classes: list[str] | None = None
+    cfg: RunSpec, data: DataSpec, num_classes: int, classes: list[str] | None = None
 ) -> dict[str, Any]:
     """What a checkpoint records about itself, enough to use it without a dataset config
     (stage=predict, stage=export, load_model): the architecture (`model`, with `net._target_`),
@@ -33,33 +34,24 @@ def hparams_for(
     names = [str(c) for c in classes] if classes is not None else None
     if names is not None and len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    size = data_cfg.get("image_size")
+    size = data.image_size
+    # Copies: the checkpoint owns its record, whatever later changes the spec's containers.
     return {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "dataset": str(data_cfg.name),
+        "model": copy.deepcopy(cfg.model.node),
+        "dataset": str(data.name),
         "num_classes": int(num_classes),
-        "in_channels": int(data_cfg.channels),
+        "in_channels": int(data.channels),
         "image_size": int(size) if size is not None else None,
         "classes": names or [str(i) for i in range(int(num_classes))],
-        "mean": [float(m) for m in data_cfg.mean],
-        "std": [float(s) for s in data_cfg.std],
-        "augment": OmegaConf.to_container(data_cfg.augment, resolve=True)
-        if data_cfg.get("augment")
-        else None,
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+        "augment": copy.deepcopy(data.augment) if data.augment else None,
         "pipeline_version": __version__,
-        "config": _plain_config(cfg),
+        "config": copy.deepcopy(cfg.config),
     }
 
 
-def _plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config as plain containers, resolved (unresolvable interpolations kept as text)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
-
-
-def build_net(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+def build_net(cfg: RunSpec, num_classes: int) -> torch.nn.Module:
     """The configured network (`model.net`) for `num_classes`; a constructor's UserError (an
     unknown zoo name, weights that cannot be fetched) stays one, not Hydra's wrapper of it."""
     try:
@@ -103,7 +95,7 @@ def build_recorded_net(model: dict[str, Any], num_classes: int, what: str) -> to
 
 
 def refuse_other_model(
-    cfg: DictConfig, ckpt: dict[str, Any], what: str, hint: str = "", this: str = "this run has"
+    cfg: RunSpec, ckpt: dict[str, Any], what: str, hint: str = "", this: str = "this run has"
 ) -> None:
     """A checkpoint of another architecture than cfg.model cannot load: say which to pass."""
     made_with = (recorded_model(ckpt) or {}).get("name")
@@ -115,7 +107,7 @@ def refuse_other_model(
 
 
 def load_net(
-    cfg: DictConfig, ckpt_path: str | Path, num_classes: int, channels: int | None = None
+    cfg: RunSpec, ckpt_path: str | Path, num_classes: int, channels: int | None = None
 ) -> torch.nn.Module:
     """The network a checkpoint names (its recorded model config: a round's teacher may be
     another architecture than cfg.model), with the checkpoint's weights; a checkpoint that records
@@ -170,7 +162,7 @@ def model_checkpoint(net: torch.nn.Module, hparams: dict[str, Any], extra: dict)
     }
 
 
-def init_from_pretrained(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path) -> list[str]:
+def init_from_pretrained(cfg: RunSpec, net: torch.nn.Module, ckpt_path: Path) -> list[str]:
     """Start `net` from pretrained weights for fine-tuning: every backbone layer loads (a clear
     error names those that cannot), the head is new. A new head also when the class count
     matches: the source's classes are not the target's (Zoph et al. fine-tune a new head)."""
@@ -198,7 +190,7 @@ def init_from_pretrained(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path)
     return sorted(set(recreated) | {k for k in net.state_dict() if k.startswith("head.")})
 
 
-def finetune_setup(cfg: DictConfig, net: torch.nn.Module) -> tuple[float, list[torch.nn.Module]]:
+def finetune_setup(cfg: RunSpec, net: torch.nn.Module) -> tuple[float, list[torch.nn.Module]]:
     """The transfer mode of the fine-tuning: backbone lr factor and the modules kept frozen."""
     frozen = freeze_for_finetune(net, cfg.finetune.mode, cfg.finetune.trainable_blocks)
     return cfg.finetune.lr_scale, frozen

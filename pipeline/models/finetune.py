@@ -7,11 +7,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.config.schema import FINETUNE_MODES
+from pipeline.config.specs import RunSpec
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline")
@@ -160,15 +160,14 @@ def count_parameters(net: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def check_cache_features(cfg: DictConfig) -> bool:
+def check_cache_features(cfg: RunSpec) -> bool:
     """Whether this run trains heads on cached features (`model.cache_features` of any round's
     network); refuses it (UserError) where a body would train or where augmentation is the
     method itself, and says once what it turns off."""
-    from pipeline.config.architecture import round_model
-    from pipeline.config.checks import has_own_weights, uses_pretrained
+    from pipeline.config.checks import uses_pretrained
 
     rounds = cfg.selftrain.rounds if cfg.stage == "selftrain" else 0
-    models = [round_model(cfg, k) for k in range(rounds + 1)]
+    models = [cfg.round_model(k) for k in range(rounds + 1)]
     cached = [m for m in models if m.cache_features]
     if not cached or cfg.stage not in CACHED_STAGES:
         return False
@@ -178,7 +177,7 @@ def check_cache_features(cfg: DictConfig) -> bool:
             "trains it; pass finetune.mode=linear, or model.cache_features=false"
         )
     pretrained = uses_pretrained(cfg) or cfg.stage == "finetune"
-    unfrozen = [str(m.name) for m in cached if not (pretrained or has_own_weights(m))]
+    unfrozen = [str(m.name) for m in cached if not (pretrained or m.own_weights)]
     if unfrozen:
         raise UserError(
             f"model.cache_features=true needs pretrained weights to freeze, and model="

@@ -38,8 +38,7 @@ from pipeline.report.render import (
 from pipeline.runtime.io import write_text
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
+    from pipeline.config.specs import RunSpec
     from pipeline.runtime.rundir import RunDir
 
 __all__ = [
@@ -102,7 +101,7 @@ def write_report(
     }
 
 
-def run_report(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_report(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """The ``stage=report`` recipe: rank 0 writes the report of ``report.sweep_dir`` into the
     run_dir; every rank gets its result (or its UserError)."""
     result = run.on_rank_zero(lambda: write_report(Path(cfg.report.sweep_dir), run.path))

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
+from pipeline.config.files import read_yaml
 from pipeline.errors import UserError
 from pipeline.report.keys import freeze
 from pipeline.runtime import io
@@ -89,17 +88,12 @@ def flatten_config(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_config(path: Path) -> dict[str, Any]:
     """Read a job's config.yaml as a plain flattened dict."""
     try:
-        cfg = OmegaConf.load(path)
+        container = read_yaml(path)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read {path}: {first_line}") from exc
-    if not OmegaConf.is_dict(cfg):
+    if not isinstance(container, dict):
         raise UserError(f"{path} is not a mapping of config keys; expected a job's full config")
-    try:
-        container = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:
-        container = OmegaConf.to_container(cfg, resolve=False)
-    assert isinstance(container, dict)
     return flatten_config(container)
 
 
@@ -118,7 +112,7 @@ def read_overrides(job_dir: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path))
+        data = read_yaml(path, resolve=False)
     except Exception:
         return None
     return [str(x) for x in data] if isinstance(data, list) else None

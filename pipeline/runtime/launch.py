@@ -18,10 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import UserError
 
@@ -61,7 +60,7 @@ def device_count(trainer_cfg: Any) -> int:
         return 1
     if isinstance(devices, str) and "," in devices:  # "0,1": device ids
         return len([d for d in devices.split(",") if d.strip()])
-    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+    if isinstance(devices, Sequence):  # device ids (a list; str is handled above)
         return len(devices)
     return int(devices)
 
@@ -171,9 +170,11 @@ def free_port() -> int:
 PREEMPT_GRACE_S = 60.0
 
 
-def start_ranks(cfg: DictConfig, n: int) -> int:
-    """Run the job in `n` rank processes; return the job's exit code (2 if any rank said the
-    input is bad, 1 if any failed otherwise). If one rank fails the others are stopped.
+def start_ranks(config_text: str, num_threads: int | None, n: int) -> int:
+    """Run the job in `n` rank processes, each reading its resolved config from `config_text`
+    (YAML, what the entry point wrote), with `num_threads` CPU threads (trainer.num_threads;
+    None: the cores divided among the ranks); return the job's exit code (2 if any rank said
+    the input is bad, 1 if any failed otherwise). If one rank fails the others are stopped.
 
     USR1, USR2 and TERM are passed to the ranks, which save last.ckpt and stop; then this
     process raises Preempted and the entry point acts for the job (runtime.preemption)."""
@@ -181,9 +182,9 @@ def start_ranks(cfg: DictConfig, n: int) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-ranks-"))
     path = tmp / "config.yaml"
-    OmegaConf.save(cfg, path, resolve=True)
+    path.write_text(config_text, encoding="utf-8")
     port = free_port()
-    threads = str(cfg.trainer.num_threads or cpu_threads_per_rank(n))
+    threads = str(num_threads or cpu_threads_per_rank(n))
     procs = []
     for r in range(n):
         env = dict(os.environ)

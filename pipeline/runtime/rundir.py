@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import UserError
 from pipeline.runtime import dist, io
@@ -30,6 +29,25 @@ from pipeline.runtime.run_lock import LOCK, acquire_lock, release_lock
 
 # (saved config, this config) -> the result keys in which they differ
 Differing = Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The job's config as the run dir records and checks it. The entry point makes it (the
+    runtime knows neither the config's keys nor its file format): the resolved config as plain
+    values, the text of config.yaml and of the command's overrides, how to read a saved
+    config.yaml back, and which result keys two configs differ in (config.keys.differing_keys)."""
+
+    values: Mapping[str, Any]
+    text: str
+    overrides_text: str | None
+    read: Callable[[Path], Mapping[str, Any]]
+    differing: Differing
+
+    @property
+    def overwrite(self) -> bool:
+        return bool(self.values["overwrite"])
+
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -60,16 +78,15 @@ class RunDir:
 
     # --- starting a run -------------------------------------------------------------------
 
-    def check_config(self, cfg: DictConfig, differing: Differing, requeued: bool = False) -> None:
-        """Refuse a run_dir made by another config (naming the keys `differing` finds between
-        the saved config and this one: config.keys.differing_keys, which the entry point
-        passes, as the runtime knows no config keys), or clear it on overwrite=true (not for a
+    def check_config(self, cfg: JobConfig, requeued: bool = False) -> None:
+        """Refuse a run_dir made by another config (naming the keys `cfg.differing` finds
+        between the saved config and this one), or clear it on overwrite=true (not for a
         requeued job: it must resume). Writes nothing else."""
         saved = self.path / CONFIG
         if not saved.exists():
             return
         try:
-            old = OmegaConf.load(saved)
+            old = cfg.read(saved)
         except Exception:
             raise UserError(
                 f"{saved} is unreadable; move the run_dir away or pass overwrite=true"
@@ -82,22 +99,20 @@ class RunDir:
                 if child.name != LOCK:  # this run's own lock
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
             return
-        diff = differing(_plain(old), _plain(cfg))
+        diff = cfg.differing(old, cfg.values)
         if not diff:
             return
         # What a run is (stage, data, model, seed) first: a different dataset differs in many keys.
         leading = ("stage", "data.name", "model.name", "seed")
         diff.sort(key=lambda k: leading.index(k) if k in leading else len(leading))
-        shown = ", ".join(f"{k} ({_value(old, k)} -> {_value(cfg, k)})" for k in diff[:4])
+        shown = ", ".join(f"{k} ({_value(old, k)} -> {_value(cfg.values, k)})" for k in diff[:4])
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
         raise UserError(
             f"run_dir {self.path} was made by another config: {shown}{more}; use another "
             "run_dir=, or overwrite=true to start it over"
         )
 
-    def check_config_on_every_rank(
-        self, cfg: DictConfig, differing: Differing, requeued: bool = False
-    ) -> None:
+    def check_config_on_every_rank(self, cfg: JobConfig, requeued: bool = False) -> None:
         """Under srun / torchrun every rank composed the config itself: rank 0 checks that all
         resolved the same run_dir (a clock in hydra.sweep.dir reads differently in each rank)
         and checks the run_dir once; every rank gets the verdict."""
@@ -110,17 +125,17 @@ class RunDir:
                     "from a timestamp in hydra.sweep.dir; pass a fixed one: "
                     "hydra.sweep.dir=multirun/NAME (with -m) or run_dir=PATH"
                 )
-            self.check_config(cfg, differing, requeued)
+            self.check_config(cfg, requeued)
 
         self.on_rank_zero(check)
 
-    def begin(self, cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    def begin(self, cfg: JobConfig) -> None:
         """Create the folder, remove temporaries a killed run left, record the config (and the
         command's overrides, which the report's reproduce commands use) if not there yet.
         Rank 0 does it; every rank waits for it."""
-        self._rank_zero_write(self._begin, cfg, overrides)
+        self._rank_zero_write(self._begin, cfg)
 
-    def _begin(self, cfg: DictConfig, overrides: list[str] | None) -> None:
+    def _begin(self, cfg: JobConfig) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # a file in the way, no permission, a read-only disk
@@ -130,9 +145,9 @@ class RunDir:
             ) from None
         io.remove_stale_temporaries(self.path)
         if not (self.path / CONFIG).exists() or cfg.overwrite:
-            io.write_text(self.path / CONFIG, OmegaConf.to_yaml(cfg))
-            if overrides is not None:
-                io.write_text(self.path / OVERRIDES, OmegaConf.to_yaml(list(overrides)))
+            io.write_text(self.path / CONFIG, cfg.text)
+            if cfg.overrides_text is not None:
+                io.write_text(self.path / OVERRIDES, cfg.overrides_text)
 
     def entries_before(self) -> set[str] | None:
         """What a run_dir without config.yaml holds before this command (None: it has a
@@ -298,9 +313,14 @@ def _intact(path: Path) -> bool:
     return True
 
 
-def _plain(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def _value(cfg: DictConfig, key: str) -> Any:
-    return OmegaConf.select(cfg, key, default="<unset>")
+def _value(values: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key of a plain config ("<unset>" where there is none)."""
+    node: Any = values
+    for part in key.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return "<unset>"
+    return node

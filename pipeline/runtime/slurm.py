@@ -17,6 +17,7 @@ when `trainer.accelerator` is gpu or cuda (or auto on a partition with GPUs), no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import io
 import os
@@ -189,7 +190,6 @@ class SlurmLauncher(SubmititSlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
         import submitit
         from hydra.core.singleton import Singleton
-        from omegaconf import OmegaConf
 
         assert self.config is not None
         problem = accounting_problem()
@@ -207,7 +207,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         )
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
-        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        base = {f.name for f in dataclasses.fields(BaseQueueConf)}
         executor.update_parameters(
             **{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()}
         )

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
+from pipeline.config.specs import DataSpec, PseudoLabelSpec, RunSpec
 from pipeline.data.arrays import ImageSet
 from pipeline.data.splits import network_classes
 from pipeline.data.streamed import check_unchanged, concat
@@ -60,7 +60,7 @@ SHARDS = "pseudo_shards"  # the shard files of a round: resume state until the r
 
 
 def label_unlabelled(
-    cfg: DictConfig, task: Task, teacher_ckpt: Path, step: Step
+    cfg: RunSpec, task: Task, teacher_ckpt: Path, step: Step
 ) -> tuple[PseudoLabels, dict[str, Any]]:
     """The teacher's pseudo-labels for the round in `step`, and their diagnostics (read back
     when a resumed run finds them written)."""
@@ -82,8 +82,8 @@ def label_unlabelled(
 
 
 def pseudo_label(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: torch.nn.Module,
     pool: ImageSet,
     out: Path,
@@ -96,14 +96,14 @@ def pseudo_label(
     gives what pseudo_label.dist_align=labelled|estimated, rebalance_alpha and ood_score
     compare the pool with (the labelled and val sets), and an open-set pool's truth."""
     shard_dir = out.parent / SHARDS if out.name == PSEUDO_LABELS else out.with_suffix(".shards")
-    plan = label_shards(cfg, data_cfg, net, pool, shard_dir, run)
-    context = selection_context(cfg, data_cfg, net, task)  # every rank: it predicts
-    num_classes = network_classes(data_cfg)
+    plan = label_shards(cfg, data, net, pool, shard_dir, run)
+    context = selection_context(cfg, data, net, task)  # every rank: it predicts
+    num_classes = network_classes(data.node)
     return select_and_write(cfg, plan, shard_dir, out, run, truth, num_classes, context)
 
 
 def selection_context(
-    cfg: DictConfig, data_cfg: DictConfig, net: torch.nn.Module, task: Task | None
+    cfg: RunSpec, data: DataSpec, net: torch.nn.Module, task: Task | None
 ) -> dict[str, Any]:
     """What selection needs of the task beyond the pool: the labelled class counts, the
     teacher's OOD scores on the labelled and val images (the same views as the pool's; msp
@@ -128,14 +128,14 @@ def selection_context(
     kind = str(pl.ood_score)
     if kind != "none":
         reference = concat([task.labelled, *([task.val] if task.val is not None else [])])
-        views = teacher_views(cfg, data_cfg)
-        _, probs, energy = predict_scores(cfg, data_cfg, net, batches(data_cfg, reference), views)
+        views = teacher_views(cfg, data)
+        _, probs, energy = predict_scores(cfg, data, net, batches(data, reference), views)
         context["reference_scores"] = ood_score(kind, probs.max(axis=1, initial=0.0), energy)
     return context
 
 
 def pool_handling(
-    pl: DictConfig, files: list[Path], context: dict[str, Any]
+    pl: PseudoLabelSpec, files: list[Path], context: dict[str, Any]
 ) -> tuple[PoolHandling, dict[str, Any]]:
     """The PoolHandling of pseudo_label.dist_align / prior / rebalance_alpha / ood_score over
     this pass's shard files, and what it found (for the diagnostics)."""
@@ -170,7 +170,7 @@ def pool_handling(
     return PoolHandling(weights, rates, kind, threshold), found
 
 
-def shard_plan(cfg: DictConfig, n: int) -> ShardPlan:
+def shard_plan(cfg: RunSpec, n: int) -> ShardPlan:
     """The pool's shards: pseudo_label.num_shards, or one per pseudo_label.shard_size images."""
     pl = cfg.pseudo_label
     num = pl.num_shards or max(1, math.ceil(n / int(pl.shard_size)))
@@ -182,8 +182,8 @@ def shard_file(shard_dir: Path, shard: int, plan: ShardPlan) -> Path:
 
 
 def label_shards(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
+    cfg: RunSpec,
+    data: DataSpec,
     net: torch.nn.Module,
     pool: ImageSet,
     shard_dir: Path,
@@ -217,9 +217,9 @@ def label_shards(
         arrays.update({name: v.astype(np.float32) for name, v in extra.items()})
         io.write_npz(shard_file(shard_dir, shard, plan), arrays)
 
-    views = teacher_views(cfg, data_cfg)
+    views = teacher_views(cfg, data)
     todo_rows = {s: plan.rows(s) for s in todo}
-    predict_shards(cfg, data_cfg, net, batches(data_cfg, pool), todo_rows, write, views, extras)
+    predict_shards(cfg, data, net, batches(data, pool), todo_rows, write, views, extras)
     return plan
 
 
@@ -251,7 +251,7 @@ def shard_arrays(
 
 
 def select_and_write(
-    cfg: DictConfig,
+    cfg: RunSpec,
     plan: ShardPlan,
     shard_dir: Path,
     out: Path,
@@ -295,10 +295,10 @@ def select_and_write(
     return read_pseudo_labels(out, plan.n, num_classes), diagnostics
 
 
-def teacher_views(cfg: DictConfig, data_cfg: DictConfig) -> ViewsFn | None:
+def teacher_views(cfg: RunSpec, data: DataSpec) -> ViewsFn | None:
     """The fixed views the teacher averages over (pseudo_label.tta_views of data.augment's
     affine ranges); None without views or augmentation."""
-    return views_fn(int(cfg.pseudo_label.tta_views), data_augment(data_cfg))
+    return views_fn(int(cfg.pseudo_label.tta_views), data_augment(data))
 
 
 def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:

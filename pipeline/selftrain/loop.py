@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from pipeline.config.architecture import round_config
+from pipeline.config.specs import RunSpec
 from pipeline.data.task import Task, prepare_task
 from pipeline.engine.summary import bad_images, summary
 from pipeline.models.finetune import check_cache_features
@@ -29,7 +27,7 @@ from pipeline.selftrain.student import train_student
 from pipeline.selftrain.teacher import train_teacher
 
 
-def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_selftrain(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     start = time.time()
     check_cache_features(cfg)  # (before anything trains: a refusal is exit 2 at once)
     with run.timed("data"):
@@ -41,21 +39,21 @@ def run_selftrain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             rounds.append(step.result())
             continue
         seed = cfg.seed * 1000 + k
-        net_cfg = round_config(cfg, k)  # cfg with `model` = this round's network
-        pretrained = pretrained_for(cfg, net_cfg, run) if cfg.init == "pretrained" else None
+        round_spec = cfg.for_round(k)  # the run's spec with `model` = this round's network
+        pretrained = pretrained_for(cfg, round_spec, run) if cfg.init == "pretrained" else None
         metrics: dict[str, Any] = {
             "round": k,
-            "model": str(net_cfg.model.name),
+            "model": str(round_spec.model.name),
             "num_pseudo": 0,
             "pseudo_accuracy": None,
         }
         if k == 0:
-            _, test = train_teacher(net_cfg, task, step, seed, pretrained)
+            _, test = train_teacher(round_spec, task, step, seed, pretrained)
         else:
             teacher = run / f"round_{k - 1}" / "model.ckpt"  # it names its own architecture
             pseudo, diagnostics = label_unlabelled(cfg, task, teacher, step)
             metrics.update(diagnostics)
-            _, test = train_student(net_cfg, task, step, seed, pseudo, pretrained)
+            _, test = train_student(round_spec, task, step, seed, pseudo, pretrained)
         metrics.update(test)
         metrics.update(bad_images(task, metrics))
         metrics.update(open_set_metrics(task, metrics))
@@ -77,13 +75,13 @@ def open_set_metrics(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pretrained_for(cfg: DictConfig, net_cfg: DictConfig, run: RunDir) -> Path | None:
+def pretrained_for(cfg: RunSpec, round_spec: RunSpec, run: RunDir) -> Path | None:
     """The pretrained weights a round of this architecture starts from (init=pretrained): the
     pretraining of `model` in run_dir/pretrain, of a student of another architecture in
     run_dir/pretrain_<its name> (each architecture is pretrained once, on the same source, and
     shared through pretrain.cache_dir like any pretraining)."""
     from pipeline.engine.pretrained import pretrained_checkpoint
 
-    name = str(net_cfg.model.name)
+    name = str(round_spec.model.name)
     step = "pretrain" if name == cfg.model.name else f"pretrain_{name}"
-    return pretrained_checkpoint(net_cfg, run, step)
+    return pretrained_checkpoint(round_spec, run, step)

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
+from pipeline.config.specs import RunSpec
 from pipeline.data.task import prepare_task
 from pipeline.engine.fit import evaluate
 from pipeline.engine.summary import bad_images, summary
@@ -21,7 +20,7 @@ from pipeline.selftrain.student import student_training_set, train_student
 from pipeline.selftrain.teacher import train_teacher
 
 
-def run_train(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_train(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """Train one model on the labelled split (plus `pseudo_in` pseudo-labels if given), evaluate."""
     start = time.time()
     check_cache_features(cfg)
@@ -43,7 +42,7 @@ def run_train(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     return summary(cfg, run, "train", task, [step.finish(metrics)], start)
 
 
-def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_pseudolabel(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """Label the configured unlabelled set with any checkpoint and write `out` (.npz); with
     `pseudo_label.shard=I`, label only shard I (one job of an array) into `out`'s shard folder:
     the run without `shard` then selects over all the shard files."""
@@ -80,7 +79,7 @@ def run_pseudolabel(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     }
 
 
-def run_merge(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_merge(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """Merge the labelled split with `pseudo_in`; write run_dir/train_set.npz (what a student
     trains on: source 0/1 = labelled/unlabelled set, position in it, target, weight)."""
     if not cfg.pseudo_in:
@@ -97,7 +96,7 @@ def run_merge(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     }
 
 
-def run_evaluate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def run_evaluate(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     """Test accuracy of any checkpoint on the configured test set; writes run_dir/metrics.json."""
     task = prepare_task(cfg.data, cfg.seed, None)
     net = load_net(cfg, cfg.ckpt, task.num_classes)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
+from pipeline.config.specs import RunSpec
 from pipeline.data.task import Task
 from pipeline.engine.train import train_model
 from pipeline.engine.training_set import TrainingSet
@@ -20,7 +20,7 @@ from pipeline.selftrain.select import PseudoLabels, balance_target
 
 
 def train_student(
-    cfg: DictConfig,
+    cfg: RunSpec,
     task: Task,
     step: Step,
     seed: int,
@@ -32,7 +32,7 @@ def train_student(
     return train_model(cfg, task, step, seed, train_set, pretrained, phase="students")
 
 
-def duplicate_target(cfg: DictConfig, pseudo: PseudoLabels | None) -> int | None:
+def duplicate_target(cfg: RunSpec, pseudo: PseudoLabels | None) -> int | None:
     """K up to which the classes' pseudo-labels are duplicated (pseudo_label.balance=duplicate;
     K = pseudo_label.max_per_class, or the median class count); None: no duplication."""
     if cfg.pseudo_label.balance != "duplicate" or pseudo is None:
@@ -40,7 +40,7 @@ def duplicate_target(cfg: DictConfig, pseudo: PseudoLabels | None) -> int | None
     return balance_target(pseudo.label, cfg.pseudo_label.max_per_class)
 
 
-def student_training_set(cfg: DictConfig, task: Task, pseudo: PseudoLabels | None) -> TrainingSet:
+def student_training_set(cfg: RunSpec, task: Task, pseudo: PseudoLabels | None) -> TrainingSet:
     """The labelled set merged with the kept pseudo-labels (balanced as configured)."""
     return merge_labelled_and_pseudo(
         task.labelled.labels.numpy(),
