@@ -16,6 +16,23 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of two (or more) test processes on the machine's cores (pyproject's addopts): one
+    # intra-op thread each, and for the pipeline runs they start, so that the processes do not
+    # oversubscribe the cores (a run that sets trainer.num_threads or its own OMP_NUM_THREADS
+    # keeps it).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The SLURM tests first: under xdist (`--dist loadgroup`) their group goes to a worker at
+    the start, so that their waits on the cluster overlap with the other tests, on the other
+    worker, rather than come last, one after another."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # (a stable sort)
+
+
 # Small but real: a few epochs of the default model on the bundled digits, one student round.
 FAST = [
     "progress=false",

@@ -20,7 +20,7 @@ def test_bench_script_writes_every_figure(tmp_path):
     command = [
         *(sys.executable, str(REPO / "scripts" / "bench.py"), "--out", str(out)),
         *("--repeats", "1", "--train-steps", "30", "--pseudolabel-images", "800"),
-        *("--rss-images", "3000", "--skip-default"),
+        *("--rss-images", "3000", "--skip-default", "--consistency-steps", "2"),
         *("--stream-small", "200", "--stream-large", "400", "--stream-train-images", "200"),
         *("--stream-dir", str(tmp_path / "stream")),
     ]
@@ -45,10 +45,13 @@ def test_bench_script_writes_every_figure(tmp_path):
         "stream_pseudolabel_ratio_vs_bare_loop",
         "stream_train_images_per_s",
         "memory_train_images_per_s",
+        "consistency_ours_images_per_s",  # WRN-28-2 at 32 px, FixMatch steps
+        "consistency_ratio_vs_raw_fixmatch",
     ):
         assert key in figures, (key, sorted(figures))
         assert figures[key] > 0, (key, figures[key])
     # Both training paths did the same work (bench.py refuses to compare them otherwise).
     assert figures["train_images"] > 0
+    assert figures["consistency_steps"] == 3  # 20 labels (2 per class) in batches of 8
     # signed: on a noisy machine the raw loop can come out slower
     assert isinstance(figures["train_overhead_ms_per_step"], float)

@@ -72,7 +72,9 @@ from slurm_helpers import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One xdist group: the tests share one cluster (a preemption takes its partition's nodes), so
+# they run one after another on one test worker, beside the other tests on the other worker.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 # Seconds-long runs: two epochs of the default model on the bundled digits, one student round.
 TINY = [
