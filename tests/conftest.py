@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -27,10 +28,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The SLURM tests first: under xdist (`--dist loadgroup`) their group goes to a worker at
-    the start, so that their waits on the cluster overlap with the other tests, on the other
-    worker, rather than come last, one after another."""
-    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # (a stable sort)
+    """The files in the order the two xdist workers should take them (`--dist loadfile
+    --no-loadscope-reorder`, pyproject.toml): the SLURM tests first, so that their waits on the
+    cluster overlap with the other tests on the other worker instead of coming last, then the
+    files with the most slow tests, so that no long file is left for the end. The tests of a
+    file keep their order."""
+    first, slow = {}, Counter()
+    for i, item in enumerate(items):
+        first.setdefault(item.path, i)
+        slow[item.path] += item.get_closest_marker("slow") is not None
+
+    def rank(item):
+        slurm = item.get_closest_marker("slurm") is not None
+        return (not slurm, -slow[item.path], first[item.path])
+
+    items.sort(key=rank)  # (a stable sort)
 
 
 # Small but real: a few epochs of the default model on the bundled digits, one student round.

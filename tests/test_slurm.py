@@ -72,9 +72,10 @@ from slurm_helpers import (
     wait_until,
 )
 
-# One xdist group: the tests share one cluster (a preemption takes its partition's nodes), so
-# they run one after another on one test worker, beside the other tests on the other worker.
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# The tests share one cluster (a preemption takes its partition's nodes): one file, which
+# `--dist loadfile` (pyproject.toml) runs on one test worker, one test after another, beside the
+# other tests on the other worker.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # Seconds-long runs: two epochs of the default model on the bundled digits, one student round.
 TINY = [
