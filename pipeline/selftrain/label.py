@@ -178,7 +178,17 @@ def shard_plan(cfg: RunSpec, n: int) -> ShardPlan:
 
 
 def shard_file(shard_dir: Path, shard: int, plan: ShardPlan) -> Path:
-    return shard_dir / f"shard-{shard:05d}-of-{plan.num_shards:05d}.npz"
+    """A labelled shard's file: the one place its name is spelled."""
+    return shard_dir / shard_name(f"{shard:05d}", plan)
+
+
+def shard_name(shard: str, plan: ShardPlan) -> str:
+    return f"shard-{shard}-of-{plan.num_shards:05d}.npz"
+
+
+def shards_done(shard_dir: Path, plan: ShardPlan) -> int:
+    """How many of the plan's shards are labelled in shard_dir."""
+    return len(list(shard_dir.glob(shard_name("*", plan))))
 
 
 def label_shards(

@@ -15,7 +15,7 @@ from pipeline.errors import UserError
 from pipeline.models.checkpoint import checkpoint_model_name, load_net
 from pipeline.models.finetune import check_cache_features
 from pipeline.runtime.rundir import RunDir
-from pipeline.selftrain.label import label_shards, pseudo_label, read_pseudo_labels
+from pipeline.selftrain.label import label_shards, pseudo_label, read_pseudo_labels, shards_done
 from pipeline.selftrain.student import student_training_set, train_student
 from pipeline.selftrain.teacher import train_teacher
 
@@ -55,7 +55,7 @@ def run_pseudolabel(cfg: RunSpec, run: RunDir) -> dict[str, Any]:
     if shard is not None:
         shard_dir = out.with_suffix(".shards")
         plan = label_shards(cfg, cfg.data, net, task.unlabelled, shard_dir, run, only=int(shard))
-        done = len(list(shard_dir.glob(f"shard-*-of-{plan.num_shards:05d}.npz")))
+        done = shards_done(shard_dir, plan)
         return {
             "stage": "pseudolabel",
             "shard": int(shard),
