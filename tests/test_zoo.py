@@ -180,6 +180,29 @@ def test_small_image_stem_for_resnet_like_nets_only():
         torchvision_model(num_classes=3, name="mobilenet_v3_small", small_images=True)
 
 
+@pytest.mark.parametrize("ctor,name", [(timm_model, "resnet10t"), (torchvision_model, "resnet18")])
+def test_our_own_checkpoint_is_a_weights_file_small_stem_included(tmp_path, ctor, name):
+    """A model.ckpt of ours (stage=pretrain's, a round's) given as model.weights: the zoo body
+    loads bit for bit, its small-image stem too (not replaced by a fresh one); the head is new."""
+    source = ctor(num_classes=7, in_channels=1, name=name, small_images=True)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))  # not a fresh initialisation
+    ckpt = tmp_path / "model.ckpt"
+    save_checkpoint(ckpt, model_checkpoint(source, {"model": {"name": name}}, {}))
+    net = ctor(num_classes=10, in_channels=1, name=name, small_images=True, weights=str(ckpt))
+    want, got = _body_state(source), _body_state(net)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert net.head.out_features == 10 and net(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    # gray kernels into 3 channels cannot be made up: refused, naming the tensor
+    with pytest.raises(UserError, match=r"does not fit the network: conv1.weight"):
+        ctor(num_classes=10, in_channels=3, name=name, small_images=True, weights=str(ckpt))
+    # without small_images the file's 3x3 stem does not fit the zoo's own stem: refused too
+    with pytest.raises(UserError, match="does not fit the network"):
+        ctor(num_classes=10, in_channels=1, name=name, weights=str(ckpt))
+
+
 def test_unknown_names_suggest_the_closest():
     with pytest.raises(
         UserError, match=r"unknown torchvision model 'resnet19'; did you mean resnet18"

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 
@@ -44,6 +45,7 @@ from pipeline.models.zoo_weights import (
     _unknown_name,
     fetch_timm,
     fetch_torchvision,
+    has_small_image_stem,
     is_weights_file,
     read_state_dict,
     timm_names,
@@ -74,6 +76,20 @@ class ZooClassifier(Classifier):
 
     def blocks(self) -> list[nn.Module]:
         return [_block(self.features, names) for names in self.groups]
+
+
+def _own_small_stem(
+    net: nn.Module, state: dict[str, torch.Tensor], in_channels: int, name: str
+) -> bool:
+    """A weights file with the small-image stem (our own pretraining with
+    ``small_images=true``): give `net` that stem now so the file's kernels load into it (adapted
+    to `in_channels` as timm adapts a first conv), instead of a fresh stem after loading."""
+    if not has_small_image_stem(state, net):
+        return False
+    _small_image_stem(net, in_channels, name)
+    if state["conv1.weight"].shape[1] != in_channels:
+        state["conv1.weight"] = adapt_input_conv(in_channels, state["conv1.weight"])
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +134,10 @@ def torchvision_model(
         net = torchvision.models.get_model(name, weights=None, **kwargs)
         if weights is not None:
             classifier, _ = _torchvision_classifier(net, name)
-            _load_body(net, read_state_dict(weights), [classifier], f"model.weights={weights}")
+            state = read_state_dict(weights)
+            if small_images and _own_small_stem(net, state, in_channels, name):
+                small_images = False
+            _load_body(net, state, [classifier], f"model.weights={weights}")
     else:
         w = torchvision_weights(name, str(weights))
         fetch_torchvision(name, w.name)  # the cached file, or a UserError naming it
@@ -174,6 +193,8 @@ def timm_model(
     file = weights if weights is not None else (fetch_timm(name) if pretrained else None)
     if file is not None:
         state = read_state_dict(file)
+        if small_images and _own_small_stem(net, state, in_channels, name):
+            small_images = False
         for conv in _as_list(cfg.get("first_conv")):  # as timm's load_pretrained does
             key = f"{conv}.weight"
             if key in state and state[key].ndim == 4 and state[key].shape[1] != in_channels:

@@ -60,7 +60,37 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"model.weights={path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return _zoo_body(state) if _is_pipeline_checkpoint(state) else state
+
+
+def _is_pipeline_checkpoint(state: dict[str, torch.Tensor]) -> bool:
+    """The tensors of one of our own checkpoints of a zoo network (``model.ckpt`` of
+    `stage=pretrain` or of a round): ``net.features.*`` (the zoo model) and ``net.head.*``."""
+    return bool(state) and all(k.startswith(("net.features.", "net.head.")) for k in state)
+
+
+def _zoo_body(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our checkpoint's zoo model, keyed as the zoo names it (its head is dropped: a new one is
+    built for the data)."""
+    prefix = "net.features."
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def has_small_image_stem(state: dict[str, torch.Tensor], net: nn.Module) -> bool:
+    """Whether a weights file comes from a network with the small-image stem (a single 3x3
+    ``conv1`` as wide as ``bn1``), e.g. our own pretraining with ``model.net.small_images=true``:
+    its stem is then loaded, not replaced by a fresh one."""
+    conv, bn = state.get("conv1.weight"), getattr(net, "bn1", None)
+    return (
+        conv is not None
+        and conv.ndim == 4
+        and tuple(conv.shape[2:]) == (3, 3)
+        and isinstance(bn, nn.BatchNorm2d)
+        and conv.shape[0] == bn.num_features
+        and not any(k.startswith("conv1.") and k != "conv1.weight" for k in state)
+        and getattr(net, "maxpool", None) is not None
+    )
 
 
 def _load_body(net: nn.Module, state: dict[str, torch.Tensor], drop: list[str], what: str) -> None:
