@@ -95,7 +95,6 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
     from pipeline.engine.losses import soft_cross_entropy
-    from pipeline.engine.train import data_augment
     from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
@@ -113,7 +112,7 @@ def bench_training(cfg, steps: int, repeats: int, suffix: str = "") -> dict:
     epochs = max(1, steps // per_epoch)
     n_images = epochs * per_epoch * cfg.train.batch_size
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    augment = BatchAugment(**data_augment(cfg.data))
+    augment = BatchAugment(**cfg.data.augment)
     mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
     std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
 
@@ -249,7 +248,6 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     from pipeline.data import ImageArrays
     from pipeline.data.task import prepare_task
     from pipeline.engine.augment import BatchAugment, fixed_views
-    from pipeline.engine.train import data_augment
     from pipeline.engine.trainer import channels_last
     from pipeline.models.checkpoint import build_net
     from pipeline.runtime.rundir import RunDir
@@ -269,7 +267,7 @@ def bench_pseudolabel(cfg, n: int, repeats: int, views: int = 0) -> dict:
     mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
     std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
     bs = cfg.train.eval_batch_size
-    augment = BatchAugment(**data_augment(cfg.data))
+    augment = BatchAugment(**cfg.data.augment)
 
     def ours() -> None:
         shutil.rmtree(work / "pseudo_shards", ignore_errors=True)  # label every shard each time

@@ -233,13 +233,12 @@ def train_vs_memory(
     from pipeline.data.streamed import decode_all
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
-    from pipeline.engine.train import data_augment
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
     memory = decode_all(source, False, "pool")
     train_set = merge_labelled_and_pseudo(np.arange(len(images)) % 3, None, 3)
-    augment = BatchAugment(**data_augment(cfg.data))
+    augment = BatchAugment(**cfg.data.augment)
     per_epoch = len(training_batches(train_set, cfg, 1)(np.random.default_rng(0)))
     images_per_run = per_epoch * int(cfg.train.batch_size)
     work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-train-"))
@@ -343,7 +342,6 @@ def cache_rss_child(work: Path, n: int) -> None:
     from pipeline.data.image_folder import load_image_folder
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit
-    from pipeline.engine.train import data_augment
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
@@ -352,7 +350,7 @@ def cache_rss_child(work: Path, n: int) -> None:
                   "train.checkpoint_every_s=null")  # fmt: skip
     cached = load_image_folder(cfg.data.node).extra_unlabelled
     train_set = merge_labelled_and_pseudo(np.arange(len(cached)) % 3, None, 3)
-    augment = BatchAugment(**data_augment(cfg.data))
+    augment = BatchAugment(**cfg.data.augment)
     work_dir = Path(tempfile.mkdtemp(prefix="bench-cache-rss-"))
     fit(cfg, cfg.data, build_net(cfg, 3), cached, train_set, work_dir, 0, 1,
         {"num_classes": 3}, augment)  # fmt: skip

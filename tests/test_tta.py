@@ -14,7 +14,6 @@ from pipeline.data import ImageArrays
 from pipeline.engine.augment import BatchAugment, fixed_views
 from pipeline.engine.batches import Batches
 from pipeline.engine.predict import predict
-from pipeline.engine.train import data_augment
 from pipeline.models.checkpoint import build_net
 from pipeline.selftrain.label import teacher_views
 
@@ -39,7 +38,7 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 
 def test_views_do_not_depend_on_the_batch():
     cfg, _, images = setup()
-    augment = BatchAugment(**data_augment(cfg.data))
+    augment = BatchAugment(**cfg.data.augment)
     x = images.float() / 255
     whole = fixed_views(x, 5, augment, seed=3)
     part = fixed_views(x[10:14], 5, augment, seed=3)
@@ -55,7 +54,7 @@ def test_pseudo_label_probs_are_the_mean_over_views(tmp_path):
     index, probs = label(cfg, net, images, tmp_path)
     assert sorted(index.tolist()) == list(range(37))
     probs = probs[index.argsort()]
-    augment = BatchAugment(**data_augment(cfg.data))
+    augment = BatchAugment(**cfg.data.augment)
     x = images.float() / 255
     with torch.inference_mode():
         views = [x, *fixed_views(x, 4, augment, seed=0)]

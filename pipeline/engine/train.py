@@ -99,7 +99,7 @@ def train_model(
             )
             model, sets = cached or (net, task)
             images = training_images(sets, train_set)
-            augment = None if cached else from_config(data_augment(data))
+            augment = None if cached else from_config(data.augment)
             epochs = cfg.train.epochs if epochs is None else epochs
             result = fit(
                 cfg, data, model, images, train_set, step.path, seed, epochs, hparams,
@@ -134,7 +134,7 @@ def online_pool(spec: ConsistencySpec, data: DataSpec, task: Task, phase: str) -
             f"consistency={spec.method} trains on the unlabelled pool, and this data has none: "
             "set data.labels_per_class (or data.unlabelled_dir), or consistency=none"
         )
-    aug = data_augment(data) or {}
+    aug = data.augment or {}
     shift = {"translate": float(aug.get("translate", 0.125)), "flip": bool(aug.get("flip", False))}
     strong = BatchAugment(
         **shift,
@@ -143,11 +143,6 @@ def online_pool(spec: ConsistencySpec, data: DataSpec, task: Task, phase: str) -
         randaugment_magnitude=spec.randaugment_magnitude,
     )
     return OnlinePool(task.unlabelled, spec, BatchAugment(**shift), strong, task.unlabelled.labels)
-
-
-def data_augment(data: DataSpec) -> dict[str, Any] | None:
-    """`data.augment` as plain values (None: no augmentation)."""
-    return data.augment
 
 
 def training_images(task: Task, train_set: TrainingSet) -> ImageSet:

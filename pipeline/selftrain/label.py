@@ -33,7 +33,6 @@ from pipeline.engine.datamodule import ViewsFn
 from pipeline.engine.features import labelling_inputs
 from pipeline.engine.fit import batches
 from pipeline.engine.predict import ShardPlan, Unreadable, predict_scores, predict_shards
-from pipeline.engine.train import data_augment
 from pipeline.errors import UserError
 from pipeline.models.checkpoint import load_net
 from pipeline.runtime import io
@@ -308,7 +307,7 @@ def select_and_write(
 def teacher_views(cfg: RunSpec, data: DataSpec) -> ViewsFn | None:
     """The fixed views the teacher averages over (pseudo_label.tta_views of data.augment's
     affine ranges); None without views or augmentation."""
-    return views_fn(int(cfg.pseudo_label.tta_views), data_augment(data))
+    return views_fn(int(cfg.pseudo_label.tta_views), data.augment)
 
 
 def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:
