@@ -124,7 +124,7 @@ def run_resolved(
                 run.on_rank_zero(run.lock)  # rank 0 holds it for the job's ranks
                 run.check_config_on_every_rank(job, requeue.requeued_job())
             run.begin(job)
-            return run_stage(cfg, run)
+            return run_stage(cfg, run, job.values)
     except UserError as e:
         if dist.is_rank_zero():
             if not isinstance(e, RunDirBusy):  # (the other run's files are not ours to undo)
@@ -158,7 +158,9 @@ def stopped_by_signal() -> bool:
     return bool(preemption and preemption.stopped_by())
 
 
-def run_stage(cfg: DictConfig, run: RunDir) -> int:
+def run_stage(cfg: DictConfig, run: RunDir, values: dict[str, Any]) -> int:
+    """Run the stage `cfg.stage` in `run`; `values` is the config as plain values (the job's,
+    already converted once for the run dir)."""
     from pipeline.config.specs import run_spec
     from pipeline.console import print_summary
     from pipeline.runtime.io import read_json
@@ -173,7 +175,7 @@ def run_stage(cfg: DictConfig, run: RunDir) -> int:
     from pipeline.runtime.memory import freeze_imported_objects
 
     stage = recipe(cfg.stage)  # imports what the stage uses (torch, Lightning, ...)
-    spec = run_spec(cfg)  # the one conversion: everything below reads the typed spec
+    spec = run_spec(values)  # everything below reads the typed spec
     freeze_imported_objects()
     threads = torch_threads(spec.trainer.args)  # trainer.num_threads, or SLURM's CPUs per task
     if threads:

@@ -15,8 +15,12 @@ def read_yaml(path: Path, resolve: bool = True) -> Any:
     e.g. a list of command-line overrides). Raises what the YAML parser raises for a file that
     is not YAML."""
     node = OmegaConf.load(path)
-    if not resolve:
-        return OmegaConf.to_container(node)
+    return plain(node) if resolve else OmegaConf.to_container(node)
+
+
+def plain(node: Any) -> Any:
+    """An OmegaConf node as plain containers, its interpolations resolved where they can be
+    (those that cannot be resolved are kept as text)."""
     try:
         return OmegaConf.to_container(node, resolve=True)
     except Exception:

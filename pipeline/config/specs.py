@@ -1,7 +1,8 @@
 """Typed specs built once from the composed config: what the building blocks take instead of the
 whole config.
 
-The CLI (`cli.run_stage`) calls `run_spec(cfg)` once per job and hands the spec to the stage's
+The CLI (`cli.run_stage`) calls `run_spec` once per job, on the plain values the run dir has
+recorded (the one conversion from OmegaConf), and hands the spec to the stage's
 recipe (pipeline/stages.py); everything below reads frozen dataclasses. The typed sections
 (train, pseudo_label, ...) mirror the schema's dataclasses field for field (their one set of
 defaults is the schema's). The free-form groups keep their own keys as plain values: the model's
@@ -21,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.architecture import round_model_node
+from pipeline.config.files import plain
 from pipeline.config.pretraining import has_own_weights
 from pipeline.config.schema import (
     DataConfig,
@@ -270,17 +272,9 @@ def _section(cls: type, node: Mapping[str, Any]) -> Any:
     return cls(**{f.name: node[f.name] for f in dataclasses.fields(cls)})
 
 
-def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config as plain containers, resolved (unresolvable interpolations kept as text)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
-
-
 def run_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
     """The job's RunSpec, from the composed (resolved, validated) config."""
-    values = plain_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    values = plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     return RunSpec(
         stage=str(values["stage"]),
         seed=int(values["seed"]),
