@@ -77,9 +77,15 @@ def round_model_node(config: Mapping[str, Any], k: int) -> dict[str, Any]:
     return OmegaConf.to_container(scratch.model, resolve=True)  # type: ignore[return-value]
 
 
+def round_models(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The model node of every round, teacher first (the config converted once)."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return [round_model_node(values, k) for k in range(cfg.selftrain.rounds + 1)]  # type: ignore[arg-type]
+
+
 def round_names(cfg: DictConfig) -> list[str]:
     """The architecture of every round, teacher first."""
-    return [str(round_model(cfg, k).name) for k in range(cfg.selftrain.rounds + 1)]
+    return [str(node["name"]) for node in round_models(cfg)]
 
 
 def check_student_models(cfg: DictConfig) -> None:
@@ -97,5 +103,4 @@ def check_student_models(cfg: DictConfig) -> None:
             f"selftrain.student_models has {len(names)} entries for selftrain.rounds="
             f"{cfg.selftrain.rounds}: the last ones would never train; give at most one per round"
         )
-    for k in range(1, cfg.selftrain.rounds + 1):
-        round_model(cfg, k)  # an unknown name raises here
+    round_models(cfg)  # an unknown name raises here
