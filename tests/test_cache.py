@@ -81,17 +81,34 @@ def test_cached_tensors_equal_the_streamed_ones(tmp_path):
 def test_pickled_to_workers_as_paths_and_read_without_workers(tmp_path):
     images = folder_set(tmp_path / "pool")
     cached = open_cache(images, tmp_path / "cache", skip_bad=False, rows_per_shard=ROWS)
-    cached.load(np.arange(50))  # maps every shard in this process
+    cached.load(np.arange(50))  # opens every shard in this process
     blob = pickle.dumps(cached)
     assert len(blob) < 4000  # paths and row numbers, no pixels (50 x 144 bytes would be 7200)
     again = pickle.loads(blob)
-    assert again._maps == {} and torch.equal(
+    assert again._files == {} and torch.equal(
         again.load(np.arange(50))[0], cached.load(np.arange(50))[0]
     )
     # read like a set in memory: no DataLoader workers by default, alone or merged
     assert resolve_workers("auto", [cached]) == 0
     assert resolve_workers("auto", [concat([cached.subset(np.arange(3)), cached])]) == 0
     assert resolve_workers("auto", [images]) >= 1
+
+
+def test_any_rows_in_any_order_read_exactly_and_nothing_is_mapped(tmp_path):
+    """Shuffled rows across shards, repeats, runs (one read each) and single rows give the
+    decoded pixels; reading maps no shard into the process (its resident memory holds the
+    batch only, docs/data.md)."""
+    images = folder_set(tmp_path / "pool")
+    cached = open_cache(images, tmp_path / "cache", skip_bad=False, rows_per_shard=ROWS)
+    want = images.load(np.arange(50))[0]
+    rng = np.random.default_rng(0)
+    for rows in (rng.permutation(50), np.array([7, 7, 8, 9, 49, 0, 1, 2, 3, 30]), np.arange(50)):
+        assert torch.equal(cached.load(rows)[0], want[torch.from_numpy(rows)])
+    sub = cached.subset(np.array([40, 3, 17]))
+    assert torch.equal(sub.load(np.array([2, 0]))[0], want[[17, 40]])
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(cached.entry) not in maps.read_text()
 
 
 def test_second_open_reads_the_cache_without_decoding(tmp_path, monkeypatch):

@@ -1,11 +1,12 @@
-"""`data.cache=decoded`: a streamed set decoded once, into memory-mapped uint8 shards.
+"""`data.cache=decoded`: a streamed set decoded once, into uint8 array shards on disk.
 
 The first pass over a streamed set (a folder or tar shards listed in a manifest) decodes every
 image exactly as the streamed path does (`StreamedImages.load`: the same `decode_to_shape`, so
 the pixels are the same) and writes them, R rows per shard, as `.npy` files of uint8
 (R, C, S, S) under `data.cache_dir/decoded/<key>/`. Later epochs, rounds, stages and jobs read
-rows from those files, mapped: the pages are the operating system's page cache, shared by every
-rank and DataLoader worker, never a copy per process.
+rows from those files by positional reads (`os.preadv` straight into the batch): the files' pages
+are the operating system's page cache, shared by every rank and DataLoader worker; a process
+holds only the batch it reads.
 
 The key hashes the source (its manifest's keys, and the state of its folders or shards now) and
 the decode settings (image size, channels, decoder version, torchvision and Pillow versions): a
@@ -24,7 +25,6 @@ import hashlib
 import json
 import logging
 import math
-import mmap
 import os
 import sys
 import zlib
@@ -50,10 +50,7 @@ CACHE_CHOICES = ("none", "decoded")
 FORMAT = 1
 SHARD_BYTES = 64 * 2**20  # one shard's decoded images: what a builder holds in memory at once
 _CHUNK = 256  # rows a decoding thread takes at a time
-_MAX_OPEN = 64  # shards a process keeps mapped (each map holds a file descriptor)
-# Pages a process has read stay in its resident set until it lets go of them: drop them every
-# so many bytes read, so that a process's memory does not grow with the size of the cache.
-_RELEASE_BYTES = 16 * 2**20
+_MAX_OPEN = 64  # shard files a process keeps open
 
 
 def shard_rows(channels: int, size: int) -> int:
@@ -263,9 +260,14 @@ class CachedImages(ImageSet):
     """A streamed set's rows read from its decoded-image cache: the same keys, labels and
     images (zeros and a reason for the bad ones) as the StreamedImages it stands for."""
 
-    # Rows are read as fast as a tensor is indexed (mapped pages, no decoding): as for a set
-    # in memory, a DataLoader worker's round trip would cost more than it saves
-    # (data.num_workers=auto gives none).
+    # Rows are read as fast as a tensor is indexed (one positional read per run of rows, from
+    # the page cache, no decoding): as for a set in memory, a DataLoader worker's round trip
+    # would cost more than it saves (data.num_workers=auto gives none).
+    #
+    # Not memory maps: a process's resident set counts every page it has mapped, and the
+    # kernel maps a whole large page-cache folio on a fault, so random rows (a shuffled epoch)
+    # map nearly the whole file at once (measured: one batch of 256 random rows of a 123 MB
+    # cache mapped 100 MB; docs/performance.md). A read copies the rows and nothing else.
     in_memory = True
 
     def __init__(
@@ -274,13 +276,12 @@ class CachedImages(ImageSet):
         self.source, self.entry, self.rows_per_shard, self.bad = source, entry, rows_per_shard, bad
         self.labels = source.labels
         self.channels, self.size = source.channels, source.size
-        self._maps: OrderedDict[int, tuple[mmap.mmap, np.ndarray]] = OrderedDict()
-        self._read = 0
+        self._files: OrderedDict[int, tuple[int, int]] = OrderedDict()  # shard -> (fd, offset)
 
     def __getstate__(self) -> dict[str, Any]:
-        # To DataLoader workers: paths (the source's manifest pickles as its path), no maps.
+        # To DataLoader workers: paths (the source's manifest pickles as its path), no files.
         state = dict(self.__dict__)
-        state["_maps"], state["_read"] = OrderedDict(), 0
+        state["_files"] = OrderedDict()
         return state
 
     def __del__(self) -> None:
@@ -314,45 +315,47 @@ class CachedImages(ImageSet):
         full = self.source.rows[np.asarray(rows, np.int64)]
         shard, offset = np.divmod(full, self.rows_per_shard)
         out = np.empty((len(full), self.channels, self.size, self.size), np.uint8)
+        flat = out.reshape(len(full), -1)
+        row_bytes = flat.shape[1]
         for s in np.unique(shard):
             at = np.flatnonzero(shard == s)
-            out[at] = self._map(int(s))[offset[at]]
-        self._read += out.nbytes
-        if self._read >= _RELEASE_BYTES:
-            self._release()
+            at = at[np.argsort(offset[at], kind="stable")]  # (the file in order)
+            fd, base = self._file(int(s))
+            # Runs of rows that are next to each other both in the file and in the batch are
+            # one read (a sequential pass, labelling, reads whole stretches at once).
+            off = offset[at]
+            breaks = np.flatnonzero((np.diff(off) != 1) | (np.diff(at) != 1)) + 1
+            for run_at, run_off in zip(np.split(at, breaks), np.split(off, breaks), strict=True):
+                first, n = int(run_at[0]), len(run_at)
+                got = os.preadv(fd, [flat[first : first + n]], base + int(run_off[0]) * row_bytes)
+                if got != n * row_bytes:
+                    raise OSError(f"{shard_path(self.entry, int(s))} is shorter than its marker")
         bad = []
         if self.bad:  # (rows of images that could not be read: zeros, and why)
             bad = [(pos, self.bad[int(r)]) for pos, r in enumerate(full) if int(r) in self.bad]
         return torch.from_numpy(out), bad
 
-    def _map(self, shard: int) -> np.ndarray:
-        if shard in self._maps:
-            self._maps.move_to_end(shard)
-            return self._maps[shard][1]
-        while len(self._maps) >= _MAX_OPEN:
-            self._unmap(next(iter(self._maps)))
+    def _file(self, shard: int) -> tuple[int, int]:
+        """The shard's open file and where its rows start (its .npy header checked once)."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        while len(self._files) >= _MAX_OPEN:
+            os.close(self._files.popitem(last=False)[1][0])
         rows = min(len(self.source.manifest), (shard + 1) * self.rows_per_shard)
         shape = (rows - shard * self.rows_per_shard, self.channels, self.size, self.size)
-        with open(shard_path(self.entry, shard), "rb") as f:
-            offset = data_offset(f, shape)
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        array = np.ndarray(shape, np.uint8, buffer=mapped, offset=offset)
-        self._maps[shard] = (mapped, array)
-        return array
-
-    def _release(self) -> None:
-        """Let go of the pages read so far (they stay in the page cache, for every process)."""
-        self._read = 0
-        if hasattr(mmap, "MADV_DONTNEED"):
-            for mapped, _ in self._maps.values():
-                mapped.madvise(mmap.MADV_DONTNEED)
-
-    def _unmap(self, shard: int) -> None:
-        mapped, array = self._maps.pop(shard)
-        del array  # (the map cannot close while an array exports it)
-        mapped.close()
+        fd = os.open(shard_path(self.entry, shard), os.O_RDONLY)
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                offset = data_offset(f, shape)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._files[shard] = (fd, offset)
+        return fd, offset
 
     def _close(self) -> None:
-        for shard in list(getattr(self, "_maps", {})):
-            with contextlib.suppress(BufferError, ValueError):
-                self._unmap(shard)
+        files = getattr(self, "_files", {})
+        while files:
+            with contextlib.suppress(OSError):
+                os.close(files.popitem()[1][0])
