@@ -315,21 +315,27 @@ class CachedImages(ImageSet):
         full = self.source.rows[np.asarray(rows, np.int64)]
         shard, offset = np.divmod(full, self.rows_per_shard)
         out = np.empty((len(full), self.channels, self.size, self.size), np.uint8)
-        flat = out.reshape(len(full), -1)
-        row_bytes = flat.shape[1]
-        for s in np.unique(shard):
+        row_bytes = self.channels * self.size * self.size
+        view = memoryview(out.reshape(-1))
+        for s in np.unique(shard).tolist():
             at = np.flatnonzero(shard == s)
             at = at[np.argsort(offset[at], kind="stable")]  # (the file in order)
-            fd, base = self._file(int(s))
+            fd, base = self._file(s)
             # Runs of rows that are next to each other both in the file and in the batch are
             # one read (a sequential pass, labelling, reads whole stretches at once).
             off = offset[at]
-            breaks = np.flatnonzero((np.diff(off) != 1) | (np.diff(at) != 1)) + 1
-            for run_at, run_off in zip(np.split(at, breaks), np.split(off, breaks), strict=True):
-                first, n = int(run_at[0]), len(run_at)
-                got = os.preadv(fd, [flat[first : first + n]], base + int(run_off[0]) * row_bytes)
-                if got != n * row_bytes:
-                    raise OSError(f"{shard_path(self.entry, int(s))} is shorter than its marker")
+            starts = np.flatnonzero(
+                np.concatenate(([True], (np.diff(off) != 1) | (np.diff(at) != 1)))
+            )
+            lengths = np.diff(np.append(starts, len(at)))
+            for first, where, n in zip(
+                (at[starts] * row_bytes).tolist(),
+                (base + off[starts] * row_bytes).tolist(),
+                (lengths * row_bytes).tolist(),
+                strict=True,
+            ):
+                if os.preadv(fd, [view[first : first + n]], where) != n:
+                    raise OSError(f"{shard_path(self.entry, s)} is shorter than its marker")
         bad = []
         if self.bad:  # (rows of images that could not be read: zeros, and why)
             bad = [(pos, self.bad[int(r)]) for pos, r in enumerate(full) if int(r) in self.bad]
