@@ -140,9 +140,11 @@ class SetOpener:
                     raise UserError(f"{key}={spec} has no KEY.cls labels; it must be labelled")
                 if classes is not None and (listing.labels < 0).any():
                     missing = np.flatnonzero(listing.labels < 0)
+                    first = listing.keys[missing[0]]
+                    first = first.decode() if isinstance(first, bytes) else first
                     more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
                     raise UserError(
-                        f"{key}={spec}: sample {listing.keys[missing[0]]}{more} has no KEY.cls "
+                        f"{key}={spec}: sample {first}{more} has no KEY.cls "
                         "label; add one to each sample of a labelled set, or move the unlabelled "
                         "ones to data.unlabelled_dir"
                     )

@@ -64,7 +64,7 @@ def expand_shards(spec: Any, key: str) -> list[Path]:
 class Listing:
     """A set's samples in memory while it is being made (then written as a Manifest)."""
 
-    keys: list[str]
+    keys: list[str] | np.ndarray  # (tar sets: UTF-8 bytes, numpy "S": no object per sample)
     labels: np.ndarray | None  # int64, one per key; None: no labels known
     shard: np.ndarray | None  # int32 shard number per key (tar sets)
     member: np.ndarray | None  # int32 sample number inside its shard (tar sets)
@@ -185,30 +185,33 @@ def _shard_samples(path: Path) -> tuple[list[str], list[int], list[int]]:
 
 def list_shards(paths: list[Path]) -> Listing:
     """The samples of tar shards in the WebDataset layout (KEY.jpg|png|webp + optional KEY.cls)."""
-    keys: list[str] = []
-    labels: list[int] = []
-    shard: list[int] = []
-    member: list[int] = []
+    # Each shard's samples become numpy arrays at once: a million keys held as Python strings
+    # (and lists of ints) would cost ~200 MB while listing, and the heap keeps much of it.
+    keys: list[np.ndarray] = [np.array([], "S1")]
+    labels: list[np.ndarray] = []
+    shard: list[np.ndarray] = []
+    member: list[np.ndarray] = []
     names = [p.name for p in paths]
     qualify = len(set(names)) < len(names)  # shards of the same name in different folders
     for s, path in enumerate(paths):
         shard_keys, shard_labels, numbers = _shard_samples(path)
         prefix = str(path) if qualify else path.name
-        keys += [f"{prefix}/{k}" for k in shard_keys]
-        labels += shard_labels
-        shard += [s] * len(shard_keys)
-        member += numbers
-    label_array = np.array(labels, np.int64)
+        if shard_keys:
+            keys.append(np.array([f"{prefix}/{k}".encode() for k in shard_keys]))
+        labels.append(np.array(shard_labels, np.int64))
+        shard.append(np.full(len(shard_keys), s, np.int32))
+        member.append(np.array(numbers, np.int32))
+    label_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     meta = {
         "kind": "shards",
         "shards": [str(p.resolve()) for p in paths],
         "state": {str(p.resolve()): file_state(p) for p in paths},
     }
     return Listing(
-        keys,
+        np.concatenate(keys),
         label_array if (label_array >= 0).any() else None,
-        np.array(shard, np.int32),
-        np.array(member, np.int32),
+        np.concatenate(shard) if shard else np.zeros(0, np.int32),
+        np.concatenate(member) if member else np.zeros(0, np.int32),
         meta,
     )
 
@@ -262,9 +265,12 @@ class Manifest:
         """Write a listing (each file atomically, meta.json last: its presence marks a whole
         manifest) and open it."""
         path.mkdir(parents=True, exist_ok=True)
-        encoded = [k.encode() for k in listing.keys]
-        width = max((len(k) for k in encoded), default=1)
-        arrays = {"keys": np.array(encoded, dtype=f"S{width}")}
+        if isinstance(listing.keys, np.ndarray):  # already UTF-8 bytes
+            keys = listing.keys.astype(f"S{max(1, listing.keys.dtype.itemsize)}")
+        else:
+            encoded = [k.encode() for k in listing.keys]
+            keys = np.array(encoded, dtype=f"S{max((len(k) for k in encoded), default=1)}")
+        arrays = {"keys": keys}
         for name in ("labels", "shard", "member"):
             value = getattr(listing, name)
             if value is not None:
@@ -272,7 +278,7 @@ class Manifest:
         for name, array in arrays.items():
             with atomic_path(path / f"{name}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, array, allow_pickle=False)
-        write_json(path / "meta.json", {"format": FORMAT, "count": len(encoded), **listing.meta})
+        write_json(path / "meta.json", {"format": FORMAT, "count": len(keys), **listing.meta})
         return Manifest(path)
 
 
