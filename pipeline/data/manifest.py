@@ -265,8 +265,8 @@ class Manifest:
         """Write a listing (each file atomically, meta.json last: its presence marks a whole
         manifest) and open it."""
         path.mkdir(parents=True, exist_ok=True)
-        if isinstance(listing.keys, np.ndarray):  # already UTF-8 bytes
-            keys = listing.keys.astype(f"S{max(1, listing.keys.dtype.itemsize)}")
+        if isinstance(listing.keys, np.ndarray):  # already UTF-8 bytes ("S", at least S1)
+            keys = listing.keys
         else:
             encoded = [k.encode() for k in listing.keys]
             keys = np.array(encoded, dtype=f"S{max((len(k) for k in encoded), default=1)}")
