@@ -14,8 +14,12 @@ Run on its own, it measures the decoded-image cache (data.cache=decoded):
 
     python scripts/bench_stream.py --out cache.json     # --quick: tiny sizes, a smoke test
 
-- cache_train_ratio_vs_memory: our training path on 5k images read from the cache vs the same
-  images decoded in memory;
+- cache_train_ratio_vs_memory: our training path on 20k images read from the cache vs the same
+  images decoded in memory (one epoch each, alternating, the median of --repeats);
+- cache_read_us_per_batch vs memory_read_us_per_batch: reading a batch of random rows from the
+  cache vs indexing them in memory, and cache_read_share_of_step, the difference as a share of
+  a training step: the ratio's systematic part (whole trainings of a few seconds differ from
+  run to run by several percent on a shared machine);
 - cache_first_pass_ratio_vs_bare_decode: the cache's first pass over 20k JPEGs (decode, resize,
   write the shards) vs a bare decode + resize of the same files, the same threads;
 - cache_peak_rss_ratio: peak RSS of a process training one epoch from a 160k vs a 20k image
@@ -278,18 +282,62 @@ def cache_args(work: Path, pool: Path) -> list[str]:
     return [*data_args(work, pool)[:-1], "data.in_memory=false", "data.cache=decoded"]
 
 
-def bench_cache_training(work: Path, n: int, repeats: int, compose, medians) -> dict:
+def bench_cache_training(
+    work: Path, n: int, repeats: int, compose, medians, threads: int = 1
+) -> dict:
     """Our training path on n images read from the decoded-image cache vs the same images
-    decoded in memory (the cache made before the timing)."""
+    decoded in memory (the cache made before the timing), each training on `threads` threads.
+
+    One thread by default: on a 2-core machine, two threads wait on each other at every op,
+    and whatever else the machine does stalls one of them, so whole epochs differ by +-15%
+    from run to run (pair ratios 0.84-1.06, measured); with one thread, by +-4%."""
     from pipeline.data.image_folder import load_image_folder
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0",
-                  "train.checkpoint_every_s=60")  # fmt: skip
+                  "train.checkpoint_every_s=60", f"trainer.num_threads={threads}")  # fmt: skip
     cached = load_image_folder(cfg.data.node).extra_unlabelled
-    return train_vs_memory(
-        cfg, cached, cached.source, repeats, medians, "cache", "cache_memory_train_images_per_s"
-    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # (what the CLI does with trainer.num_threads; fit does not)
+    try:
+        out = train_vs_memory(
+            cfg, cached, cached.source, repeats, medians, "cache",
+            "cache_memory_train_images_per_s",
+        )  # fmt: skip
+        out.update(read_cost(cfg, cached, out["cache_memory_train_images_per_s"]))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def read_cost(cfg, cached, memory_images_per_s: float, batches: int = 2000) -> dict:
+    """What reading a training batch costs, the cache's way and from memory (microseconds per
+    batch of random rows, each the best of 3 passes), and the difference as a share of a
+    training step in memory: the ratio's systematic part, without the run-to-run spread of
+    whole trainings."""
+    from pipeline.data.streamed import decode_all
+
+    memory = decode_all(cached.source, False, "pool")
+    size = int(cfg.train.batch_size)
+    rng = np.random.default_rng(0)
+    rows = [rng.choice(len(cached), size, replace=False) for _ in range(batches)]
+
+    def best(images) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for r in rows:
+                images.load(r)
+            times.append((time.perf_counter() - t) / batches)
+        return min(times)
+
+    t_cache, t_memory = best(cached), best(memory)
+    step = size / memory_images_per_s
+    return {
+        "cache_read_us_per_batch": round(t_cache * 1e6, 1),
+        "memory_read_us_per_batch": round(t_memory * 1e6, 1),
+        "cache_read_share_of_step": round((t_cache - t_memory) / step, 4),
+    }
 
 
 def bench_cache_first_pass(work: Path, n: int, repeats: int, compose, medians) -> dict:
@@ -388,7 +436,9 @@ def main() -> None:
                    help="where the generated JPEG folders (and their caches) are kept")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--train-images", type=int, default=5_000)
+    p.add_argument("--train-images", type=int, default=20_000)
+    p.add_argument("--train-threads", type=int, default=1,
+                   help="threads of the cache-vs-memory training (bench_cache_training says why 1)")  # fmt: skip
     p.add_argument("--first-pass-images", type=int, default=20_000)
     p.add_argument("--rss-small", type=int, default=20_000)
     p.add_argument("--rss-large", type=int, default=160_000)
@@ -409,7 +459,8 @@ def main() -> None:
     result = {"machine": f"{os.cpu_count()} cores, torch {torch.__version__}"}
     work = args.dir
     result.update(bench_cache_training(work, args.train_images, args.repeats, compose,
-                                       alternating_medians))  # fmt: skip
+                                       alternating_medians, args.train_threads))  # fmt: skip
+    result["cache_train_threads"] = args.train_threads
     result.update(bench_cache_first_pass(work, args.first_pass_images, args.repeats, compose,
                                          alternating_medians))  # fmt: skip
     result.update(bench_cache_rss(work, args.rss_small, args.rss_large, compose))

@@ -356,8 +356,12 @@ def test_bench_stream_cache_figures_at_a_tiny_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     for key in ("cache_train_ratio_vs_memory", "cache_first_pass_ratio_vs_bare_decode",
-                "cache_peak_rss_ratio", "cache_peak_rss_mb_small", "cache_peak_rss_mb_large"):  # fmt: skip
+                "cache_peak_rss_ratio", "cache_peak_rss_mb_small", "cache_peak_rss_mb_large",
+                "cache_read_us_per_batch", "memory_read_us_per_batch"):  # fmt: skip
         assert figures[key] > 0, key
+    # (the read's share of a step is a difference of two timings: its sign is not asserted)
+    assert isinstance(figures["cache_read_share_of_step"], float)
+    assert figures["cache_train_threads"] == 1
     assert (figures["cache_rss_images_small"], figures["cache_rss_images_large"]) == (200, 400)
 
 
