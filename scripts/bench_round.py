@@ -10,9 +10,14 @@
    data.cache=decoded ...` over them: the listing and the cache's first pass (phase `data`), the
    teacher, labelling the pool, selection, and the merge plus one student epoch over the cache
    (every pseudo-label kept: pseudo_label.threshold=0);
-3. records per phase the wall time and the peak resident memory of the process tree (the CLI
-   process and its DataLoader workers, sampled every 0.2 s), and the disk used by the pool, the
-   cache and the run dir: a JSON (--out) and a printed table.
+3. records per phase the wall time, the peak resident memory of the process tree (the CLI
+   process and its DataLoader workers, sampled every 0.2 s), the exact peak of the CLI process
+   (the kernel's high-water mark, reset as each phase starts), and the disk used by the pool,
+   the cache and the run dir: a JSON (--out) and a printed table.
+
+   The exact peak is the figure to compare between pool sizes: a training step allocates and
+   frees a few hundred MB, so a sampled peak is the highest of however many samples hit a
+   step's top, and a phase 50 times longer takes 50 times more samples.
 
 Phases are told apart by the files the run writes (splits.npz, round_0/metrics.json, the
 labelling shard files, round_1/pseudo_labels.npz, round_1/metrics.json). Kill it at any point and
@@ -129,6 +134,31 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def process_peak_mb(pid: int, reset: bool) -> float | None:
+    """The peak resident memory (MB) of the process `pid` since it started or since the last
+    reset (VmHWM), exact where sampling is not: the kernel keeps it at every page fault.
+    `reset` starts a new peak from what is resident now (clear_refs 5, Linux >= 4.0)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM"))
+        if reset:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+    except (OSError, StopIteration):
+        return None
+    return round(kb / 1024, 1)
+
+
+def pipeline_pid(wrapper: int) -> int | None:
+    """The pipeline process: the wrapper's child."""
+    try:
+        with open(f"/proc/{wrapper}/task/{wrapper}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
 def phase_now(run_dir: Path, label_shards: int) -> str:
     """The phase the run is in, from the files it has written."""
     round1 = run_dir / "round_1"
@@ -193,25 +223,36 @@ def run_round(work: Path, pattern: str, n: int, extra: list[str], record) -> dic
     )
     peak_file = work / "maxrss"
     resumed = run_dir.exists()  # an earlier attempt started: its first phase resumes
+    phase_figures: list[dict] = []
+
+    def keep(phase: str, figures: dict) -> None:
+        phase_figures.append(figures)
+        record(phase, figures)
+
     with open(work / "pipeline.log", "a") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", wrapper, str(peak_file), sys.executable, "-m", "pipeline",
              *overrides],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        current, since, peak = None, time.perf_counter(), 0.0
+        current, since, peak, main_pid = None, time.perf_counter(), 0.0, None
         while True:
             running = proc.poll() is None
             now = phase_now(run_dir, label_shards)
+            main_pid = main_pid or pipeline_pid(proc.pid)
             if now != current:
+                # The pipeline process's exact peak over the phase that ended (None when it
+                # exited first: the last phase's is the process's own peak, below).
+                exact = process_peak_mb(main_pid, reset=True) if main_pid else None
                 if current is not None and current != "done":
-                    record(current, {"wall_s": round(time.perf_counter() - since, 1),
-                                     "peak_tree_rss_mb": round(peak, 1), "resumed": resumed})  # fmt: skip
+                    keep(current, {"wall_s": round(time.perf_counter() - since, 1),
+                                     "peak_tree_rss_mb": round(peak, 1),
+                                     "peak_process_rss_mb": exact, "resumed": resumed})  # fmt: skip
                     resumed = False
                     # Phases shorter than the sampling interval passed between two samples.
                     for passed in PHASES[PHASES.index(current) + 1 : PHASES.index(now)]:
-                        record(passed, {"wall_s": 0.0, "peak_tree_rss_mb": round(peak, 1),
-                                        "resumed": False})  # fmt: skip
+                        keep(passed, {"wall_s": 0.0, "peak_tree_rss_mb": round(peak, 1),
+                                      "peak_process_rss_mb": exact, "resumed": False})  # fmt: skip
                 current, since, peak = now, time.perf_counter(), 0.0
             if not running:
                 break
@@ -220,8 +261,11 @@ def run_round(work: Path, pattern: str, n: int, extra: list[str], record) -> dic
     if proc.returncode != 0:
         tail = (work / "pipeline.log").read_text()[-3000:]
         raise SystemExit(f"the pipeline failed (exit {proc.returncode}):\n{tail}")
+    # (the kernel's maxrss of a child is its high-water mark, which each phase's reset lowered:
+    # the process's peak is the highest of the phases' peaks and of the last one's)
+    exacts = [f["peak_process_rss_mb"] for f in phase_figures if f.get("peak_process_rss_mb")]
     return {
-        "process_peak_rss_mb": round(int(peak_file.read_text()) / 1024, 1),
+        "process_peak_rss_mb": max([round(int(peak_file.read_text()) / 1024, 1), *exacts]),
         "summary": json.loads((run_dir / "summary.json").read_text()),
     }
 
@@ -265,9 +309,11 @@ def main() -> None:
         "generate": state["generate"],
         "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    print(f"{'phase':<20} {'wall s':>10} {'peak RSS MB':>12}")
+    print(f"{'phase':<20} {'wall s':>10} {'peak RSS MB':>12} {'exact (CLI process)':>20}")
     for name, figures in result["phases"].items():
-        print(f"{name:<20} {figures['wall_s']:>10} {figures['peak_tree_rss_mb']:>12}")
+        exact = figures.get("peak_process_rss_mb")
+        print(f"{name:<20} {figures['wall_s']:>10} {figures['peak_tree_rss_mb']:>12} "
+              f"{exact if exact is not None else '-':>20}")  # fmt: skip
     print(f"disk MB: {result['disk_mb']}; CLI process peak RSS MB: {result['process_peak_rss_mb']}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
