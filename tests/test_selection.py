@@ -210,3 +210,25 @@ def test_a_shard_missing_rows_is_refused(tmp_path):
     write_npz(files[1], {k: (v[1:] if v.ndim else v) for k, v in z.items()})
     with pytest.raises(RuntimeError, match="does not hold its shard's rows once each"):
         select_from_shards(files, plan, 0.0, None, False, 1.0, None)
+
+
+def test_pseudo_labels_read_back_without_their_keys_unless_asked(tmp_path):
+    """A student reads pseudo_labels.npz without its keys (text: the file's largest array, 92
+    bytes an image for a tar member's name); the file keeps them, and keys=True reads them."""
+    from pipeline.runtime.io import write_npz
+    from pipeline.selftrain.label import read_pseudo_labels
+    from pipeline.selftrain.select import PseudoLabels
+
+    keys = np.array([f"pool-00000.tar/{i:08d}" for i in (3, 5, 9)])
+    kept = PseudoLabels(
+        index=np.array([3, 5, 9]), label=np.array([1, 0, 2]),
+        confidence=np.array([0.9, 0.8, 0.99], np.float32), key=keys,
+    )  # fmt: skip
+    write_npz(tmp_path / "p.npz", kept.arrays())
+    lean = read_pseudo_labels(tmp_path / "p.npz", 10, 3)
+    assert lean.key is None
+    assert lean.index.tolist() == [3, 5, 9] and lean.label.tolist() == [1, 0, 2]
+    assert lean.index.dtype == np.int64 and lean.confidence.dtype == np.float32
+    full = read_pseudo_labels(tmp_path / "p.npz", 10, 3, keys=True)
+    assert full.key.tolist() == keys.tolist()
+    assert np.load(tmp_path / "p.npz")["key"].tolist() == keys.tolist()

@@ -111,13 +111,14 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Every array of an .npz file but those named in `skip` (never read)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; give the path of an existing .npz file")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files if k not in skip}
     except Exception as e:  # pickled objects (refused), truncated or not a zip at all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
         raise UserError(f"{path} is not a readable .npz file ({first})") from None

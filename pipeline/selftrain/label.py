@@ -310,13 +310,19 @@ def teacher_views(cfg: RunSpec, data: DataSpec) -> ViewsFn | None:
     return views_fn(int(cfg.pseudo_label.tta_views), data.augment)
 
 
-def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:
-    """pseudo_labels.npz, checked: indices in range and unique, labels in range."""
-    z = io.read_npz(path)
+def read_pseudo_labels(
+    path: Path, num_unlabelled: int, num_classes: int, keys: bool = False
+) -> PseudoLabels:
+    """pseudo_labels.npz, checked: indices in range and unique, labels in range.
+
+    The samples' keys (file names, for the people who read the file) only with `keys`: a
+    student never needs them, and as text they are the largest array of the file (92 bytes an
+    image for a tar member's name: 92 MB of a round over 10^6 images)."""
+    z = io.read_npz(path, skip=() if keys else ("key",))
     missing = {"index", "label", "confidence"} - set(z)
     if missing:
         raise UserError(f"{path} lacks arrays {sorted(missing)}; expected a pseudo_labels.npz")
-    index, label = z["index"].astype(np.int64), z["label"].astype(np.int64)
+    index, label = z["index"].astype(np.int64, copy=False), z["label"].astype(np.int64, copy=False)
     if len(index) and (index.min() < 0 or index.max() >= num_unlabelled):
         raise UserError(
             f"{path} has indices outside the unlabelled set (size {num_unlabelled}); "
@@ -328,7 +334,6 @@ def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> Pse
         raise UserError(f"{path} has labels outside 0..{num_classes - 1}")
     probs, classes = z.get("probs"), None
     if "topk_probs" in z:
-        probs, classes = z["topk_probs"], z["topk_classes"].astype(np.int64)
-    return PseudoLabels(
-        index, label, z["confidence"].astype(np.float32), probs, classes, z.get("key")
-    )
+        probs, classes = z["topk_probs"], z["topk_classes"].astype(np.int64, copy=False)
+    confidence = z["confidence"].astype(np.float32, copy=False)
+    return PseudoLabels(index, label, confidence, probs, classes, z.get("key"))

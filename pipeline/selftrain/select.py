@@ -202,6 +202,9 @@ def select_from_shards(
     rejected = 0
 
     kept: list[dict[str, np.ndarray]] = []
+    needed = {"index", "label", "confidence", "key"}  # (a shard's other arrays stay there)
+    if soft:
+        needed |= {"probs", "topk_probs", "topk_classes"}
     counts = np.zeros(20, np.int64)
     # Called on one rank (rank 0 selects for all): no sync with the process group, which
     # the other ranks are not calling (they would wait for rank 0 forever).
@@ -241,8 +244,11 @@ def select_from_shards(
                 inside = score >= h.ood_threshold
                 rejected += int((mask & ~inside).sum())
                 mask &= inside
-        kept.append({k: v[mask] for k, v in rows.items()})
-    c = {k: np.concatenate([part[k] for part in kept]) for k in kept[0]} if kept else {}
+        kept.append({k: v[mask] for k, v in rows.items() if k in needed})
+    c: dict[str, np.ndarray] = {}
+    for name in list(kept[0]) if kept else []:
+        # (each shard's part let go as it is joined: the kept rows are held once, not twice)
+        c[name] = np.concatenate([part.pop(name) for part in kept])
     label, confidence = torch.from_numpy(c["label"]), torch.from_numpy(c["confidence"])
     keep = torch.ones_like(label, dtype=torch.bool)
     if h.keep_rates is not None:
@@ -250,20 +256,26 @@ def select_from_shards(
     cap = class_cap(balance, c["label"][keep.numpy()], max_per_class) if c else max_per_class
     keep = cap_per_class(label, confidence, keep, cap)
     keep_np = keep.numpy()
+
+    def kept_rows(name: str, dtype: Any = None) -> np.ndarray:
+        # (every row kept, the usual case with a low threshold and many images: no copy)
+        rows = c[name] if keep_np.all() else c[name][keep_np]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
     probs, classes = None, None
     if soft and "probs" in c:
-        probs = sharpen(torch.from_numpy(c["probs"][keep_np]).float(), temperature).numpy()
+        probs = sharpen(torch.from_numpy(kept_rows("probs")).float(), temperature).numpy()
     elif soft and "topk_probs" in c:  # the top-k, renormalised: a distribution over k classes
-        top = torch.from_numpy(c["topk_probs"][keep_np]).float()
+        top = torch.from_numpy(kept_rows("topk_probs")).float()
         probs = sharpen(top / top.sum(dim=1, keepdim=True).clamp_min(1e-12), temperature).numpy()
-        classes = c["topk_classes"][keep_np].astype(np.int64)
+        classes = kept_rows("topk_classes", np.int64)
     pseudo = PseudoLabels(
-        index=c["index"][keep_np].astype(np.int64),
-        label=c["label"][keep_np].astype(np.int64),
-        confidence=c["confidence"][keep_np].astype(np.float32),
-        probs=probs.astype(np.float32) if probs is not None else None,
+        index=kept_rows("index", np.int64),
+        label=kept_rows("label", np.int64),
+        confidence=kept_rows("confidence", np.float32),
+        probs=probs.astype(np.float32, copy=False) if probs is not None else None,
         classes=classes,
-        key=c["key"][keep_np],
+        key=kept_rows("key"),
     )
     edges = np.linspace(0.0, 1.0, 21)
     stats: dict[str, Any] = {
