@@ -391,3 +391,18 @@ def test_read_tar_shards_leave_no_pages_in_the_process(tmp_path):
     assert _resident_kb(str(tmp_path / "tars")) == 0
     again, _ = tars.load(np.arange(60)[::-1].copy())  # pages come back when read again
     assert torch.equal(again, out.flip(0))
+
+
+def test_the_first_pass_closes_the_tar_shards_it_decoded(tmp_path):
+    """Once decoded into the cache, a set's tar shards are read no more: the first pass closes
+    them (each open one holds wids' index of its members, ~320 bytes a member), and the cache
+    alone serves the same pixels."""
+    from pipeline.data import streamed
+
+    paths = shards(tmp_path / "tars", 60, per_shard=20, seed=4, labelled=False)
+    tars = StreamedImages(Manifest.write(tmp_path / "m", list_shards(paths)), 1, 12)
+    cached = open_cache(tars, tmp_path / "cache", False, ROWS)
+    assert not any(str(tmp_path) in k for k in streamed._OPEN_SHARDS)
+    out, _ = cached.load(np.arange(60))
+    assert not any(str(tmp_path) in k for k in streamed._OPEN_SHARDS)  # (not reopened)
+    assert torch.equal(out, tars.load(np.arange(60))[0]) and out.float().std() > 0

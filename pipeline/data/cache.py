@@ -40,7 +40,7 @@ import torch
 from pipeline.data.arrays import ImageSet
 from pipeline.data.decode import DECODER_VERSION, held_native_stderr
 from pipeline.data.manifest import file_state, folder_state
-from pipeline.data.streamed import StreamedImages
+from pipeline.data.streamed import StreamedImages, close_shards
 from pipeline.errors import UserError
 from pipeline.runtime.io import atomic_path, write_json
 
@@ -136,6 +136,7 @@ def open_cache(
             bad.update({start + int(row): why for row, why in marker["bad"]})
         pending = waiting
     if built:
+        close_shards()  # (the tar shards just decoded are read from the cache from now on)
         log.info("decoded %d of %d cache shards of %s into %s", built, cache.num_shards,
                  images.where, entry)  # fmt: skip
     return CachedImages(images, entry, rows_per_shard, bad)

@@ -41,6 +41,14 @@ def _shard(path: str) -> Any:
     return tar
 
 
+def close_shards() -> None:
+    """Close this process's open tar shards (a set served from its decoded-image cache reads
+    them no more). Each holds wids' index of its members as Python objects, ~320 bytes a
+    member: 16 open shards of 10k images, 51 MB kept for the rest of the run."""
+    while _OPEN_SHARDS:
+        _OPEN_SHARDS.popitem(last=False)[1].close()
+
+
 def release_shards() -> None:
     """Let go of the pages of this process's open tar shards (they stay in the page cache).
 
