@@ -220,6 +220,10 @@ def test_predict_and_export_settings_are_checked():
         with pytest.raises(UserError) as e:
             resolve(compose_cfg(*overrides))
         assert needle in str(e.value), (overrides, str(e.value))
+    # format's null is only its unset default: the refusal offers the formats alone
+    with pytest.raises(UserError) as e:
+        resolve(compose_cfg("stage=export", "ckpt=m.ckpt", "format=tflite"))
+    assert str(e.value).endswith("choose one of onnx, torchscript"), str(e.value)
 
 
 def test_a_missing_optional_package_names_the_install_command(tiny_ckpt, tmp_path, monkeypatch):

@@ -34,6 +34,9 @@ class Range:
     lt: float | None = None
     choices: tuple[str, ...] | None = None
     hint: str | None = None
+    # False for a key whose null is only its unset default (format: for stage=export, which
+    # needs a value): a refusal then offers the values, not null.
+    null_choice: bool = True
 
     def admits(self, value: Any) -> bool:
         if isinstance(value, bool) or value is None:
@@ -79,10 +82,11 @@ def key(
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
     hint: str | None = None,
+    null_choice: bool = True,
 ) -> Any:
     """A dataclass field with its range: `epochs: int = key(60, ge=0)`. Without a default the
     field only declares a key of a free-form group (checked where the group has it)."""
-    rng = Range(ge=ge, gt=gt, le=le, lt=lt, choices=choices, hint=hint)
+    rng = Range(ge=ge, gt=gt, le=le, lt=lt, choices=choices, hint=hint, null_choice=null_choice)
     return dataclasses.field(default=default, metadata={RANGE: rng})
 
 
@@ -115,7 +119,7 @@ _KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true
 def _describe(tp: Any, rng: Range) -> str:
     """`a whole number >= 1 (or null)`: what a key accepts, in words."""
     members = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
-    nullable = len(members) < len(typing.get_args(tp))
+    nullable = len(members) < len(typing.get_args(tp)) and rng.null_choice
     words = []
     for t in members:
         if t is str and rng.choices is not None:
@@ -132,7 +136,7 @@ def _describe(tp: Any, rng: Range) -> str:
 
 def _refusal(name: str, value: Any, tp: Any, rng: Range) -> str:
     """The one line for a value outside its declaration."""
-    nullable = type(None) in typing.get_args(tp)
+    nullable = type(None) in typing.get_args(tp) and rng.null_choice
     null = " or null" if nullable else ""
     if not _accepts(tp, value):
         line = f"{name}={_show(value)} must be {_describe(tp, rng)}"

@@ -227,7 +227,7 @@ class PipelineConfig:
     ckpt: str | None = None
     out: str | None = None
     input: Any = None
-    format: str | None = key(None, choices=EXPORT_FORMATS)
+    format: str | None = key(None, choices=EXPORT_FORMATS, null_choice=False)  # (stage=export)
     pseudo_in: str | None = None
     overwrite: bool = False
     progress: bool = True
