@@ -261,11 +261,13 @@ def run_round(work: Path, pattern: str, n: int, extra: list[str], record) -> dic
     if proc.returncode != 0:
         tail = (work / "pipeline.log").read_text()[-3000:]
         raise SystemExit(f"the pipeline failed (exit {proc.returncode}):\n{tail}")
-    # (the kernel's maxrss of a child is its high-water mark, which each phase's reset lowered:
-    # the process's peak is the highest of the phases' peaks and of the last one's)
+    # The process's peak: the highest of its phases' (the kernel's maxrss of the children
+    # is lowered by each phase's reset, and counts the DataLoader workers, which a fork
+    # starts at their parent's high-water mark).
     exacts = [f["peak_process_rss_mb"] for f in phase_figures if f.get("peak_process_rss_mb")]
+    children = round(int(peak_file.read_text()) / 1024, 1)
     return {
-        "process_peak_rss_mb": max([round(int(peak_file.read_text()) / 1024, 1), *exacts]),
+        "process_peak_rss_mb": max(exacts) if exacts else children,
         "summary": json.loads((run_dir / "summary.json").read_text()),
     }
 

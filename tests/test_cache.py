@@ -331,6 +331,11 @@ def test_bench_round_resumes_after_a_kill(tmp_path):
     assert phases["data"]["resumed"] is False and phases["teacher"]["resumed"] is False
     assert phases["labelling"]["resumed"] is True  # the first phase of the second attempt
     assert all(p["wall_s"] >= 0 and p["peak_tree_rss_mb"] > 100 for p in phases.values())
+    # each phase's exact peak of the pipeline process (its high-water mark, reset per phase)
+    exact = {name: p["peak_process_rss_mb"] for name, p in phases.items()}
+    assert all(x > 100 for x in exact.values())
+    second = ("labelling", "selection", "merge_and_student")  # (the rerun's own process)
+    assert result["process_peak_rss_mb"] == max(exact[name] for name in second)
     assert result["num_unlabelled"] == 2000 and result["num_pseudo"] == 2000
     assert all(result["disk_mb"][k] > 0 for k in ("pool", "cache", "run_dir"))
     assert "merge_and_student" in done.stdout and "disk MB" in done.stdout
