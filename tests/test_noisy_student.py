@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline import config
 from pipeline.cli import resolve
-from pipeline.config.architecture import round_model, round_names
+from pipeline.config.architecture import round_models, round_names
 from pipeline.config.specs import run_spec
 from pipeline.engine import ema as engine_ema
 from pipeline.engine import fit as engine_fit
@@ -145,7 +145,8 @@ def test_student_model_group_and_per_round_list():
     )
     # the list wins over student_model; rounds past its end keep its last entry
     assert round_names(cfg) == ["small_cnn", "small_cnn", "small_cnn_wide", "small_cnn_wide"]
-    assert round_model(cfg, 2).net.width == 64 and round_model(cfg, 2).net.num_classes == 10
+    third = round_models(cfg)[2]
+    assert third["net"]["width"] == 64 and third["net"]["num_classes"] == 10
     spec = run_spec(cfg)
     assert spec.for_round(2).model.name == "small_cnn_wide"
     assert spec.for_round(2).config["model"]["name"] == "small_cnn_wide"

@@ -51,14 +51,6 @@ def model_option(name: str) -> DictConfig:
     return OmegaConf.merge(merged, node) if not self_merged else merged
 
 
-def round_model(cfg: DictConfig, k: int) -> DictConfig:
-    """The (resolved) model config of round k."""
-    if k == 0:
-        return cfg.model
-    node = round_model_node(OmegaConf.to_container(cfg, resolve=True), k)  # type: ignore[arg-type]
-    return OmegaConf.create(node)
-
-
 def round_model_node(config: Mapping[str, Any], k: int) -> dict[str, Any]:
     """The model node of round k in a resolved config given as plain values: the config's own
     `model` or `student_model` node (the same object), or a student_models entry's, resolved
