@@ -246,8 +246,8 @@ def run_round(work: Path, pattern: str, n: int, extra: list[str], record) -> dic
                 exact = process_peak_mb(main_pid, reset=True) if main_pid else None
                 if current is not None and current != "done":
                     keep(current, {"wall_s": round(time.perf_counter() - since, 1),
-                                     "peak_tree_rss_mb": round(peak, 1),
-                                     "peak_process_rss_mb": exact, "resumed": resumed})  # fmt: skip
+                                   "peak_tree_rss_mb": round(peak, 1),
+                                   "peak_process_rss_mb": exact, "resumed": resumed})  # fmt: skip
                     resumed = False
                     # Phases shorter than the sampling interval passed between two samples.
                     for passed in PHASES[PHASES.index(current) + 1 : PHASES.index(now)]:

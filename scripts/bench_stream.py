@@ -229,18 +229,16 @@ def bench_folder_labelling(work: Path, n: int, repeats: int, compose, medians) -
 
 
 def train_vs_memory(
-    cfg, images, source, repeats: int, medians, prefix: str, memory_key: str
+    cfg, images, memory, repeats: int, medians, prefix: str, memory_key: str
 ) -> dict:
-    """One training epoch on `images` (streamed or cached) vs the same images decoded from
-    `source` into memory: images per second of each (`memory_key` the in-memory figure's
-    name) and their ratio, the other keys named `prefix`_*."""
-    from pipeline.data.streamed import decode_all
+    """One training epoch on `images` (streamed or cached) vs `memory`, the same images
+    decoded into memory: images per second of each (`memory_key` the in-memory figure's name)
+    and their ratio, the other keys named `prefix`_*."""
     from pipeline.engine.augment import BatchAugment
     from pipeline.engine.fit import fit, training_batches
     from pipeline.models.checkpoint import build_net
     from pipeline.selftrain.merge import merge_labelled_and_pseudo
 
-    memory = decode_all(source, False, "pool")
     train_set = merge_labelled_and_pseudo(np.arange(len(images)) % 3, None, 3)
     augment = BatchAugment(**cfg.data.augment)
     per_epoch = len(training_batches(train_set, cfg, 1)(np.random.default_rng(0)))
@@ -264,13 +262,15 @@ def train_vs_memory(
 def bench_stream_training(work: Path, n: int, repeats: int, compose, medians) -> dict:
     """Our training path on n JPEGs streamed from disk vs the same images decoded in memory."""
     from pipeline.data.image_folder import load_image_folder
+    from pipeline.data.streamed import decode_all
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*data_args(work, pool_dir)[:-1], "data.in_memory=false", "train.min_steps=0",
                   "train.checkpoint_every_s=60")  # fmt: skip
     streamed = load_image_folder(cfg.data.node).extra_unlabelled
+    memory = decode_all(streamed, False, "pool")
     return train_vs_memory(
-        cfg, streamed, streamed, repeats, medians, "stream", "memory_train_images_per_s"
+        cfg, streamed, memory, repeats, medians, "stream", "memory_train_images_per_s"
     )
 
 
@@ -292,32 +292,31 @@ def bench_cache_training(
     and whatever else the machine does stalls one of them, so whole epochs differ by +-15%
     from run to run (pair ratios 0.84-1.06, measured); with one thread, by +-4%."""
     from pipeline.data.image_folder import load_image_folder
+    from pipeline.data.streamed import decode_all
 
     pool_dir = jpeg_folder(work / f"pool{n}", n)
     cfg = compose(*cache_args(work, pool_dir), "train.min_steps=0",
-                  "train.checkpoint_every_s=60", f"trainer.num_threads={threads}")  # fmt: skip
+                  "train.checkpoint_every_s=60")  # fmt: skip
     cached = load_image_folder(cfg.data.node).extra_unlabelled
+    memory = decode_all(cached.source, False, "pool")
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # (what the CLI does with trainer.num_threads; fit does not)
+    # (what the CLI does with trainer.num_threads; fit, called here, does not read that key)
+    torch.set_num_threads(threads)
     try:
         out = train_vs_memory(
-            cfg, cached, cached.source, repeats, medians, "cache",
-            "cache_memory_train_images_per_s",
-        )  # fmt: skip
-        out.update(read_cost(cfg, cached, out["cache_memory_train_images_per_s"]))
+            cfg, cached, memory, repeats, medians, "cache", "cache_memory_train_images_per_s"
+        )
+        out.update(read_cost(cfg, cached, memory, out["cache_memory_train_images_per_s"]))
     finally:
         torch.set_num_threads(before)
     return out
 
 
-def read_cost(cfg, cached, memory_images_per_s: float, batches: int = 2000) -> dict:
-    """What reading a training batch costs, the cache's way and from memory (microseconds per
-    batch of random rows, each the best of 3 passes), and the difference as a share of a
+def read_cost(cfg, cached, memory, memory_images_per_s: float, batches: int = 2000) -> dict:
+    """What reading a training batch costs, the cache's way and from `memory` (microseconds
+    per batch of random rows, each the best of 3 passes), and the difference as a share of a
     training step in memory: the ratio's systematic part, without the run-to-run spread of
     whole trainings."""
-    from pipeline.data.streamed import decode_all
-
-    memory = decode_all(cached.source, False, "pool")
     size = int(cfg.train.batch_size)
     rng = np.random.default_rng(0)
     rows = [rng.choice(len(cached), size, replace=False) for _ in range(batches)]
