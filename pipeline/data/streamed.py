@@ -34,18 +34,18 @@ def _shard(path: str) -> Any:
     if path in _OPEN_SHARDS:
         _OPEN_SHARDS.move_to_end(path)
         return _OPEN_SHARDS[path]
-    while len(_OPEN_SHARDS) >= _MAX_OPEN_SHARDS:
-        _OPEN_SHARDS.popitem(last=False)[1].close()
+    close_shards(keep=_MAX_OPEN_SHARDS - 1)
     _OPEN_SHARDS[path] = tar = IndexedTarSamples(path=path)
     release_shards()  # (the index pass read every header)
     return tar
 
 
-def close_shards() -> None:
-    """Close this process's open tar shards (a set served from its decoded-image cache reads
-    them no more). Each holds wids' index of its members as Python objects, ~320 bytes a
-    member: 16 open shards of 10k images, 51 MB kept for the rest of the run."""
-    while _OPEN_SHARDS:
+def close_shards(keep: int = 0) -> None:
+    """Close this process's open tar shards, the least recently used first, until `keep` are
+    left: all of them by default (a set served from its decoded-image cache reads them no
+    more). Each holds wids' index of its members as Python objects, ~320 bytes a member: 16
+    open shards of 10k images, 51 MB kept for the rest of the run."""
+    while len(_OPEN_SHARDS) > keep:
         _OPEN_SHARDS.popitem(last=False)[1].close()
 
 
