@@ -119,7 +119,7 @@ _KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true
 def _describe(tp: Any, rng: Range) -> str:
     """`a whole number >= 1 (or null)`: what a key accepts, in words."""
     members = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
-    nullable = len(members) < len(typing.get_args(tp)) and rng.null_choice
+    nullable = _offers_null(tp, rng)
     words = []
     for t in members:
         if t is str and rng.choices is not None:
@@ -134,10 +134,15 @@ def _describe(tp: Any, rng: Range) -> str:
     return " or ".join(words) + (" (or null)" if nullable else "")
 
 
+def _offers_null(tp: Any, rng: Range) -> bool:
+    """Whether what a key accepts, in words, includes null: its type admits None and null is
+    more than its unset default (Range.null_choice)."""
+    return type(None) in typing.get_args(tp) and rng.null_choice
+
+
 def _refusal(name: str, value: Any, tp: Any, rng: Range) -> str:
     """The one line for a value outside its declaration."""
-    nullable = type(None) in typing.get_args(tp) and rng.null_choice
-    null = " or null" if nullable else ""
+    null = " or null" if _offers_null(tp, rng) else ""
     if not _accepts(tp, value):
         line = f"{name}={_show(value)} must be {_describe(tp, rng)}"
     elif isinstance(value, str):

@@ -256,10 +256,10 @@ def select_from_shards(
     cap = class_cap(balance, c["label"][keep.numpy()], max_per_class) if c else max_per_class
     keep = cap_per_class(label, confidence, keep, cap)
     keep_np = keep.numpy()
+    every = bool(keep_np.all())  # (the usual case with a low threshold and many images)
 
     def kept_rows(name: str, dtype: Any = None) -> np.ndarray:
-        # (every row kept, the usual case with a low threshold and many images: no copy)
-        rows = c[name] if keep_np.all() else c[name][keep_np]
+        rows = c[name] if every else c[name][keep_np]  # (every row kept: no copy)
         return rows if dtype is None else rows.astype(dtype, copy=False)
 
     probs, classes = None, None
