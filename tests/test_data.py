@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -465,6 +466,48 @@ def test_free_heap_memory_goes_back_to_the_system():
     libc.free(blocks[-1])
     assert freed > before - 10  # freeing alone returned (almost) nothing
     assert trimmed < freed - 30  # the trim returned most of the 40 MB
+
+
+def test_large_blocks_come_from_the_heap_inside_the_block_and_are_given_back_after():
+    """runtime/memory.py's large_blocks_from_the_heap (the trainings with an online pool): an
+    80 MB block freed and allocated again is faulted in afresh each time outside it (its own
+    mapping), reused from the heap inside it (no page faults after the first), and after the
+    block the memory is given back and large blocks get their own mappings again."""
+    code = (
+        "import ctypes, json, resource, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.runtime import memory\n"
+        "if memory._LIBC is None: print('skip'); sys.exit()\n"
+        "libc = memory._glibc()\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"
+        "size = 80 << 20\n"
+        "def faults():\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    b = libc.malloc(size); libc.memset(b, 1, size); libc.free(b)\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "def rss_mb():\n"
+        "    return int(Path('/proc/self/statm').read_text().split()[1]) * 4096 / 2**20\n"
+        "base = rss_mb()\n"
+        "outside = [faults(), faults()]\n"
+        "with memory.large_blocks_from_the_heap():\n"
+        "    inside = [faults(), faults(), faults()]\n"
+        "    held = rss_mb()\n"
+        "after = faults()\n"
+        "print(json.dumps([outside, inside, after, held - base, rss_mb() - base]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "skip":
+        pytest.skip("not glibc")
+    outside, inside, after, held_mb, after_mb = json.loads(out.stdout)
+    assert min(outside) > 1000 and after > 1000  # a fresh mapping, faulted in page by page
+    assert inside[0] > 1000 and max(inside[1:]) < min(outside) / 20  # the heap's block reused
+    assert held_mb > 60  # kept while inside
+    assert after_mb < 20  # given back after
 
 
 def test_imported_objects_are_frozen_once_per_process():

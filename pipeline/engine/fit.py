@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from pipeline.engine.training_set import TrainingSet, mixed_batches
 from pipeline.errors import UserError
 from pipeline.runtime import dist
 from pipeline.runtime.io import load_checkpoint
+from pipeline.runtime.memory import large_blocks_from_the_heap
 
 log = logging.getLogger("pipeline")
 
@@ -239,9 +241,12 @@ def fit(
     )
     if last.exists():
         log.info("resuming training from %s", last)
-    trainer.fit(
-        module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True
-    )
+    # A pool's batches are (1 + 2 mu) x larger: their activations come from the heap, reused
+    # step after step, not from fresh mappings (runtime/memory.py).
+    with large_blocks_from_the_heap() if pool is not None else nullcontext():
+        trainer.fit(
+            module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True
+        )
     result = FitResult(int(trainer.global_step), [dict(e) for e in module.epochs])
     if best is not None and best.best_model_path:
         kept = load_checkpoint(best.best_model_path)  # (weights_only, checksum checked)

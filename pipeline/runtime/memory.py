@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -35,6 +37,42 @@ def release_free_memory() -> bool:
         return False
     _LIBC.malloc_trim(0)
     return True
+
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_MMAP_MAX_DEFAULT = 65536  # glibc's DEFAULT_MMAP_MAX
+_TRIM_AFTER = 64 << 20  # what glibc sets by itself once its mmap threshold is at its 32 MB cap
+_NO_TRIM = 2**31 - 1
+
+
+@contextmanager
+def large_blocks_from_the_heap() -> Iterator[None]:
+    """Within the block, serve every allocation from the C heap and keep its free top, so that
+    large buffers freed at each step are reused by the next one; then give the free memory
+    back (``malloc_trim``) and let large blocks have their own mappings again. Nothing where
+    the C library is not glibc.
+
+    glibc gives each block above its mmap threshold (at most 32 MB) a mapping of its own,
+    unmapped when freed. A training step with an online method carries (1 + 2 mu) x the
+    batch's images (mnist5k at 24 px: 960 images, 71 MB in each first-stage activation), so
+    every such activation was a fresh mapping whose pages the kernel faulted in and zeroed,
+    step after step: 10 million page faults and a third of the CPU time in the kernel over a
+    40-step training. From the heap, the same training took 30 s instead of 40-43 s; its peak
+    resident memory was 2.0 GB instead of 1.65 (the heap's free pieces are kept while it
+    trains)."""
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        yield
+        return
+    _LIBC.mallopt(_M_MMAP_MAX, 0)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
+        _LIBC.malloc_trim(0)
 
 
 _frozen = False
