@@ -198,13 +198,58 @@ ABLATION_ARMS = {
     "freematch_pretrained": ("train", "pretrained", "freematch"),
     "selftrain_fixmatch": ("selftrain", "scratch", "fixmatch"),
     "selftrain_fixmatch_pretrained": ("selftrain", "pretrained", "fixmatch"),
+    "selftrain_fixmatch_teacher": ("selftrain", "scratch", "fixmatch"),
 }
 
 
+@pytest.mark.parametrize("data", ["digits", "mnist5k"])
 @pytest.mark.parametrize("arm", ABLATION_ARMS)
-def test_the_ablation_arms_compose_to_their_stage_init_and_method(arm):
-    cfg = compose_cfg("experiment=ssl_ablation", f"arm={arm}")
+def test_the_ablation_arms_compose_to_their_stage_init_and_method(arm, data):
+    """Whatever method the data's recipe chooses (mnist5k's: a FixMatch teacher), each arm
+    trains with its own, and the loop + FixMatch arm with it in every round."""
+    cfg = compose_cfg("experiment=ssl_ablation", f"arm={arm}", f"data={data}")
     assert (cfg.stage, cfg.init, cfg.consistency.method) == ABLATION_ARMS[arm]
+    if cfg.stage == "selftrain" and cfg.consistency.method != "none":
+        assert cfg.consistency.students == (arm != "selftrain_fixmatch_teacher")
+
+
+def test_a_recipe_chooses_the_method_and_the_command_line_replaces_it():
+    """consistency=auto (the default) takes the recipe's method: mnist5k's teacher trains with
+    FixMatch and its students offline; digits has none. consistency=NAME on the command line
+    wins over the recipe, consistency=none included."""
+    spec = consistency_spec(compose_cfg("data=mnist5k"))
+    assert (spec.method, spec.students, spec.threshold, spec.mu) == ("fixmatch", False, 0.95, 7)
+    assert consistency_spec(compose_cfg()) == ConsistencySpec()  # digits: none, every default
+    assert consistency_spec(compose_cfg("data=mnist5k", "consistency=none")).method == "none"
+    spec = consistency_spec(compose_cfg("data=mnist5k", "consistency=freematch"))
+    assert (spec.method, spec.fairness_weight) == ("freematch", 0.001)
+    spec = consistency_spec(compose_cfg("data=mnist5k", "consistency.students=true"))
+    assert (spec.method, spec.students) == ("fixmatch", True)
+
+
+@pytest.mark.slow
+def test_with_students_false_only_the_teacher_trains_online(tmp_path):
+    """consistency.students=false: the teacher's epochs carry the online method's diagnostics,
+    the students' none (they train on the round's offline pseudo-labels alone)."""
+    import json
+
+    run_dir = tmp_path / "run"
+    r = run_cli(
+        *FAST,
+        "consistency=fixmatch",
+        "consistency.students=false",
+        "consistency.mu=2",
+        "consistency.threshold=0.7",
+        f"run_dir={run_dir}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    teacher = json.loads((run_dir / "round_0" / "metrics.json").read_text())
+    student = json.loads((run_dir / "round_1" / "metrics.json").read_text())
+    assert all("mask_rate" in e for e in teacher["epochs"])
+    assert teacher["epochs"][-1]["mask_rate"] > 0
+    assert not any("mask_rate" in e for e in student["epochs"])
+    assert teacher["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert student["num_pseudo"] > 0  # the students learn from the teacher's offline labels
 
 
 def test_the_ablation_sweeps_every_arm_over_three_seeds():

@@ -101,6 +101,7 @@ class ConsistencyConfig:
     randaugment_ops: int = key(2, ge=0)
     randaugment_magnitude: int = key(10, ge=0, le=30)
     cutout: float = key(0.5, ge=0, le=1, hint="a fraction of the image side")
+    students: bool = True
 
 
 @dataclass

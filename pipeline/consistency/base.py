@@ -41,6 +41,9 @@ class ConsistencySpec:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 10
     cutout: float = 0.5
+    # False: in stage=selftrain only the teacher trains online; the students learn from the
+    # round's offline pseudo-labels alone (the engine's business, not the method's)
+    students: bool = True
 
 
 class Sync:

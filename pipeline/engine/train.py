@@ -126,8 +126,11 @@ def train_model(
 def online_pool(spec: ConsistencySpec, data: DataSpec, task: Task, phase: str) -> OnlinePool | None:
     """The pool a training labels online (consistency=...): the task's unlabelled set, with
     the weak view (the data's shift and flip) and the strong one (the weak one plus
-    RandAugment and cutout). None without a method, and for pretraining (a labelled source)."""
+    RandAugment and cutout). None without a method, for pretraining (a labelled source), and
+    for the students of selftrain when `consistency.students` is false."""
     if spec.method == "none" or phase == "pretraining":
+        return None
+    if phase == "students" and not spec.students:
         return None
     if len(task.unlabelled) == 0:
         raise UserError(
