@@ -41,9 +41,14 @@ def release_free_memory() -> bool:
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _MMAP_MAX_DEFAULT = 65536  # glibc's DEFAULT_MMAP_MAX
-_TRIM_AFTER = 64 << 20  # what glibc sets by itself once its mmap threshold is at its 32 MB cap
+# After the block: the state glibc's dynamic thresholds reach by themselves once a block of
+# 32 MB or more was freed (its mmap threshold at the 32 MB cap, the trim threshold twice
+# that); setting any of them stops that adjustment, so they are set to where it would end.
+_MMAP_THRESHOLD_AFTER = 32 << 20
+_TRIM_AFTER = 64 << 20
 _NO_TRIM = 2**31 - 1
 
 
@@ -71,6 +76,7 @@ def large_blocks_from_the_heap() -> Iterator[None]:
         yield
     finally:
         _LIBC.mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
         _LIBC.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
         _LIBC.malloc_trim(0)
 
