@@ -5,6 +5,7 @@ tensors, and the metrics (balanced accuracy, per-class recall, foreign share, OO
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -218,6 +219,25 @@ def test_open_set_task(open_task):
     assert foreign[-4000:].tolist() == [1] * 4000 and (truth[-4000:] == -1).all()
     assert ((truth >= 0) == (foreign == 0)).all()
     assert tuple(task.unlabelled.load(np.arange(2))[0].shape) == (2, 1, 8, 8)  # shaped like digits
+
+
+def test_an_online_method_on_an_open_set_pool_is_said_in_one_line(open_task, caplog):
+    """An online method trains on the foreign pool images as if they were known (mnist5k's
+    FixMatch teacher put 14% foreign images into the merge): a warning names the fix."""
+    from conftest import compose_spec
+
+    from pipeline.consistency import ConsistencySpec
+    from pipeline.data.task import prepare_task
+    from pipeline.engine.train import online_pool
+
+    spec, digits = ConsistencySpec(method="fixmatch"), compose_spec().data
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine.train"):
+        assert online_pool(spec, digits, open_task[0], "teacher") is not None
+        (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "consistency=fixmatch" in line and "add consistency=none" in line
+        caplog.clear()
+        assert online_pool(spec, digits, prepare_task(digits, 0, None), "teacher") is not None
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # a closed pool
 
 
 # ---------------------------------------------------------------------------------------------
