@@ -63,7 +63,7 @@ def large_blocks_from_the_heap() -> Iterator[None]:
     unmapped when freed. A training step with an online method carries (1 + 2 mu) x the
     batch's images (mnist5k at 24 px: 960 images, 71 MB in each first-stage activation), so
     every such activation was a fresh mapping whose pages the kernel faulted in and zeroed,
-    step after step: 6-10 million page faults and a fifth to a quarter of the CPU time in the
+    step after step: 6-10 million page faults and 20-28% of the CPU time in the
     kernel over a 40-step training. From the heap, the same training took 30 s instead of
     40-43 s; its peak resident memory was 2.0 GB instead of 1.65 (the heap's free pieces are
     kept while it trains)."""
