@@ -71,6 +71,21 @@ def run_cli(
     )
 
 
+def run_python(code: str, *args: str, timeout: float = 300) -> str:
+    """`python -c CODE ARGS...` in the checkout, in a fresh process (for what must not leak into
+    the test process: allocator settings, gc freezes, imports); asserts it succeeded and returns
+    its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     """Wait until path exists (or proc ends, or timeout): asserts it does."""
     deadline = time.monotonic() + timeout

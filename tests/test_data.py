@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import run_python
 from omegaconf import OmegaConf
 from torchvision.io import write_png
 
@@ -497,13 +495,10 @@ def test_large_blocks_come_from_the_heap_inside_the_block_and_are_given_back_aft
         "after = faults()\n"
         "print(json.dumps([outside, inside, after, held - base, rss_mb() - base]))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    if out.stdout.strip() == "skip":
+    out = run_python(code)
+    if out.strip() == "skip":
         pytest.skip("not glibc")
-    outside, inside, after, held_mb, after_mb = json.loads(out.stdout)
+    outside, inside, after, held_mb, after_mb = json.loads(out)
     assert min(outside) > 1000 and after > 1000  # a fresh mapping, faulted in page by page
     assert inside[0] > 1000 and max(inside[1:]) < min(outside) / 20  # the heap's block reused
     assert held_mb > 60  # kept while inside
@@ -528,8 +523,4 @@ def test_imported_objects_are_frozen_once_per_process():
         "assert ref() is None, 'a reference cycle made after the freeze was not collected'\n"
         "print(frozen)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) > 100_000  # torch and Lightning's objects
+    assert int(run_python(code).split()[-1]) > 100_000  # torch and Lightning's objects

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import run_cli, run_python
 from streaming_data import CLASSES, class_tree, flat_folder, jpeg, shards
 from test_config import compose_cfg
 
@@ -161,8 +160,7 @@ def test_pipeline_load_model_is_lazy():
         "import sys, pipeline; assert 'torch' not in sys.modules; "
         "assert callable(pipeline.load_model); print('light')"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0 and "light" in proc.stdout, proc.stderr
+    assert "light" in run_python(code)
 
 
 def test_old_checkpoint_without_the_new_fields_still_loads(tiny_ckpt, photos, tmp_path):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_python
 
 from pipeline import usage
 from pipeline.config import paths
@@ -103,14 +103,7 @@ def test_setup_copies_every_config_into_the_package(tmp_path: Path) -> None:
         "import runpy, sys; sys.argv = ['setup.py', '-q', 'build_py', '--build-lib', sys.argv[1]];"
         "runpy.run_path('setup.py', run_name='__main__')"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "lib")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    run_python(code, str(tmp_path / "lib"), timeout=120)
     copied = sorted(
         p.relative_to(tmp_path / "lib" / "pipeline" / "conf")
         for p in (tmp_path / "lib" / "pipeline" / "conf").rglob("*.yaml")
