@@ -236,6 +236,7 @@ def test_an_online_method_on_an_open_set_pool_is_said_in_one_line(open_task, cap
         (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert "consistency=fixmatch" in line and "add consistency=none" in line
         caplog.clear()
+        assert online_pool(spec, digits, open_task[0], "students") is not None  # said once a run
         assert online_pool(spec, digits, prepare_task(digits, 0, None), "teacher") is not None
         assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # a closed pool
 

@@ -135,7 +135,9 @@ def online_pool(spec: ConsistencySpec, data: DataSpec, task: Task, phase: str) -
         return None
     if phase == "students" and not spec.students:
         return None
-    if task.open_set:  # said, not refused: a user may want it (measured: docs/results.md)
+    # Said, not refused: a user may want it (measured: docs/results.md). Once a run: by its
+    # first training (the teacher, or the lone one), which every run with a method has.
+    if task.open_set and phase != "students":
         log.warning(
             "consistency=%s learns from every pool image, the foreign ones of this open-set "
             "pool too, as if they were of the known classes (mnist5k, 6 known classes, a FixMatch "
