@@ -233,6 +233,10 @@ def test_paths_holding_equals_signs_are_passed_quoted():
         ("seed=-1", "seed=-1 is outside [0, 4294967296)"),
         ("train.select=best", "train.select='best'; choose one of last, best_val"),
         ("train.ema_decay=1.0", "train.ema_decay=1.0 is outside [0, 1) or null; pass a decay"),
+        (
+            "train.logit_adjust=-1",
+            "train.logit_adjust=-1.0 must be >= 0; tau of the logit-adjusted",
+        ),
     ],
 )
 def test_a_declared_key_out_of_its_type_or_range_is_one_line_naming_it(override, line):

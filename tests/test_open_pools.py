@@ -381,6 +381,100 @@ def test_select_from_shards_with_handling(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Handling in training: the logit-adjusted loss (train.logit_adjust)
+
+
+def hand_made_set():
+    """4 labelled rows (classes 0, 0, 1, 1) and 3 pseudo-labelled ones (0, 0, 2; the last at
+    weight 0.5), 3 classes."""
+    from pipeline.engine.training_set import TrainingSet
+
+    return TrainingSet(
+        source=np.array([0, 0, 0, 0, 1, 1, 1], np.int8),
+        position=np.array([0, 1, 2, 3, 0, 1, 2]),
+        label=np.array([0, 0, 1, 1, 0, 0, 2]),
+        weight=np.array([1, 1, 1, 1, 1, 1, 0.5], np.float32),
+        num_classes=3,
+    )
+
+
+def test_class_prior_is_what_the_batches_hold():
+    from pipeline.engine.losses import logit_offset
+    from pipeline.engine.training_set import mixed_batches
+
+    ts = hand_made_set()
+    # Batches of 8 with a quarter labelled: 2 labelled rows and 6 pseudo-labelled ones each.
+    # Weighted mass per row: labelled [2, 2, 0] / 4, pseudo-labelled [2, 0, 0.5] / 3; a batch
+    # holds 2 x [0.5, 0.5, 0] + 6 x [2/3, 0, 1/6] = [5, 1, 1].
+    prior = ts.class_prior(8, 0.25)
+    assert prior == pytest.approx([5 / 7, 1 / 7, 1 / 7])
+    # Two batches of mixed_batches: every labelled row once, every pseudo-labelled one 4 times.
+    rows = np.concatenate(mixed_batches(4, 3, 8, 0.25, np.random.default_rng(0), min_batches=2))
+    mass = (ts.target_rows(rows).numpy() * ts.weight[rows, None]).sum(0)
+    assert prior == pytest.approx(mass / mass.sum())
+    assert ts.class_prior(8, 1.0) == pytest.approx(np.array([4, 2, 0.5]) / 6.5)  # plain shuffle
+    assert logit_offset(prior, 1.0).tolist() == pytest.approx(np.log(prior).tolist())
+    assert logit_offset(np.array([0.5, 0.5, 0.0]), 2.0).tolist() == pytest.approx(
+        [2 * np.log(0.5), 2 * np.log(0.5), 2 * np.log(1e-12)]
+    )
+
+
+def test_logit_adjusted_loss_by_hand():
+    """The training loss is the cross-entropy of logits + tau log(prior) (Menon et al. 2021);
+    predictions and the checkpoint do not see the offset."""
+    from pipeline.engine.losses import logit_offset
+    from pipeline.engine.module import LitClassifier
+
+    prior = np.array([0.7, 0.2, 0.1])
+    net = nn.Linear(2, 3)
+    module = LitClassifier(net, 3, torch.optim.SGD, logit_offset=logit_offset(prior, 1.0))
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    batch = {"target": torch.eye(3)[[1, 2]], "weight": torch.ones(2)}
+    adjusted = logits + torch.log(torch.tensor(prior, dtype=torch.float32))
+    # -log softmax(adjusted)[target], by hand, for the two rows.
+    expected = -(adjusted[[0, 1], [1, 2]] - torch.logsumexp(adjusted, dim=1)).mean()
+    assert module._supervised_loss(logits, batch).item() == pytest.approx(expected.item())
+    plain = LitClassifier(net, 3, torch.optim.SGD)._supervised_loss(logits, batch)
+    assert plain.item() < expected.item()  # the rare classes' targets cost more to reach
+    assert set(module.state_dict()) == set(net.state_dict(prefix="net."))
+    x = torch.randn(4, 2)
+    assert torch.equal(module(x), net(x))
+
+
+def test_logit_adjustment_evens_out_what_a_long_tailed_training_predicts(tmp_path):
+    """A training set with class 0 over-represented 10:1 (random images: the network can only
+    learn the prior): on unseen images the plain loss predicts class 0 most of the time, the
+    logit-adjusted one about as often as the others."""
+    from conftest import compose_spec
+
+    from pipeline.data import ImageArrays
+    from pipeline.engine import fit as engine_fit
+    from pipeline.models import checkpoint as models
+    from pipeline.selftrain.merge import merge_labelled_and_pseudo
+
+    g = torch.Generator().manual_seed(0)
+    labels = np.array([0] * 60 + [1] * 6 + [2] * 6)
+    images = ImageArrays(torch.randint(0, 256, (72, 1, 8, 8), generator=g, dtype=torch.uint8), None)
+    unseen = torch.randint(0, 256, (300, 1, 8, 8), generator=g, dtype=torch.uint8).float() / 255
+    share = {}
+    for tau in (0.0, 1.0):
+        cfg = compose_spec(
+            "progress=false", "model.net.width=8", "train.min_steps=60", "train.batch_size=12",
+            "train.checkpoint_every_s=null", f"train.logit_adjust={tau}",
+        )  # fmt: skip
+        torch.manual_seed(1)
+        net = models.build_net(cfg, 3)
+        train_set = merge_labelled_and_pseudo(labels, None, 3)
+        engine_fit.fit(
+            cfg, cfg.data, net, images, train_set, tmp_path / str(tau), 0, 6,
+            models.hparams_for(cfg, cfg.data, 3), None,
+        )  # fmt: skip
+        with torch.no_grad():
+            share[tau] = (net.eval()(unseen).argmax(1) == 0).float().mean().item()
+    assert share[0.0] > 0.8 and share[1.0] < 0.6, share
+
+
+# ---------------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -443,6 +537,7 @@ def test_open_set_selftrain_through_the_cli(tmp_path):
         "pseudo_label.ood_score=energy",
         "pseudo_label.dist_align=labelled",
         "pseudo_label.rebalance_alpha=0.5",
+        "train.logit_adjust=1.0",
         f"run_dir={run_dir}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

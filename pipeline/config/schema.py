@@ -56,6 +56,9 @@ class TrainConfig:
     eval_batch_size: int = key(256, ge=1)
     min_steps: int = key(300, ge=0)
     label_smoothing: float = key(0.0, ge=0, lt=1)
+    logit_adjust: float = key(
+        0.0, ge=0, hint="tau of the logit-adjusted loss; 1.0 as in the paper, 0 off"
+    )
     checkpoint_every_s: float | None = key(60.0, ge=0, hint="0: every step; null: every epoch")
     select: str = key("last", choices=SELECT_MODES)
     ema_decay: float | None = key(None, ge=0, lt=1, hint="pass a decay such as 0.999, or null")

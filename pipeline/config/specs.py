@@ -46,6 +46,7 @@ class TrainSpec:
     eval_batch_size: int
     min_steps: int
     label_smoothing: float
+    logit_adjust: float
     checkpoint_every_s: float | None
     select: str
     ema_decay: float | None

@@ -25,6 +25,7 @@ from pipeline.engine.batches import Batches, PairedBatches, with_pool
 from pipeline.engine.datamodule import ImageDataModule, resolve_workers
 from pipeline.engine.ema import EMA
 from pipeline.engine.features import FeatureDataModule, is_features
+from pipeline.engine.losses import logit_offset
 from pipeline.engine.module import TEST_ACC, TEST_COUNT, VAL_ACC, LitClassifier
 from pipeline.engine.trainer import (
     build_trainer,
@@ -190,6 +191,10 @@ def fit(
         train_batches=make,
         val=val_data,
     )
+    offset = None
+    if cfg.train.logit_adjust:  # engine/losses.py: the class prior its batches have
+        prior = train_set.class_prior(cfg.train.batch_size, cfg.pseudo_label.labelled_fraction)
+        offset = logit_offset(prior, cfg.train.logit_adjust)
     module = LitClassifier(
         net,
         num_classes=train_set.num_classes,
@@ -207,6 +212,7 @@ def fit(
         consistency=method,
         consistency_weight=pool.spec.weight if pool is not None else 1.0,
         layer_decay=layer_decay,
+        logit_offset=offset,
     )
     ckpt_dir = work_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"  # written by build_trainer's LastCheckpoint

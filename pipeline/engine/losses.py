@@ -1,5 +1,6 @@
-"""What a training step minimises: the soft cross-entropy on the training batch and, with
-`consistency=`, the weighted online pseudo-label loss on the pool batch. `PoolLoss` is the part
+"""What a training step minimises: the soft cross-entropy on the training batch (logit-adjusted
+with `train.logit_adjust`) and, with `consistency=`, the weighted online pseudo-label loss on
+the pool batch. `PoolLoss` is the part
 of LitClassifier (engine/module.py) that runs the pool's step, syncs the method's statistics
 over the DDP ranks (`RankSync`) and keeps the epoch's diagnostics.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,14 @@ def soft_cross_entropy(
         target = target * (1 - smoothing) + smoothing / target.shape[1]
     loss = -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
     return (weight * loss).mean()
+
+
+def logit_offset(prior: np.ndarray, tau: float) -> torch.Tensor:
+    """tau * log(prior), what the logit-adjusted loss (Menon et al. 2021, eq. 10) adds to the
+    logits in training only: a class the training batches over-represent must win by that
+    much more, so the network's plain logits fit the classes as if balanced. A class absent
+    from the batches gets log(1e-12), which only makes it easier to predict."""
+    return torch.from_numpy(tau * np.log(np.clip(prior, 1e-12, None))).float()
 
 
 class RankSync(Sync):
@@ -57,14 +67,22 @@ class RankSync(Sync):
 
 class PoolLoss:
     """LitClassifier's online pseudo-labelling on the pool (consistency=...). The module sets
-    `consistency`, `consistency_weight`, `label_smoothing`, `_sync` (a RankSync of itself) and
-    `_pool_stats` (0.0) in its __init__."""
+    `consistency`, `consistency_weight`, `label_smoothing`, `_logit_offset` (a buffer, or
+    None), `_sync` (a RankSync of itself) and `_pool_stats` (0.0) in its __init__."""
 
     consistency: ConsistencyMethod | None
     consistency_weight: float
     label_smoothing: float
+    _logit_offset: torch.Tensor | None
     _sync: RankSync
     _pool_stats: torch.Tensor | float
+
+    def _supervised_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The weighted soft cross-entropy on the training batch, on logits + the offset of
+        train.logit_adjust where it is set."""
+        if self._logit_offset is not None:
+            logits = logits + self._logit_offset
+        return soft_cross_entropy(logits, batch["target"], batch["weight"], self.label_smoothing)
 
     def _step_with_pool(self, batch: dict) -> torch.Tensor:
         """The supervised loss plus the weighted online pseudo-label loss: one forward pass over
@@ -73,9 +91,7 @@ class PoolLoss:
         x, weak, strong = batch["image"], batch["u_weak"], batch["u_strong"]
         n, m = len(x), len(weak)
         logits = self(torch.cat([x, weak, strong]))
-        loss = soft_cross_entropy(
-            logits[:n], batch["target"], batch["weight"], self.label_smoothing
-        )
+        loss = self._supervised_loss(logits[:n], batch)
         out = self.consistency(logits[n : n + m], logits[n + m :], batch["u_index"], self._sync)
         with torch.no_grad():  # diagnostics only: the truth never reaches a loss
             mask = out.mask.float()

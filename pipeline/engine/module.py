@@ -13,7 +13,7 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
 from pipeline.consistency import ConsistencyMethod
-from pipeline.engine.losses import PoolLoss, RankSync, soft_cross_entropy
+from pipeline.engine.losses import PoolLoss, RankSync
 from pipeline.models.finetune import param_groups
 
 # Metric names, defined once for the module, the stages, the loggers and the reports. Per-epoch
@@ -73,6 +73,7 @@ class LitClassifier(PoolLoss, L.LightningModule):
         consistency: ConsistencyMethod | None = None,
         consistency_weight: float = 1.0,
         layer_decay: float | None = None,
+        logit_offset: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -115,6 +116,11 @@ class LitClassifier(PoolLoss, L.LightningModule):
         # statistics), and a `-true` precision would cast its float32 statistics.
         object.__setattr__(self, "consistency", consistency)
         self.consistency_weight = consistency_weight
+        # train.logit_adjust: added to the logits in the training loss only (engine/losses.py).
+        # A buffer, so it follows the module to its device; not persistent: no checkpoint
+        # holds it, and a resumed training recomputes it from its training set.
+        self._logit_offset: torch.Tensor | None
+        self.register_buffer("_logit_offset", logit_offset, persistent=False)
         self._sync = RankSync(self)
         self._pool_stats: torch.Tensor | float = 0.0  # seen, kept, kept with truth, right
 
@@ -149,10 +155,7 @@ class LitClassifier(PoolLoss, L.LightningModule):
         if self.consistency is not None and len(batch.get("u_weak", ())):
             loss = self._step_with_pool(batch)
         else:
-            logits = self(batch["image"])
-            loss = soft_cross_entropy(
-                logits, batch["target"], batch["weight"], self.label_smoothing
-            )
+            loss = self._supervised_loss(self(batch["image"]), batch)
         # The epoch's mean loss is logged once at its end: a per-step self.log costs more than a
         # small model's step is worth keeping it for.
         self._loss_sum = self._loss_sum + loss.detach()

@@ -65,6 +65,30 @@ class TrainingSet:
                 out[soft[:, None], self.soft_classes[j]] = self.soft_probs[j]
         return torch.from_numpy(out)
 
+    def class_prior(self, batch_size: int, labelled_fraction: float) -> np.ndarray:
+        """The share of each class in the loss of the batches `mixed_batches` makes of this set:
+        the weighted target mass per class (duplicated rows count twice, soft targets spread)
+        that a batch holds on average, its labelled and pseudo-labelled rows mixed as the
+        batches mix them."""
+        n_lab, n = self.num_labelled, len(self)
+        if n == n_lab or n_lab == 0 or labelled_fraction >= 1.0:
+            mass = self._class_mass(0, n)
+        else:
+            lab = labelled_per_batch(batch_size, labelled_fraction)  # rows of each kind a batch
+            pseudo = batch_size - lab  # holds, times the mean mass of a row of that kind
+            mass = self._class_mass(0, n_lab) * lab / n_lab
+            mass += self._class_mass(n_lab, n) * pseudo / (n - n_lab)
+        return mass / mass.sum()
+
+    def _class_mass(self, start: int, stop: int, chunk: int = 65536) -> np.ndarray:
+        """The weighted target mass per class of rows start..stop, summed chunk by chunk:
+        memory does not grow with the rows."""
+        mass = np.zeros(self.num_classes, np.float64)
+        for lo in range(start, stop, chunk):
+            rows = np.arange(lo, min(lo + chunk, stop))
+            mass += (self.target_rows(rows).numpy() * self.weight[rows, None]).sum(0)
+        return mass
+
     def arrays(self) -> dict[str, np.ndarray]:
         """What train_set.npz holds (targets as one row per sample)."""
         return {
@@ -79,6 +103,11 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     out = np.zeros((len(labels), num_classes), dtype=np.float32)
     out[np.arange(len(labels)), labels] = 1.0
     return out
+
+
+def labelled_per_batch(batch_size: int, labelled_fraction: float) -> int:
+    """The labelled rows in each batch of `mixed_batches` (at least one, and one pseudo-label)."""
+    return min(batch_size - 1, max(1, round(labelled_fraction * batch_size)))
 
 
 def mixed_batches(
@@ -105,7 +134,7 @@ def mixed_batches(
         reps = -(-(min_batches * batch_size) // total)
         rows = np.concatenate([generator.permutation(total) for _ in range(reps)])
         return [rows[b * batch_size : (b + 1) * batch_size] for b in range(min_batches)]
-    n_lab_b = min(batch_size - 1, max(1, round(labelled_fraction * batch_size)))
+    n_lab_b = labelled_per_batch(batch_size, labelled_fraction)
     n_ps_b = batch_size - n_lab_b
     n_batches = max(min_batches, -(-num_pseudo // n_ps_b))
     reps_ps = -(-(n_batches * n_ps_b) // num_pseudo)
