@@ -401,6 +401,43 @@ def test_group_choice_overrides_are_in_the_command(tmp_path: Path) -> None:
     assert "`data.name` (with `data.labels_per_class`)" in markdown
 
 
+def test_an_arm_sweep_is_grouped_and_named_by_arm(tmp_path: Path) -> None:
+    # python -m pipeline -m experiment=ssl_ablation arm=supervised,fixmatch,selftrain_fixmatch \
+    #     data.labels_per_class=4,10 seed=0,1: each arm sets stage and the method (its file is
+    #     `@package _global_`, so no config key says which arm a job ran).
+    sweep = tmp_path / "multirun"
+    arms = {"supervised": ("train", "none"), "fixmatch": ("train", "fixmatch"),
+            "selftrain_fixmatch": ("selftrain", "fixmatch")}  # fmt: skip
+    accuracy = {}
+    for num, (arm, budget, seed) in enumerate(itertools.product(arms, (4, 10), (0, 1))):
+        stage, method = arms[arm]
+        data = {"name": "digits", "num_classes": 10, "labels_per_class": budget, "root": "data"}
+        config = small_config(stage, seed, data=data, consistency={"method": method, "mu": 7})
+        overrides = ["experiment=ssl_ablation", f"arm={arm}", f"data.labels_per_class={budget}",
+                     f"seed={seed}"]  # fmt: skip
+        accuracy[arm, budget, seed] = 0.8 + 0.01 * num
+        write_small_job(sweep / str(num), config, overrides, accuracy[arm, budget, seed])
+    info = write_report(sweep, tmp_path / "out")
+    assert info["group_keys"] == ["arm", "data.labels_per_class"]
+    markdown = info["paths"]["report.md"].read_text()
+    rows = table_after(markdown, "## Results per group")
+    assert [(r["arm"], r["data.labels_per_class"]) for r in rows] == [
+        (arm, str(budget)) for arm in sorted(arms) for budget in (4, 10)
+    ]
+    for row in rows:
+        arm, budget = row["arm"], int(row["data.labels_per_class"])
+        assert row["final acc (%)"] == expected_pct([accuracy[arm, budget, s] for s in (0, 1)])
+        assert row["command"] == (
+            f"`python -m pipeline -m experiment=ssl_ablation arm={arm} "
+            f"data.labels_per_class={budget} seed=0,1`"
+        )
+    assert "`stage` (with `arm`), `consistency.method` (with `arm`)" in markdown
+    with (tmp_path / "out" / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert sorted({r["arm"] for r in table}) == sorted(arms)  # a column of its own
+    assert "experiment" not in table[0]  # a choice too, the same in every job: not swept
+
+
 def test_sweep_without_recorded_overrides_gets_the_swept_keys_command(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
     for num, (stage, seed) in enumerate([(s, seed) for s in STAGES for seed in SEEDS]):

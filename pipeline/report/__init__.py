@@ -5,8 +5,8 @@ holds ``summary.json``. Swept keys are the config keys whose values differ acros
 the result-neutral ones; ``seed`` is the replicate key, so groups are formed by the other swept
 keys and metrics are averaged over seeds.
 
-    load.py     job dirs and what each holds
-    keys.py     swept keys, aliases, values in override syntax
+    load.py     job dirs and what each holds (with the choices of groups such as `arm=`)
+    keys.py     swept keys, aliases (and keys an `arm=`-like choice sets), values in override syntax
     command.py  shared settings and reproduce commands (from the recorded overrides)
     group.py    results.csv, groups and their statistics (pandas)
     render.py   report.md
@@ -24,6 +24,7 @@ from pipeline.report.keys import (
     BUDGET_KEY,
     REPLICATE_KEY,
     find_swept_keys,
+    fold_into_selectors,
     order_group_keys,
     split_aliases,
 )
@@ -64,6 +65,8 @@ def write_report(
     configs = [job.config for job in jobs]
     swept = find_swept_keys(configs)
     primary, aliases = split_aliases(swept, configs)
+    selectors = {key for job in jobs for key in job.selectors}
+    primary, aliases = fold_into_selectors(primary, aliases, configs, selectors)
     groups = assign_groups(jobs, order_group_keys(primary))
     results = build_results(jobs, swept)
     stats = group_stats(results, groups)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pipeline.config.keys import is_result_neutral
@@ -173,6 +173,38 @@ def split_aliases(
         primaries.add(primary)
         aliases.update({k: primary for k in members if k != primary})
     return [k for k in swept if k in primaries], aliases
+
+
+def _determines(selector: str, key: str, configs: Sequence[Mapping[str, Any]]) -> bool:
+    """True when the configs that share a value of `selector` share one of `key`."""
+    seen: dict[Any, Any] = {}
+    for cfg in configs:
+        value = hashable(cfg.get(key, ABSENT))
+        if seen.setdefault(hashable(cfg.get(selector, ABSENT)), value) != value:
+            return False
+    return True
+
+
+def fold_into_selectors(
+    primary: Sequence[str],
+    aliases: Mapping[str, str],
+    configs: Sequence[Mapping[str, Any]],
+    selectors: Collection[str],
+) -> tuple[list[str], dict[str, str]]:
+    """Show the keys a swept selector determines through it: a sweep over `arm=` groups and
+    names its jobs by arm, not by the keys each arm sets (stage, consistency.method, init).
+
+    A shown key other than seed and the selectors, whose value is the same in every job of
+    the same selector value, becomes an alias of that selector. Returns the shown keys and
+    the aliases, updated."""
+    shown, aliases = list(primary), dict(aliases)
+    for selector in [k for k in primary if k in selectors]:
+        for key in [k for k in shown if k not in selectors and k != REPLICATE_KEY]:
+            if _determines(selector, key, configs):
+                shown.remove(key)
+                aliases[key] = selector
+                aliases.update({a: selector for a, p in aliases.items() if p == key})
+    return shown, aliases
 
 
 def order_group_keys(primary: Sequence[str]) -> list[str]:

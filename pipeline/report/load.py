@@ -36,6 +36,7 @@ class Job:
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
     overrides: list[str] | None = None  # None: not recorded (a sweep made before they were)
     failure: str | None = None
+    selectors: frozenset[str] = frozenset()  # config keys that are group choices (selector_choices)
 
     @property
     def ok(self) -> bool:
@@ -118,6 +119,22 @@ def read_overrides(job_dir: Path) -> list[str] | None:
     return [str(x) for x in data] if isinstance(data, list) else None
 
 
+def selector_choices(config: Mapping[str, Any], overrides: list[str] | None) -> dict[str, str]:
+    """The recorded choices of config groups that leave no key of their own in config.yaml
+    (groups of `@package _global_` files: `arm=selftrain`, `experiment=ssl_ablation`), as
+    {group: choice}, so that the report can group and name jobs by them. A group whose keys
+    are in the config (`data=`, `model=`) is left out: its keys say what it chose."""
+    choices = {}
+    for token in overrides or []:
+        group, sep, choice = token.partition("=")
+        group = group.removeprefix("+")
+        if not (sep and group.isidentifier()) or group in config:
+            continue
+        if not any(key.startswith(group + ".") for key in config):
+            choices[group] = choice
+    return choices
+
+
 def load_round_metrics(job_dir: Path, summary: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
     """Per-round metrics merged from round_K/metrics.json and summary.json (summary wins)."""
     rounds: dict[int, dict[str, Any]] = {}
@@ -143,14 +160,17 @@ def load_job(job_dir: Path, sweep_dir: Path) -> Job:
     failure = None
     if summary is None:
         failure = "summary.json unreadable" if summary_path.exists() else "no summary.json"
+    config, overrides = load_config(job_dir / CONFIG), read_overrides(job_dir)
+    choices = selector_choices(config, overrides)
     return Job(
         path=job_dir,
         rel=rel,
-        config=load_config(job_dir / CONFIG),
+        config={**choices, **config},  # first: a swept choice is the first swept key
         summary=summary,
         rounds=load_round_metrics(job_dir, summary),
-        overrides=read_overrides(job_dir),
+        overrides=overrides,
         failure=failure,
+        selectors=frozenset(choices),
     )
 
 
