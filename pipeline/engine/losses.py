@@ -1,8 +1,8 @@
 """What a training step minimises: the soft cross-entropy on the training batch (logit-adjusted
 with `train.logit_adjust`) and, with `consistency=`, the weighted online pseudo-label loss on
-the pool batch. `PoolLoss` is the part
-of LitClassifier (engine/module.py) that runs the pool's step, syncs the method's statistics
-over the DDP ranks (`RankSync`) and keeps the epoch's diagnostics.
+the pool batch. `PoolLoss` is the part of LitClassifier (engine/module.py) that computes both,
+runs the pool's step, syncs the method's statistics over the DDP ranks (`RankSync`) and keeps
+the epoch's diagnostics.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class RankSync(Sync):
 
 
 class PoolLoss:
-    """LitClassifier's online pseudo-labelling on the pool (consistency=...). The module sets
+    """LitClassifier's losses: the supervised one, and online pseudo-labelling on the pool
+    (consistency=...). The module sets
     `consistency`, `consistency_weight`, `label_smoothing`, `_logit_offset` (a buffer, or
     None), `_sync` (a RankSync of itself) and `_pool_stats` (0.0) in its __init__."""
 
