@@ -67,9 +67,9 @@ class RankSync(Sync):
 
 class PoolLoss:
     """LitClassifier's losses: the supervised one, and online pseudo-labelling on the pool
-    (consistency=...). The module sets
-    `consistency`, `consistency_weight`, `label_smoothing`, `_logit_offset` (a buffer, or
-    None), `_sync` (a RankSync of itself) and `_pool_stats` (0.0) in its __init__."""
+    (consistency=...). The module sets `consistency`, `consistency_weight`, `label_smoothing`,
+    `_logit_offset` (a buffer, or None), `_sync` (a RankSync of itself) and `_pool_stats` (0.0)
+    in its __init__."""
 
     consistency: ConsistencyMethod | None
     consistency_weight: float
