@@ -80,13 +80,18 @@ class TrainingSet:
             mass += self._class_mass(n_lab, n) * pseudo / (n - n_lab)
         return mass / mass.sum()
 
-    def _class_mass(self, start: int, stop: int, chunk: int = 65536) -> np.ndarray:
-        """The weighted target mass per class of rows start..stop, summed chunk by chunk:
-        memory does not grow with the rows."""
-        mass = np.zeros(self.num_classes, np.float64)
-        for lo in range(start, stop, chunk):
-            rows = np.arange(lo, min(lo + chunk, stop))
-            mass += (self.target_rows(rows).numpy() * self.weight[rows, None]).sum(0)
+    def _class_mass(self, start: int, stop: int, chunk: int = 8192) -> np.ndarray:
+        """The weighted target mass per class of rows start..stop: a weighted count of the
+        labels of the one-hot rows, and the soft rows' targets summed chunk by chunk, so
+        memory grows neither with the rows nor with rows x classes."""
+        rows = np.arange(start, stop)
+        soft = rows[rows >= self.num_labelled] if self.soft_probs is not None else rows[:0]
+        hard = rows[: len(rows) - len(soft)]  # the soft rows are the last ones
+        mass = np.bincount(self.label[hard], self.weight[hard], minlength=self.num_classes)
+        mass = mass.astype(np.float64)  # (an empty count is of ints)
+        for lo in range(0, len(soft), chunk):
+            part = soft[lo : lo + chunk]
+            mass += (self.target_rows(part).numpy() * self.weight[part, None]).sum(0)
         return mass
 
     def arrays(self) -> dict[str, np.ndarray]:
