@@ -192,12 +192,16 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(x, y), name
 
 
-def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callbacks=(), pool=None):
-    """Train a small net on 24 random 8x8 images of 3 classes with the pipeline's fit (no
+def fit_small(
+    tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callbacks=(), pool=None,
+    labels=None,
+):  # fmt: skip
+    """Train a small net on random 8x8 images of 3 classes with the pipeline's fit (no
     augmentation, so the training batches can be replayed), `callbacks` added to its Trainer;
-    `pool(cfg, generator)`, if given, makes the OnlinePool fit also trains on (its images drawn
-    from the generator after the labelled ones). Returns cfg, net, the images, the training set
-    and fit's FitResult."""
+    one image per entry of `labels` (default: 24, classes 0, 1, 2 in turn). `pool(cfg,
+    generator)`, if given, makes the OnlinePool fit also trains on (its images drawn from the
+    generator after the labelled ones). Returns cfg, net, the images, the training set and
+    fit's FitResult."""
     import numpy as np
 
     from pipeline.data import ImageArrays
@@ -216,10 +220,12 @@ def fit_small(tmp_path: Path, name: str, *overrides: str, epochs: int = 3, callb
     )
     torch.manual_seed(1)
     net = models.build_net(cfg, 3)
+    labels = np.arange(24) % 3 if labels is None else labels
     g = torch.Generator().manual_seed(0)
-    images = ImageArrays(torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8), None)
+    shape = (len(labels), 1, 8, 8)
+    images = ImageArrays(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8), None)
     online = pool(cfg, g) if pool is not None else None
-    train_set = merge_labelled_and_pseudo(np.arange(24) % 3, None, 3)
+    train_set = merge_labelled_and_pseudo(labels, None, 3)
     build = engine_fit.build_trainer
 
     def build_with(*args, callbacks_=callbacks, callbacks=None, **kwargs):

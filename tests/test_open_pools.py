@@ -445,33 +445,35 @@ def test_logit_adjustment_evens_out_what_a_long_tailed_training_predicts(tmp_pat
     """A training set with class 0 over-represented 10:1 (random images: the network can only
     learn the prior): on unseen images the plain loss predicts class 0 most of the time, the
     logit-adjusted one about as often as the others."""
-    from conftest import compose_spec
+    from conftest import fit_small
 
-    from pipeline.data import ImageArrays
-    from pipeline.engine import fit as engine_fit
-    from pipeline.models import checkpoint as models
-    from pipeline.selftrain.merge import merge_labelled_and_pseudo
-
-    g = torch.Generator().manual_seed(0)
     labels = np.array([0] * 60 + [1] * 6 + [2] * 6)
-    images = ImageArrays(torch.randint(0, 256, (72, 1, 8, 8), generator=g, dtype=torch.uint8), None)
+    g = torch.Generator().manual_seed(1)
     unseen = torch.randint(0, 256, (300, 1, 8, 8), generator=g, dtype=torch.uint8).float() / 255
     share = {}
     for tau in (0.0, 1.0):
-        cfg = compose_spec(
-            "progress=false", "model.net.width=8", "train.min_steps=60", "train.batch_size=12",
-            "train.checkpoint_every_s=null", f"train.logit_adjust={tau}",
-        )  # fmt: skip
-        torch.manual_seed(1)
-        net = models.build_net(cfg, 3)
-        train_set = merge_labelled_and_pseudo(labels, None, 3)
-        engine_fit.fit(
-            cfg, cfg.data, net, images, train_set, tmp_path / str(tau), 0, 6,
-            models.hparams_for(cfg, cfg.data, 3), None,
+        _, net, *_ = fit_small(
+            tmp_path, str(tau), "train.min_steps=60", "train.batch_size=12",
+            f"train.logit_adjust={tau}", epochs=6, labels=labels,
         )  # fmt: skip
         with torch.no_grad():
             share[tau] = (net.eval()(unseen).argmax(1) == 0).float().mean().item()
     assert share[0.0] > 0.8 and share[1.0] < 0.6, share
+
+
+def test_class_mass_of_soft_targets_is_the_sum_of_their_rows():
+    """Soft pseudo-labels (every class, or the top k) spread their weight over the classes
+    they name: the prior's mass is the weighted sum of the target rows."""
+    rng = np.random.default_rng(0)
+    for topk in (None, 2):
+        ts = hand_made_set()
+        width = 3 if topk is None else topk
+        probs = rng.random((3, width)).astype(np.float32)
+        ts.soft_probs = probs / probs.sum(1, keepdims=True)
+        ts.soft_classes = None if topk is None else np.array([[0, 1], [2, 0], [1, 2]])
+        rows = np.arange(len(ts))
+        expected = (ts.target_rows(rows).numpy() * ts.weight[:, None]).sum(0)
+        assert ts.class_prior(8, 1.0) == pytest.approx(expected / expected.sum())
 
 
 # ---------------------------------------------------------------------------------------------
