@@ -1,15 +1,15 @@
 """The cluster path against a real SLURM cluster on this machine (scripts/slurm_cluster.sh):
 two emulated nodes n1 and n2, a `low` partition whose jobs a `high` partition preempts, a
-`lowgrace` one whose jobs it preempts after a grace time, accounting through slurmdbd. Every test runs the real CLI (`python -m pipeline ...`) inside real
-SLURM jobs, in its own tmp_path, and checks what SLURM and the run dir say afterwards:
+`lowgrace` one whose jobs it preempts after a grace time, accounting through slurmdbd. Every
+test runs the real CLI (`python -m pipeline ...`) inside real SLURM jobs, in its own tmp_path, and checks what SLURM and the run dir say afterwards:
 a. a 2-job sweep through hydra/launcher=slurm, then the same sweep with a value added and the
    values reordered (job dirs named by their overrides: only the new job trains);
 b, c. DDP under srun: 2 tasks on one node, 1 task on each of the 2 nodes;
 d, e, f. training interrupted by the time limit (USR2; sbatch + srun, and through the
    launcher), by preemption (TERM) and by `scontrol requeue` (TERM): saved on the signal,
-   requeued, resumed, finished (d, e: with the test accuracies of an uninterrupted run);
+   requeued, resumed, finished with the test accuracies of an uninterrupted run;
 e (grace). preemption with a GraceTime: one job requeues itself, one waits for SLURM; both
-   resume and finish, the sweep exits 0;
+   resume and finish (with those accuracies too), the sweep exits 0;
 n. the requeues of an sbatch + srun job are bounded (max_requeues), then it ends FAILED;
 g. `scancel` of one job of a slurm-launcher sweep, while it trains or as it starts: the job
    stops, the sweep ends, exits non-zero and names it;
@@ -86,18 +86,26 @@ TINY = [
     "train.min_steps=20",
     "selftrain.rounds=1",
 ]
-# One model trained long enough to be interrupted mid-training: 6000 steps, a minute and a half
-# or more on one core. It saves checkpoints/last.ckpt now and then by itself (every epoch, or every
-# train.checkpoint_every_s): a checkpoint saved *on a signal* is one written after the signal.
+# One model trained long enough to be interrupted by the time-limit signal, which comes 45-75 s
+# into a job: 6000 steps, a minute and a half or more on one core. It saves checkpoints/last.ckpt
+# now and then by itself (every epoch, or every train.checkpoint_every_s): a checkpoint saved *on
+# a signal* is one written after the signal.
+RESUME_STEPS = 6000
 RESUME = [
     "progress=false",
     "trainer.accelerator=cpu",
     "trainer.num_threads=1",
     "stage=train",
     "train.epochs=2",
-    "train.min_steps=6000",
+    f"train.min_steps={RESUME_STEPS}",
 ]
-TOTAL_STEPS = 6000
+# The same model trained 2000 steps (half a minute or more) for the tests that send their signal
+# themselves, TRAINING_AFTER_SPLITS_S into the training: they need no more, and a resumed run
+# still has most of it to do.
+SHORT_STEPS = 2000
+SHORT = [a for a in RESUME if not a.startswith("train.min_steps=")] + [
+    f"train.min_steps={SHORT_STEPS}"
+]
 # splits.npz is written just before the model is built and trained; this long after it, the
 # run has been training for several seconds (and has most of its minute still to go).
 TRAINING_AFTER_SPLITS_S = 10
@@ -135,12 +143,10 @@ def jobs(cluster, request, tmp_path) -> Jobs:
     submitted.cancel_all()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """summary.json of the RESUME run without SLURM and without interruption."""
-    tmp = tmp_path_factory.mktemp("reference")
+def uninterrupted(run: list[str], tmp: Path) -> dict:
+    """summary.json of `run` without SLURM and without interruption."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *RESUME, f"run_dir={tmp / 'run'}"],
+        [sys.executable, "-m", "pipeline", *run, f"run_dir={tmp / 'run'}"],
         cwd=tmp,
         env=job_env(),
         capture_output=True,
@@ -149,6 +155,18 @@ def reference(tmp_path_factory) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp / "run" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted RESUME run's summary.json."""
+    return uninterrupted(RESUME, tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def short_reference(tmp_path_factory) -> dict:
+    """The uninterrupted SHORT run's summary.json."""
+    return uninterrupted(SHORT, tmp_path_factory.mktemp("short_reference"))
 
 
 def accuracies(summary: dict) -> list[float]:
@@ -204,10 +222,10 @@ def train_job(
     run_dir: Path,
     *options: str,
     extra: tuple[str, ...] = (),
-    run: list[str] = RESUME,
+    run: list[str] = SHORT,
     partition: str = PARTITION,
 ) -> str:
-    """The RESUME training as a one-task batch job (sbatch + srun, as scripts/sbatch_example.sh
+    """The SHORT (or `run`) training as a one-task batch job (sbatch + srun, as scripts/sbatch_example.sh
     runs it), requeueable; the requeued job runs the same command, hence the same run_dir."""
     body = (
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURMD_NODENAME"\n'
@@ -227,8 +245,8 @@ def wait_training(jobs: Jobs, job: str, run_dir: Path) -> None:
 
 
 def not_saved_on_the_signal(last: Path, signalled_at: float) -> list[str]:
-    """What is wrong with the last.ckpt a run left when it was stopped by a signal sent at
-    signalled_at (nothing: [])."""
+    """What is wrong with the last.ckpt a SHORT run left when it was stopped by a signal sent
+    at signalled_at (nothing: [])."""
     if not last.exists():
         return ["nothing saved: no checkpoints/last.ckpt when the job was requeued"]
     step, age = read_step(last), signalled_at - last.stat().st_mtime
@@ -237,7 +255,7 @@ def not_saved_on_the_signal(last: Path, signalled_at: float) -> list[str]:
             f"nothing saved when the signal came: checkpoints/last.ckpt (step {step}) was "
             f"written {age:.0f} s before it"
         ]
-    if not 0 < step < TOTAL_STEPS:
+    if not 0 < step < SHORT_STEPS:
         return [f"checkpoints/last.ckpt is at step {step}, not inside the training"]
     return []
 
@@ -354,11 +372,11 @@ def test_d_time_limit_saves_requeues_and_resumes_to_the_same_metrics(jobs, tmp_p
     test accuracies of an uninterrupted run."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    job = train_job(jobs, run_dir, "--time=2", "--signal=USR2@75")
+    job = train_job(jobs, run_dir, "--time=2", "--signal=USR2@75", run=RESUME)
     jobs.wait_requeued(job, timeout=300)
     problems = []
     step = read_step(last) if last.exists() else None
-    if step is None or not 0 < step < TOTAL_STEPS:
+    if step is None or not 0 < step < RESUME_STEPS:
         problems.append(f"nothing saved on USR2 before the requeue (last.ckpt step: {step})")
     sh(["scontrol", "update", f"JobId={job}", "TimeLimit=20"])
     problems += finished_like(run_dir, jobs.wait_done(job), reference)
@@ -399,7 +417,7 @@ def test_d_time_limit_through_the_slurm_launcher(jobs, tmp_path, reference):
         last = run_dir / "checkpoints" / "last.ckpt"
         problems = []
         step = read_step(last) if last.exists() else None
-        if step is None or not 0 < step < TOTAL_STEPS:
+        if step is None or not 0 < step < RESUME_STEPS:
             problems.append(f"nothing saved on USR2 before the requeue (last.ckpt step: {step})")
         sh(["scontrol", "update", f"JobId={job}", "TimeLimit=20"])
         record = jobs.wait_done(job)
@@ -414,7 +432,9 @@ def test_d_time_limit_through_the_slurm_launcher(jobs, tmp_path, reference):
     assert not problems, "\n".join(problems) + "\n" + jobs.describe(job)
 
 
-def test_e_preemption_saves_requeues_and_resumes_to_the_same_metrics(jobs, tmp_path, reference):
+def test_e_preemption_saves_requeues_and_resumes_to_the_same_metrics(
+    jobs, tmp_path, short_reference
+):
     """A job in `high` takes the node of a training job in `low`: SLURM sends the low job TERM
     (no USR2) and requeues it; it must save within KillWait, then resume and finish with the
     test accuracies of an uninterrupted run."""
@@ -430,16 +450,14 @@ def test_e_preemption_saves_requeues_and_resumes_to_the_same_metrics(jobs, tmp_p
     jobs.wait_requeued(job, timeout=300)
     assert "PREEMPTED" in [r.state for r in sacct_records(job)], jobs.describe(job)
     problems = not_saved_on_the_signal(last, signalled_at)
-    problems += finished_like(run_dir, jobs.wait_done(job), reference)
+    problems += finished_like(run_dir, jobs.wait_done(job), short_reference)
     ok(jobs.wait_done(high), jobs)
     assert not problems, "\n".join(problems) + "\n" + jobs.describe(job)
 
 
-# A shorter RESUME for the grace-time test: two runs train at once on this machine's cores.
-GRACE_RUN = [a for a in RESUME if not a.startswith("train.min_steps=")] + ["train.min_steps=2000"]
-
-
-def test_e_preemption_with_a_grace_time_requeues_and_both_jobs_resume(jobs, tmp_path):
+def test_e_preemption_with_a_grace_time_requeues_and_both_jobs_resume(
+    jobs, tmp_path, short_reference
+):
     """`lowgrace` (PreemptMode=REQUEUE GraceTime=20): SLURM sends the tasks TERM at once and
     requeues the job only when the grace time is over; a job that ended within it would be
     FAILED and never requeued. One job in `high` over both nodes preempts two training jobs at
@@ -448,16 +466,17 @@ def test_e_preemption_with_a_grace_time_requeues_and_both_jobs_resume(jobs, tmp_
     - B, a one-job sweep through hydra/launcher=slurm with max_requeues=0 (it may not requeue
       itself): it saves, then waits until SLURM requeues it at the end of the grace time:
       PREEMPTED.
-    Both resume from the last.ckpt saved on the signal and end COMPLETED 0:0; the sweep exits 0."""
+    Both resume from the last.ckpt saved on the signal and end COMPLETED 0:0 with the test
+    accuracies of an uninterrupted run; the sweep exits 0."""
     run_a, out = tmp_path / "run", tmp_path / "sweep"
     log = tmp_path / "sweep.log"
-    a = train_job(jobs, run_a, run=GRACE_RUN, partition=GRACE_PARTITION)
+    a = train_job(jobs, run_a, run=SHORT, partition=GRACE_PARTITION)
     launcher = [o for o in SLURM_LAUNCHER if not o.startswith("hydra.launcher.partition=")]
     command = [
         *(sys.executable, "-m", "pipeline", "-m", f"hydra.launcher.name={jobs.name}"),
         *launcher,
         f"hydra.launcher.partition={GRACE_PARTITION}",
-        *GRACE_RUN,
+        *SHORT,
         "max_requeues=0",
         f"hydra.sweep.dir={out}",
     ]
@@ -513,7 +532,7 @@ def test_e_preemption_with_a_grace_time_requeues_and_both_jobs_resume(jobs, tmp_
         ("A", a, run_a, record_a, log_a, ["REQUEUED", "COMPLETED"], "requeued it (restart 1)"),
         ("B", b, run_b, record_b, log_b, ["PREEMPTED", "COMPLETED"], "waiting for SLURM"),
     ):
-        problems += [f"{name}: {p}" for p in finished_like(run_dir, record, None)]
+        problems += [f"{name}: {p}" for p in finished_like(run_dir, record, short_reference)]
         if [r.state for r in sacct_records(job)] != states:
             problems.append(
                 f"{name}: sacct {[r.raw_state for r in sacct_records(job)]}, not {states}"
@@ -526,9 +545,9 @@ def test_e_preemption_with_a_grace_time_requeues_and_both_jobs_resume(jobs, tmp_
     assert not problems, "\n".join(problems) + "\n" + jobs.describe(a) + "\n" + jobs.describe(b)
 
 
-def test_f_scontrol_requeue_saves_and_the_job_resumes_and_finishes(jobs, tmp_path):
+def test_f_scontrol_requeue_saves_and_the_job_resumes_and_finishes(jobs, tmp_path, short_reference):
     """`scontrol requeue` mid-training: SLURM sends TERM and requeues the job; it must save
-    within KillWait, then resume and finish."""
+    within KillWait, then resume and finish with the test accuracies of an uninterrupted run."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     job = train_job(jobs, run_dir)
@@ -539,7 +558,7 @@ def test_f_scontrol_requeue_saves_and_the_job_resumes_and_finishes(jobs, tmp_pat
     assert proc.returncode == 0, proc.stderr
     jobs.wait_requeued(job, timeout=300)
     problems = not_saved_on_the_signal(last, signalled_at)
-    problems += finished_like(run_dir, jobs.wait_done(job), None)
+    problems += finished_like(run_dir, jobs.wait_done(job), short_reference)
     states = [r.state for r in sacct_records(job)]
     if states != ["REQUEUED", "COMPLETED"]:
         problems.append(f"sacct: {states}")
