@@ -612,8 +612,8 @@ def test_n_requeues_on_the_sbatch_path_are_bounded(jobs, tmp_path):
 
 @pytest.mark.parametrize("when", ["training", "starting"])
 def test_g_scancel_of_one_sweep_job_ends_the_sweep_naming_it(jobs, tmp_path, when):
-    """scancel of job _1 of a 2-job slurm-launcher sweep, while its teacher trains, or as soon
-    as the pipeline has started (before training: submitit's handler, which ignores TERM, is
+    """scancel of job _1 of a 2-job slurm-launcher sweep of trainings (stage=train), while it
+    trains, or as soon as the pipeline has started (before training: submitit's handler, which ignores TERM, is
     the one that gets it then). The cancelled job must stop; the sweep must end, exit non-zero
     and name it; job _0 finishes."""
     out = tmp_path / "sweep"
@@ -629,6 +629,7 @@ def test_g_scancel_of_one_sweep_job_ends_the_sweep_naming_it(jobs, tmp_path, whe
         f"hydra.launcher.name={jobs.name}",
         *SLURM_LAUNCHER,
         *TINY,
+        "stage=train",
         steps,
         f"hydra.sweep.dir={out}",
     ]
@@ -646,7 +647,7 @@ def test_g_scancel_of_one_sweep_job_ends_the_sweep_naming_it(jobs, tmp_path, whe
         victim = wait_until(second_job_running, 300, "sweep job _1 running", log.read_text)
 
         # "starting": the pipeline wrote the run's config.yaml, it loads the data and builds
-        # the model; "training": the teacher trains (2000 steps, half a minute or more).
+        # the model; "training": it trains (2000 steps, half a minute or more).
         def started() -> Path | None:
             found = list(
                 out.glob("seed=1,*/" + ("config.yaml" if when == "starting" else "splits.npz"))
