@@ -121,6 +121,53 @@ def test_ddp_pseudo_labels_of_a_streamed_folder_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_loop_on_cached_features_labels_every_pool_image_once_as_its_teacher_does(tmp_path):
+    """model.cache_features=true on 2 ranks, with a pool of two feature parts (4096 rows and
+    the rest), one computed by each rank: the round's pseudo-labels (threshold 0) hold every
+    pool image once, with the labels and confidences its teacher gives the images themselves
+    (stage=pseudolabel, one process, no test-time views)."""
+    from conftest import compose_spec
+    from streaming_data import class_tree, flat_folder
+
+    from pipeline.engine.features import PART_ROWS
+    from pipeline.models.checkpoint import build_net, hparams_for, model_checkpoint
+    from pipeline.runtime.io import save_checkpoint
+
+    n = PART_ROWS + 104
+    class_tree(tmp_path / "labelled", per_class=8, seed=0)
+    flat_folder(tmp_path / "pool", n, seed=1)
+    data = [
+        "data=image_folder", "data.num_classes=3", "data.image_size=16", "data.channels=3",
+        "data.mean=[0.3,0.3,0.3]", "data.std=[0.3,0.3,0.3]", "data.test_fraction=0.25",
+        f"data.labelled_dir={tmp_path / 'labelled'}", f"data.unlabelled_dir={tmp_path / 'pool'}",
+        "model.net.dropout=0",
+    ]  # fmt: skip
+    pre = tmp_path / "pre.ckpt"
+    cfg = compose_spec(*data)
+    save_checkpoint(pre, model_checkpoint(build_net(cfg, 3), hparams_for(cfg, cfg.data, 3), {}))
+    cached = ["init=pretrained", f"pretrain.ckpt={pre}", "finetune.mode=linear"]
+    cached += ["model.cache_features=true", "pseudo_label.threshold=0.0"]
+    run = tmp_path / "run"
+    ok(cli(*TINY, *data, *cached, *DDP, f"run_dir={run}"))
+    (pool_features,) = (run / "features").glob("unlabelled-*")
+    assert json.loads((pool_features / "meta.json").read_text())["rows"] == n
+    assert sorted(p.name for p in pool_features.glob("part-*.npy")) == [
+        "part-00000.npy",
+        "part-00001.npy",
+    ]
+    out = tmp_path / "images.npz"
+    ok(cli(*TINY, *data, "stage=pseudolabel", f"ckpt={run / 'round_0' / 'model.ckpt'}",
+           "pseudo_label.threshold=0.0", "pseudo_label.tta_views=0", f"out={out}",
+           f"run_dir={tmp_path / 'images'}"))  # fmt: skip
+    a, b = np.load(run / "round_1" / "pseudo_labels.npz"), np.load(out)
+    for z in (a, b):
+        assert np.array_equal(np.sort(z["index"]), np.arange(n))
+    order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
+    assert np.array_equal(a["label"][order_a], b["label"][order_b])
+    np.testing.assert_allclose(a["confidence"][order_a], b["confidence"][order_b], atol=1e-5)
+
+
+@pytest.mark.slow
 def test_one_and_two_processes_take_the_same_optimizer_steps(tmp_path):
     """train.batch_size is the global batch: 2 processes take the steps 1 process takes."""
     steps = {}
