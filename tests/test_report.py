@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.report import (
     find_job_dirs,
     find_swept_keys,
+    fold_into_selectors,
     load_config,
     run_report,
     split_aliases,
@@ -193,6 +194,27 @@ def test_swept_keys_are_stage_and_budget_with_seed_as_replicate(sweep: Path, rep
     primary, aliases = split_aliases(swept, configs)
     assert set(primary) == {"stage", "seed", "data.labels_per_class"}
     assert aliases == {"data.split_seed": "seed"}
+
+
+def test_a_selector_varying_like_a_shown_key_is_shown_in_its_place() -> None:
+    # experiment=a,b sets the budget; data.split_seed follows seed; model.name is swept too.
+    configs = [
+        {"experiment": e, "data.labels_per_class": b, "seed": s, "data.split_seed": s,
+         "model.name": m, "model.width": w}
+        for (e, b), s, (m, w) in itertools.product(
+            [("a", 4), ("b", 25)], (0, 1), [("cnn", 16), ("wrn", 32)]
+        )
+    ]  # fmt: skip
+    swept = find_swept_keys(configs)
+    primary, aliases = split_aliases(swept, configs)
+    assert aliases["experiment"] == "data.labels_per_class"  # the budget wins among equals
+    primary, aliases = fold_into_selectors(primary, aliases, configs, {"experiment"})
+    assert primary == ["experiment", "seed", "model.name"]
+    assert aliases == {
+        "data.labels_per_class": "experiment",
+        "data.split_seed": "seed",
+        "model.width": "model.name",
+    }
 
 
 def test_main_table_cells_match_hand_computed_stats(report) -> None:
@@ -436,6 +458,33 @@ def test_an_arm_sweep_is_grouped_and_named_by_arm(tmp_path: Path) -> None:
         table = list(csv.DictReader(f))
     assert sorted({r["arm"] for r in table}) == sorted(arms)  # a column of its own
     assert "experiment" not in table[0]  # a choice too, the same in every job: not swept
+
+
+def test_a_swept_experiment_that_sets_the_budget_is_one_row_each_and_no_budget_pivot(
+    tmp_path: Path,
+) -> None:
+    # python -m pipeline -m experiment=cifar10_40,cifar10_250 seed=0,1: each experiment sets the
+    # label budget (4 and 25 a class), so the budget is not a factor of its own: one row per
+    # experiment, named by it, and no budget pivot (it would be one cell a row).
+    sweep = tmp_path / "multirun"
+    budgets = {"cifar10_40": 4, "cifar10_250": 25}
+    accuracy = {}
+    for num, (experiment, seed) in enumerate(itertools.product(budgets, (0, 1))):
+        data = {"name": "cifar10", "num_classes": 10, "labels_per_class": budgets[experiment]}
+        accuracy[experiment, seed] = 0.7 + 0.02 * num
+        write_small_job(sweep / str(num), small_config("selftrain", seed, data=data),
+                        [f"experiment={experiment}", f"seed={seed}"], accuracy[experiment, seed])  # fmt: skip
+    info = write_report(sweep, tmp_path / "out")
+    assert info["group_keys"] == ["experiment"]
+    markdown = info["paths"]["report.md"].read_text()
+    rows = table_after(markdown, "## Results per group")
+    assert [r["experiment"] for r in rows] == sorted(budgets)
+    for row in rows:
+        experiment = row["experiment"]
+        assert row["final acc (%)"] == expected_pct([accuracy[experiment, s] for s in (0, 1)])
+        assert row["command"] == f"`python -m pipeline -m experiment={experiment} seed=0,1`"
+    assert "`data.labels_per_class` (with `experiment`)" in markdown
+    assert "Final accuracy by label budget" not in markdown
 
 
 def test_sweep_without_recorded_overrides_gets_the_swept_keys_command(tmp_path: Path) -> None:

@@ -194,11 +194,20 @@ def fold_into_selectors(
     """Show the keys a swept selector determines through it: a sweep over `arm=` groups and
     names its jobs by arm, not by the keys each arm sets (stage, consistency.method, init).
 
-    A shown key other than seed and the selectors, whose value is the same in every job of
-    the same selector value, becomes an alias of that selector. Returns the shown keys and
-    the aliases, updated."""
+    A selector that varies exactly like a shown key (other than seed) is shown in its place
+    (`experiment=cifar10_40,cifar10_250` names its rows by experiment, not by the label budget
+    each sets). A shown key other than seed and the selectors, whose value is the same in every
+    job of the same selector value, becomes an alias of that selector. Returns the shown keys
+    and the aliases, updated."""
     shown, aliases = list(primary), dict(aliases)
-    for selector in [k for k in primary if k in selectors]:
+    for selector in [k for k in aliases if k in selectors]:
+        was = aliases[selector]
+        if was == REPLICATE_KEY or was in selectors:
+            continue
+        shown[shown.index(was)] = selector
+        aliases = {a: selector if p == was else p for a, p in aliases.items() if a != selector}
+        aliases[was] = selector
+    for selector in [k for k in shown if k in selectors]:
         for key in [k for k in shown if k not in selectors and k != REPLICATE_KEY]:
             if _determines(selector, key, configs):
                 shown.remove(key)
