@@ -310,15 +310,13 @@ def teacher_views(cfg: RunSpec, data: DataSpec) -> ViewsFn | None:
     return views_fn(int(cfg.pseudo_label.tta_views), data.augment)
 
 
-def read_pseudo_labels(
-    path: Path, num_unlabelled: int, num_classes: int, keys: bool = False
-) -> PseudoLabels:
+def read_pseudo_labels(path: Path, num_unlabelled: int, num_classes: int) -> PseudoLabels:
     """pseudo_labels.npz, checked: indices in range and unique, labels in range.
 
-    The samples' keys (file names, for the people who read the file) only with `keys`: a
-    student never needs them, and as text they are the largest array of the file (92 bytes an
-    image for a tar member's name: 92 MB of a round over 10^6 images)."""
-    z = io.read_npz(path, skip=() if keys else ("key",))
+    Without the samples' keys (file names, for the people who read the file): a student never
+    needs them, and as text they are the largest array of the file (92 bytes an image for a tar
+    member's name: 92 MB of a round over 10^6 images)."""
+    z = io.read_npz(path, skip=("key",))
     missing = {"index", "label", "confidence"} - set(z)
     if missing:
         raise UserError(f"{path} lacks arrays {sorted(missing)}; expected a pseudo_labels.npz")
@@ -336,4 +334,4 @@ def read_pseudo_labels(
     if "topk_probs" in z:
         probs, classes = z["topk_probs"], z["topk_classes"].astype(np.int64, copy=False)
     confidence = z["confidence"].astype(np.float32, copy=False)
-    return PseudoLabels(index, label, confidence, probs, classes, z.get("key"))
+    return PseudoLabels(index, label, confidence, probs, classes)
