@@ -472,8 +472,9 @@ def test_a_swept_experiment_that_sets_the_budget_is_one_row_each_and_no_budget_p
     for num, (experiment, seed) in enumerate(itertools.product(budgets, (0, 1))):
         data = {"name": "cifar10", "num_classes": 10, "labels_per_class": budgets[experiment]}
         accuracy[experiment, seed] = 0.7 + 0.02 * num
-        write_small_job(sweep / str(num), small_config("selftrain", seed, data=data),
-                        [f"experiment={experiment}", f"seed={seed}"], accuracy[experiment, seed])  # fmt: skip
+        overrides = [f"experiment={experiment}", f"seed={seed}"]
+        config = small_config("selftrain", seed, data=data)
+        write_small_job(sweep / str(num), config, overrides, accuracy[experiment, seed])
     info = write_report(sweep, tmp_path / "out")
     assert info["group_keys"] == ["experiment"]
     markdown = info["paths"]["report.md"].read_text()

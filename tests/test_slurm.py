@@ -1,7 +1,8 @@
 """The cluster path against a real SLURM cluster on this machine (scripts/slurm_cluster.sh):
 two emulated nodes n1 and n2, a `low` partition whose jobs a `high` partition preempts, a
 `lowgrace` one whose jobs it preempts after a grace time, accounting through slurmdbd. Every
-test runs the real CLI (`python -m pipeline ...`) inside real SLURM jobs, in its own tmp_path, and checks what SLURM and the run dir say afterwards:
+test runs the real CLI (`python -m pipeline ...`) inside real SLURM jobs, in its own tmp_path,
+and checks what SLURM and the run dir say afterwards:
 a. a 2-job sweep through hydra/launcher=slurm, then the same sweep with a value added and the
    values reordered (job dirs named by their overrides: only the new job trains);
 b, c. DDP under srun: 2 tasks on one node, 1 task on each of the 2 nodes;
@@ -225,8 +226,9 @@ def train_job(
     run: list[str] = SHORT,
     partition: str = PARTITION,
 ) -> str:
-    """The SHORT (or `run`) training as a one-task batch job (sbatch + srun, as scripts/sbatch_example.sh
-    runs it), requeueable; the requeued job runs the same command, hence the same run_dir."""
+    """The SHORT (or `run`) training as a one-task batch job (sbatch + srun, as
+    scripts/sbatch_example.sh runs it), requeueable; the requeued job runs the same command,
+    hence the same run_dir."""
     body = (
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURMD_NODENAME"\n'
         f"srun --kill-on-bad-exit=1 {pipeline_command(*run, *extra, f'run_dir={run_dir}')}"
@@ -613,9 +615,9 @@ def test_n_requeues_on_the_sbatch_path_are_bounded(jobs, tmp_path):
 @pytest.mark.parametrize("when", ["training", "starting"])
 def test_g_scancel_of_one_sweep_job_ends_the_sweep_naming_it(jobs, tmp_path, when):
     """scancel of job _1 of a 2-job slurm-launcher sweep of trainings (stage=train), while it
-    trains, or as soon as the pipeline has started (before training: submitit's handler, which ignores TERM, is
-    the one that gets it then). The cancelled job must stop; the sweep must end, exit non-zero
-    and name it; job _0 finishes."""
+    trains, or as soon as the pipeline has started (before training: submitit's handler, which
+    ignores TERM, is the one that gets it then). The cancelled job must stop; the sweep must
+    end, exit non-zero and name it; job _0 finishes."""
     out = tmp_path / "sweep"
     log = tmp_path / "sweep.log"
     # "starting": a job that would finish its work within KillWait (30 s) if it went on.
