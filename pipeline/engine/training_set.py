@@ -81,17 +81,18 @@ class TrainingSet:
         return mass / mass.sum()
 
     def _class_mass(self, start: int, stop: int, chunk: int = 8192) -> np.ndarray:
-        """The weighted target mass per class of rows start..stop: a weighted count of the
-        labels of the one-hot rows, and the soft rows' targets summed chunk by chunk, so
-        memory grows neither with the rows nor with rows x classes."""
-        rows = np.arange(start, stop)
-        soft = rows[rows >= self.num_labelled] if self.soft_probs is not None else rows[:0]
-        hard = rows[: len(rows) - len(soft)]  # the soft rows are the last ones
-        mass = np.bincount(self.label[hard], self.weight[hard], minlength=self.num_classes)
-        mass = mass.astype(np.float64)  # (an empty count is of ints)
-        for lo in range(0, len(soft), chunk):
-            part = soft[lo : lo + chunk]
-            mass += (self.target_rows(part).numpy() * self.weight[part, None]).sum(0)
+        """The weighted target mass per class of rows start..stop, chunk by chunk: a weighted
+        count of the one-hot rows' labels, the soft rows' targets summed, so memory grows
+        neither with the rows nor with rows x classes."""
+        mass = np.zeros(self.num_classes, np.float64)
+        soft_from = self.num_labelled if self.soft_probs is not None else stop  # the last rows
+        for lo in range(start, stop, chunk):
+            hi = min(lo + chunk, stop)
+            mid = min(max(lo, soft_from), hi)  # lo..mid one-hot, mid..hi soft
+            mass += np.bincount(self.label[lo:mid], self.weight[lo:mid], self.num_classes)
+            if mid < hi:
+                soft = np.arange(mid, hi)
+                mass += (self.target_rows(soft).numpy() * self.weight[soft, None]).sum(0)
         return mass
 
     def arrays(self) -> dict[str, np.ndarray]:
