@@ -39,6 +39,17 @@ def ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
 
+def assert_same_pseudo_labels(one: Path, two: Path, n: int) -> None:
+    """Two pseudo_labels.npz made with threshold 0: each holds every pool index 0..n-1 once,
+    and they give each index the same label and confidence."""
+    a, b = np.load(one), np.load(two)
+    for z in (a, b):
+        assert np.array_equal(np.sort(z["index"]), np.arange(n))
+    order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
+    assert np.array_equal(a["label"][order_a], b["label"][order_b])
+    np.testing.assert_allclose(a["confidence"][order_a], b["confidence"][order_b], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """A 2-job -m sweep of the whole self-training loop, each job on 2 DDP ranks."""
@@ -82,13 +93,8 @@ def test_ddp_pseudo_labels_equal_one_process(sweep, tmp_path):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     ok(cli(*common, f"out={one}", f"run_dir={tmp_path / 'run1'}"))
     ok(cli(*common, *DDP, f"out={two}", f"run_dir={tmp_path / 'run2'}"))
-    a, b = np.load(one), np.load(two)
     num_unlabelled = json.loads((tmp_path / "run1" / "summary.json").read_text())["num_unlabelled"]
-    for z in (a, b):  # threshold 0 keeps everything: every unlabelled sample exactly once
-        assert np.array_equal(np.sort(z["index"]), np.arange(num_unlabelled))
-    order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
-    assert np.array_equal(a["label"][order_a], b["label"][order_b])
-    np.testing.assert_allclose(a["confidence"][order_a], b["confidence"][order_b], atol=1e-5)
+    assert_same_pseudo_labels(one, two, num_unlabelled)
     # Rank 0 alone wrote the shared artifacts.
     assert not list((tmp_path / "run2").rglob("rank*.npz"))
 
@@ -159,12 +165,7 @@ def test_ddp_loop_on_cached_features_labels_every_pool_image_once_as_its_teacher
     ok(cli(*TINY, *data, "stage=pseudolabel", f"ckpt={run / 'round_0' / 'model.ckpt'}",
            "pseudo_label.threshold=0.0", "pseudo_label.tta_views=0", f"out={out}",
            f"run_dir={tmp_path / 'images'}"))  # fmt: skip
-    a, b = np.load(run / "round_1" / "pseudo_labels.npz"), np.load(out)
-    for z in (a, b):
-        assert np.array_equal(np.sort(z["index"]), np.arange(n))
-    order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
-    assert np.array_equal(a["label"][order_a], b["label"][order_b])
-    np.testing.assert_allclose(a["confidence"][order_a], b["confidence"][order_b], atol=1e-5)
+    assert_same_pseudo_labels(run / "round_1" / "pseudo_labels.npz", out, n)
 
 
 @pytest.mark.slow

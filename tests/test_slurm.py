@@ -472,7 +472,7 @@ def test_e_preemption_with_a_grace_time_requeues_and_both_jobs_resume(
     accuracies of an uninterrupted run; the sweep exits 0."""
     run_a, out = tmp_path / "run", tmp_path / "sweep"
     log = tmp_path / "sweep.log"
-    a = train_job(jobs, run_a, run=SHORT, partition=GRACE_PARTITION)
+    a = train_job(jobs, run_a, partition=GRACE_PARTITION)
     launcher = [o for o in SLURM_LAUNCHER if not o.startswith("hydra.launcher.partition=")]
     command = [
         *(sys.executable, "-m", "pipeline", "-m", f"hydra.launcher.name={jobs.name}"),
