@@ -33,6 +33,12 @@ def test_each_method_composes_into_its_spec(method):
         assert spec.dist_align  # SoftMatch's uniform alignment
     if method == "freematch":
         assert spec.fairness_weight == 0.001
+    assert spec.debias == 0.0  # DebiasPL is off unless asked for
+
+
+def test_debias_composes_with_any_method():
+    spec = consistency_spec(compose_cfg("consistency=freematch", "consistency.debias=0.4"))
+    assert (spec.method, spec.debias, spec.fairness_weight) == ("freematch", 0.4, 0.001)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +49,7 @@ def test_each_method_composes_into_its_spec(method):
         ("consistency.temperature=0", "consistency.temperature=0.0 must be > 0"),
         ("consistency.ema_momentum=1.0", "consistency.ema_momentum=1.0 is outside [0, 1)"),
         ("consistency.method=mixmatch", "consistency.method='mixmatch'; choose one of"),
+        ("consistency.debias=-0.4", "consistency.debias=-0.4 must be >= 0"),
     ],
 )
 def test_bad_consistency_values_are_refused(override, words):

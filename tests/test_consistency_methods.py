@@ -13,6 +13,7 @@ import torch
 from pipeline.consistency import (
     METHODS,
     ConsistencySpec,
+    Debias,
     DistAlign,
     FixMatch,
     FlexMatch,
@@ -58,6 +59,8 @@ def test_build_none_unknown_and_bad_settings():
         build(ConsistencySpec(method="fixmatch", temperature=0.0), 10, 100)
     with pytest.raises(ValueError, match="ema_momentum must be in"):
         build(ConsistencySpec(method="softmatch", ema_momentum=1.0), 10, 100)
+    with pytest.raises(ValueError, match=r"debias must be >= 0 \(0: off\)"):
+        build(ConsistencySpec(method="fixmatch", debias=-0.4), 10, 100)
 
 
 # -------------------------------------------------------------------------------- FixMatch
@@ -298,6 +301,35 @@ def test_alignment_changes_targets_but_not_softmatch_targets():
     assert soft.prob_max_mu_t.item() == pytest.approx(1 / 6 + (0.481218 + 0.669180) / 4, abs=1e-5)
 
 
+def test_debias_by_hand():
+    # p_hat = 0.5/3 + 0.5 * mean(ALIGN_PROBS) = [.491667 .291667 .216667], as DistAlign's p_model
+    debias = Debias(3, momentum=0.5, tau=0.4)
+    offset = debias(ALIGN_PROBS.log(), Sync())
+    p_hat = [0.491667, 0.291667, 0.216667]
+    assert debias.p_hat.tolist() == pytest.approx(p_hat, abs=1e-6)
+    assert offset.tolist() == pytest.approx([0.4 * math.log(p) for p in p_hat], abs=1e-5)
+    # no update: the running mean stays, the offset is read from it
+    assert torch.equal(debias(ALIGN_PROBS.log(), Sync(), update=False), offset)
+    assert debias.p_hat.tolist() == pytest.approx(p_hat, abs=1e-6)
+
+
+def test_debias_moves_targets_and_adjusts_the_strong_logits():
+    weak, strong = ALIGN_PROBS.log(), logits([0.5, 0.25, 0.25], [0.5, 0.25, 0.25])
+    # tau = 1: softmax(log p - log p_hat) = p / p_hat renormalised, the aligned rows of
+    # test_dist_align_by_hand: [0.356835, 0.481218, 0.161947] and [0.669180, 0.141006, 0.189815]
+    fix = method("fixmatch", threshold=0.45, debias=1.0, ema_momentum=0.5)
+    out = fix(weak, strong, torch.arange(2))
+    assert out.pseudo_label.tolist() == [1, 0] and out.mask.tolist() == [1.0, 1.0]
+    # strong: softmax(log q + log p_hat) = q * p_hat renormalised:
+    # [.5 * .491667, .25 * .291667, .25 * .216667] / .372917 = [.659218, .195531, .145251]
+    # loss: (CE vs 1 = -ln .195531 = 1.632037, CE vs 0 = -ln .659218 = 0.416701) / 2 = 1.024369
+    assert out.loss.item() == pytest.approx(1.024369, abs=1e-5)
+    # without it: the raw argmax of both rows is 0 (0.5 and 0.8 pass 0.45), the raw strong logits
+    plain = method("fixmatch", threshold=0.45)(weak, strong, torch.arange(2))
+    assert plain.pseudo_label.tolist() == [0, 0]
+    assert plain.loss.item() == pytest.approx(LN2, abs=1e-6)  # CE vs 0 = ln 2, both rows
+
+
 # ------------------------------------------------------------------- state, eval, two ranks
 
 ALL = [
@@ -305,6 +337,7 @@ ALL = [
     ("flexmatch", {"threshold": 0.6}),
     ("flexmatch", {"threshold": 0.6, "dist_align": True, "warmup": False}),
     ("freematch", {"fairness_weight": 0.1}),
+    ("freematch", {"debias": 0.4}),
     ("softmatch", {"dist_align": True}),
 ]
 
@@ -348,6 +381,7 @@ def test_state_dict_holds_every_statistic():
         "freematch": ["align.p_model", "align.p_target", "label_hist", "p_model", "time_p"],
         "softmatch": ["align.p_model", "align.p_target", "prob_max_mu_t", "prob_max_var_t"],
     }
+    assert sorted(method("fixmatch", debias=0.4).state_dict()) == ["debias.p_hat"]
 
 
 @pytest.mark.parametrize("name, spec", ALL)

@@ -100,6 +100,7 @@ class ConsistencyConfig:
     warmup: bool = True
     mapping: str = key("convex", choices=("convex", "linear"))
     fairness_weight: float = key(0.0, ge=0)
+    debias: float = key(0.0, ge=0, hint="DebiasPL's tau, e.g. 0.4; 0: off")
     n_sigma: float = key(2.0, gt=0)
     randaugment_ops: int = key(2, ge=0)
     randaugment_magnitude: int = key(10, ge=0, le=30)

@@ -5,7 +5,7 @@ buffers hold all its state) or None for `consistency=none`.
 
 from __future__ import annotations
 
-from pipeline.consistency.align import DistAlign
+from pipeline.consistency.align import Debias, DistAlign
 from pipeline.consistency.base import (
     ConsistencyMethod,
     ConsistencyOutput,
@@ -44,6 +44,7 @@ __all__ = [
     "ConsistencyMethod",
     "ConsistencyOutput",
     "ConsistencySpec",
+    "Debias",
     "DistAlign",
     "FixMatch",
     "FlexMatch",

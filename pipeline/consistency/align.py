@@ -59,3 +59,32 @@ class DistAlign(nn.Module):
             ema_(self.p_model, sync.mean(probs.float().mean(dim=0)), self.momentum)
         aligned = probs * (self.p_target + EPS) / (self.p_model + EPS)
         return aligned / aligned.sum(dim=-1, keepdim=True)
+
+
+class Debias(nn.Module):
+    """DebiasPL (Wang et al. 2022, "Debiased Learning from Naturally Imbalanced Pseudo-Labels",
+    CVPR; USB's `debiaspl`): the running mean `p_hat` of the weak probabilities (a buffer,
+    float32, starting uniform) gives the offset tau * log(p_hat), which is
+
+    - taken from the weak logits before the pseudo-labels are made (its "counterfactual"
+      debiasing: a class the model over-predicts on the pool must win by that much more), and
+    - added to the strong logits in the loss (its adaptive marginal loss, a logit-adjusted loss
+      with the pool's predicted prior: Menon et al. 2021),
+
+    so a long-tailed pool neither skews the pseudo-labels nor teaches the network its prior.
+    """
+
+    def __init__(self, num_classes: int, momentum: float, tau: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.tau = tau
+        self.register_buffer("p_hat", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def forward(self, logits_weak: Tensor, sync: Sync, update: bool = True) -> Tensor:
+        """The (C,) offset tau * log(p_hat). With `update`, `p_hat` first takes the mean of
+        softmax(logits_weak) over the batch (averaged over ranks), as USB's compute_prob."""
+        if update:
+            probs = torch.softmax(logits_weak.float(), dim=-1)
+            ema_(self.p_hat, sync.mean(probs.mean(dim=0)), self.momentum)
+        return self.tau * self.p_hat.clamp_min(EPS).log()

@@ -4,7 +4,9 @@ output and the base class, whose forward is FixMatch's unlabelled loss (Sohn et 
     l_u = 1/B * sum_b w_b * H(target(q_b), softmax(strong_b)),   q_b = softmax(weak_b)
 
 with the per-sample weight w_b (a 0/1 confidence mask, or SoftMatch's Gaussian weight) left to
-each method. Pure torch: no Lightning, no configs, so each method is tested on hand-made tensors.
+each method; with `debias` > 0 (DebiasPL, align.py) weak_b and strong_b are first shifted by the
+pool's running predicted prior. Pure torch: no Lightning, no configs, so each method is tested
+on hand-made tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.consistency.align import DistAlign
+from pipeline.consistency.align import Debias, DistAlign
 
 MAPPINGS = ("convex", "linear")
 
@@ -32,6 +34,9 @@ class ConsistencySpec:
     # softmax(logits_w / T) (USB's use_hard_label=False), sharper for T < 1
     temperature: float = 1.0
     dist_align: bool = False  # align the weak probs (align.py) before thresholding
+    # DebiasPL's tau (align.py's Debias): the pool's running predicted prior taken from the weak
+    # logits and added to the strong ones in the loss; 0 = off (USB's debiaspl_tau: 0.4)
+    debias: float = 0.0
     ema_momentum: float = 0.999  # lambda of the FreeMatch / SoftMatch / dist_align EMAs
     warmup: bool = True  # FlexMatch threshold warm-up (unused images count as a class)
     mapping: str = "convex"  # FlexMatch's mapping M(x): convex x/(2-x) | linear x
@@ -78,6 +83,7 @@ def check_spec(spec: ConsistencySpec, num_classes: int, num_unlabelled: int) -> 
         "consistency.ema_momentum must be in [0, 1)": not 0.0 <= spec.ema_momentum < 1.0,
         f"consistency.mapping must be one of {', '.join(MAPPINGS)}": spec.mapping not in MAPPINGS,
         "consistency.fairness_weight must be >= 0": not spec.fairness_weight >= 0,
+        "consistency.debias must be >= 0 (0: off)": not spec.debias >= 0,
         "consistency.n_sigma must be > 0": not spec.n_sigma > 0,
         "the model needs at least 2 classes for a consistency loss": num_classes < 2,
         "consistency needs a non-empty unlabelled pool": num_unlabelled < 1,
@@ -123,6 +129,9 @@ class ConsistencyMethod(nn.Module):
         self.num_classes = num_classes
         self.num_unlabelled = num_unlabelled
         self.align = DistAlign(num_classes, spec.ema_momentum) if spec.dist_align else None
+        self.debias = (
+            Debias(num_classes, spec.ema_momentum, spec.debias) if spec.debias > 0 else None
+        )
 
     def forward(
         self,
@@ -133,7 +142,12 @@ class ConsistencyMethod(nn.Module):
     ) -> ConsistencyOutput:
         """The unweighted unlabelled loss of one batch; updates the state when training.
         `index`: each image's position in the unlabelled pool (distinct within a batch)."""
-        log_probs = F.log_softmax(logits_weak.detach().float(), dim=-1)
+        logits_weak = logits_weak.detach().float()
+        if self.debias is not None:
+            offset = self.debias(logits_weak, sync, update=self.training)
+            logits_weak = logits_weak - offset
+            logits_strong = logits_strong.float() + offset
+        log_probs = F.log_softmax(logits_weak, dim=-1)
         probs = log_probs.exp()
         if self.align is not None:
             probs = self.align(probs, sync, update=self.training)
