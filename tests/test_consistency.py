@@ -157,6 +157,19 @@ def test_each_method_trains_and_records_its_diagnostics(tmp_path, method):
         assert {t for e in result.epochs for t in e["class_thresholds"]} == {0.34}
 
 
+def test_debias_records_the_pool_prior_and_keeps_it_in_the_checkpoint(tmp_path):
+    _, result = fit_with_pool(tmp_path, "run", "fixmatch", "consistency.debias=0.4")
+    priors = [epoch["pool_prior"] for epoch in result.epochs]
+    assert len(priors) == 3 and all(len(p) == 3 for p in priors)
+    assert all(sum(p) == pytest.approx(1.0, abs=1e-5) for p in priors)
+    assert priors[-1] != [round(1 / 3, 6)] * 3  # it moved from its uniform start
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    p_hat = state["pipeline_consistency"]["debias.p_hat"]
+    assert p_hat.tolist() == pytest.approx(priors[-1], abs=1e-6)
+    plain = fit_with_pool(tmp_path, "plain", "fixmatch", epochs=1)[1]
+    assert "pool_prior" not in plain.epochs[0]
+
+
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights_and_state(tmp_path):
     """FlexMatch keeps the most state (a selected label per pool image): killed at step 7 of 12
     (mid-epoch 1), the resumed training ends bit for bit where the uninterrupted one does."""

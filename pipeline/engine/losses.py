@@ -120,5 +120,7 @@ class PoolLoss:
         record["class_thresholds"] = [
             round(float(t), 6) for t in self.consistency.class_thresholds()
         ]
+        if self.consistency.debias is not None:  # DebiasPL's running mean of the predictions
+            record["pool_prior"] = [round(float(p), 6) for p in self.consistency.debias.p_hat]
         self._pool_stats = 0.0
         return record
