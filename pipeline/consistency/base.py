@@ -37,7 +37,7 @@ class ConsistencySpec:
     # DebiasPL's tau (align.py's Debias): the pool's running predicted prior taken from the weak
     # logits and added to the strong ones in the loss; 0 = off (USB's debiaspl_tau: 0.4)
     debias: float = 0.0
-    ema_momentum: float = 0.999  # lambda of the FreeMatch / SoftMatch / dist_align EMAs
+    ema_momentum: float = 0.999  # lambda of the FreeMatch / SoftMatch / dist_align / debias EMAs
     warmup: bool = True  # FlexMatch threshold warm-up (unused images count as a class)
     mapping: str = "convex"  # FlexMatch's mapping M(x): convex x/(2-x) | linear x
     fairness_weight: float = 0.0  # FreeMatch's lambda_f (self-adaptive fairness); 0 = off
