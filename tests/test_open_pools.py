@@ -563,3 +563,83 @@ def test_open_set_selftrain_through_the_cli(tmp_path):
     assert "bal acc" in proc.stdout
     line = f"round 1: foreign images {100 * student['merged_foreign_fraction']:.2f}% of the merged"
     assert line in proc.stdout and f"OOD AUROC {student['ood_auroc']:.3f}" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The ceiling: scripts/ceiling_labels.py writes the pool's true labels as pseudo-labels
+
+
+def ceiling_script():
+    import importlib
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    return importlib.import_module("ceiling_labels")
+
+
+def test_ceiling_labels_are_the_pools_known_truth(tmp_path, capsys):
+    from conftest import compose_spec
+
+    from pipeline.data.task import prepare_task
+    from pipeline.selftrain.label import read_pseudo_labels
+
+    overrides = ["data=digits", "data.open_set.known_classes=6", "seed=1"]
+    out = tmp_path / "truth.npz"
+    assert ceiling_script().main(["--out", str(out), *overrides]) == 0
+    task = prepare_task(compose_spec(*overrides).data, 1, None)
+    truth = task.unlabelled.labels.numpy()
+    with np.load(out) as z:
+        assert sorted(z) == ["confidence", "index", "label"]
+        known = np.flatnonzero(truth >= 0)
+        # Every known-class pool image once, with its true label; the 4 unknown classes' left out.
+        assert z["index"].tolist() == known.tolist()
+        assert z["label"].tolist() == truth[known].tolist()
+        assert (z["confidence"] == 1).all()
+        assert 0 < len(known) < len(truth) and z["label"].max() == 5
+    pseudo = read_pseudo_labels(out, len(task.unlabelled), task.num_classes)  # what pseudo_in reads
+    assert pseudo.index.tolist() == known.tolist()
+    printed = capsys.readouterr().out
+    assert f"wrote the true labels of {len(known)} of the {len(truth)} pool images" in printed
+    assert f"stage=train pseudo_in={out} {' '.join(overrides)}" in printed
+
+
+def test_ceiling_labels_refuse_what_has_no_ceiling(tmp_path, capsys):
+    from streaming_data import class_tree, flat_folder
+
+    script = ceiling_script()
+    assert script.main(["--out", str(tmp_path / "truth.txt"), "data=digits"]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
+    class_tree(tmp_path / "labelled", per_class=10, seed=0)
+    flat_folder(tmp_path / "pool", 6, seed=1)
+    folder = [
+        "data=image_folder",
+        f"data.labelled_dir={tmp_path / 'labelled'}",
+        f"data.unlabelled_dir={tmp_path / 'pool'}",
+        f"data.num_classes={len(list((tmp_path / 'labelled').iterdir()))}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    out = tmp_path / "truth.npz"
+    assert script.main(["--out", str(out), *folder]) == 2
+    assert "the pool's true labels are unknown here" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_student_trains_on_the_ceiling_labels_through_the_cli(tmp_path):
+    from conftest import FAST, run_cli
+
+    pool = ["data=digits", "data.imbalance.unlabelled_ratio=10", "seed=2"]
+    out = tmp_path / "truth.npz"
+    assert ceiling_script().main(["--out", str(out), *pool]) == 0
+    run_dir = tmp_path / "ceiling"
+    proc = run_cli(
+        *FAST, *pool, "stage=train", f"pseudo_in={out}", "train.logit_adjust=1.0",
+        f"run_dir={run_dir}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (student,) = json.loads((run_dir / "summary.json").read_text())["rounds"]
+    with np.load(out) as z, np.load(run_dir / "splits.npz") as splits:
+        assert student["num_pseudo"] == len(z["index"]) == len(splits["unlabelled"])
+    assert student["balanced_accuracy"] > 0.5  # 10 classes: chance is 0.1
