@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write")
     parser.add_argument("overrides", nargs="*", help="the run's overrides (data=..., seed=...)")
     args = parser.parse_args(argv)
+    from hydra.errors import HydraException
+
     from pipeline.errors import UserError
 
     if args.out.suffix != ".npz":
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         arrays, pool = ceiling_labels(compose(*args.overrides))
-    except UserError as err:
+    except (UserError, HydraException) as err:  # a bad key or value: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, args.out)  # whole or absent
     print(
         f"wrote the true labels of {len(arrays['index'])} of the {pool} pool images to {args.out}; "
-        f"train on them: python -m pipeline stage=train pseudo_in={args.out} "
-        + " ".join(args.overrides)
+        "train on them: "
+        + shlex.join(
+            ["python", "-m", "pipeline", "stage=train", f"pseudo_in={args.out}", *args.overrides]
+        )
     )
     return 0
 

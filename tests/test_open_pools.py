@@ -611,6 +611,8 @@ def test_ceiling_labels_refuse_what_has_no_ceiling(tmp_path, capsys):
     script = ceiling_script()
     assert script.main(["--out", str(tmp_path / "truth.txt"), "data=digits"]) == 2
     assert "must end in .npz" in capsys.readouterr().err
+    assert script.main(["--out", str(tmp_path / "t.npz"), "pseudo_label.threshold=1.5"]) == 2
+    assert "pseudo_label.threshold=1.5 is outside [0, 1]" in capsys.readouterr().err
     class_tree(tmp_path / "labelled", per_class=10, seed=0)
     flat_folder(tmp_path / "pool", 6, seed=1)
     folder = [
