@@ -6,8 +6,9 @@
 The first command composes the config from the same overrides as a run and makes the same splits.
 It writes every pool image whose label the dataset knows, with its true label and confidence 1.
 The second command, with the run's options, trains the student that a round would train if its
-teacher were never wrong and kept the whole pool. The merge, the balance, `labelled_fraction`, the
-noise, and with `consistency.students=true` the online method on the pool, are all as in a round.
+teacher were never wrong and kept the whole pool. The merge (with `pseudo_label.balance=duplicate`'s
+duplication; a cap is a selection, so it does not apply), `labelled_fraction`, the noise, and with
+`consistency.students=true` the online method on the pool, are all as in a round.
 Its test accuracy bounds what the round's student can reach on that pool with that training.
 
 For measurement only. These are the labels that the pipeline otherwise never trains on, so
