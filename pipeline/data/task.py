@@ -63,7 +63,8 @@ class Task:
         return len(self.bundle.classes)
 
     def unlabelled_truth(self):
-        """The unlabelled set's true labels (None where unknown): for reports, never training."""
+        """The unlabelled set's true labels (None where unknown): for reports, never training
+        (scripts/ceiling_labels.py trains on them, on purpose, to measure a pool's ceiling)."""
         labels = self.unlabelled.labels
         return labels.numpy() if labels is not None else None
 
