@@ -20,7 +20,6 @@ has no ceiling, and the script exits 2.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -55,19 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
 
     from pipeline.errors import UserError
+    from pipeline.runtime.io import write_npz
 
     if args.out.suffix != ".npz":
         print(f"error: --out {args.out} must end in .npz", file=sys.stderr)
         return 2
     try:
         arrays, pool = ceiling_labels(compose(*args.overrides))
+        write_npz(args.out, arrays)  # whole or absent; a full or read-only disk is a UserError
     except (UserError, HydraException) as err:  # a bad key or value: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, args.out)  # whole or absent
     print(
         f"wrote the true labels of {len(arrays['index'])} of the {pool} pool images to {args.out}; "
         "train on them: "
