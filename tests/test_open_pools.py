@@ -575,7 +575,8 @@ def ceiling_script():
 
     from conftest import REPO
 
-    sys.path.insert(0, str(REPO / "scripts"))
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     return importlib.import_module("ceiling_labels")
 
 
